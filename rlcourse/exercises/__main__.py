@@ -1,0 +1,5 @@
+import sys
+
+from rlcourse.exercises.cli import main
+
+sys.exit(main())

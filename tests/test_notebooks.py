@@ -1,0 +1,43 @@
+"""Every chapter of the book executes top to bottom in quick mode.
+
+A failure names the notebook and the cell (see ``rlcourse.notebooks.NotebookError``). The
+committed notebooks must also carry outputs of a full run and no error outputs.
+"""
+
+import json
+import time
+
+import pytest
+
+from rlcourse.notebooks import chapters, execute_notebook
+
+CHAPTERS = chapters()
+
+
+def test_the_book_has_chapters():
+    assert len(CHAPTERS) >= 3
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_chapter_executes_in_quick_mode(path):
+    start = time.perf_counter()
+    # Single-threaded kernels: the suite runs notebooks two at a time on two cores.
+    execute_notebook(path, quick=True, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    print(f"{path.name} executed in {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_committed_chapter_has_outputs_and_no_errors(path):
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    code_cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert code_cells, f"{path.name} has no code"
+    errors = [
+        i for i, c in enumerate(code_cells, 1)
+        if any(o.get("output_type") == "error" for o in c.get("outputs", []))
+    ]
+    assert not errors, f"{path.name}: code cells {errors} hold error outputs"
+    executed = [c for c in code_cells if c.get("execution_count")]
+    assert len(executed) == len(code_cells), f"{path.name}: some cells were never executed"
+    markdown = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
+    assert "Exercise" in markdown, f"{path.name} has no exercises section"
