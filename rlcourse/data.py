@@ -1,0 +1,287 @@
+"""Layer 2: JSONL datasets in the formats the ecosystem uses, validated, and tokenised batches.
+
+Formats (one JSON object per line, the same keys as Hugging Face TRL):
+
+- preferences: ``{"prompt": str, "chosen": str, "rejected": str}`` (the slides' key ``"reject"``
+  is accepted as an alias of ``"rejected"``)
+- unpaired (KTO): ``{"prompt": str, "completion": str, "label": true|false}``
+- SFT: ``{"prompt": str, "completion": str}``
+
+Every error names the file, the line and the field. Rows come back as :class:`Record` objects
+(plain dicts that remember ``source`` and ``line``), so later steps such as tokenisation can
+still say which line of which file an over-long example came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlcourse.models import encode_prompt_completion
+
+__all__ = [
+    "Record",
+    "load_preferences",
+    "load_sft",
+    "load_unpaired",
+    "pad_collate",
+    "read_jsonl",
+    "tokenize_preferences",
+    "tokenize_sft",
+    "tokenize_unpaired",
+    "write_jsonl",
+]
+
+
+class Record(dict):
+    """A row of a JSONL file: a ``dict`` that also knows its ``source`` file and ``line``."""
+
+    __slots__ = ("source", "line")
+
+    def __init__(self, *args: Any, source: str | None = None, line: int | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.source = source
+        self.line = line
+
+    @property
+    def where(self) -> str:
+        """``"file:line"`` (or ``"row"`` when the origin is unknown), for error messages."""
+        if self.source is None:
+            return "row" if self.line is None else f"row {self.line}"
+        return f"{self.source}:{self.line}"
+
+
+def _where(row: Any, i: int, source: str | None) -> str:
+    if isinstance(row, Record) and (row.source is not None or row.line is not None):
+        return row.where
+    return f"{source}:{i + 1}" if source else f"row {i}"
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _check_type(value: Any, typ: type) -> bool:
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ in (int, float):  # JSON booleans are not numbers here
+        return isinstance(value, (int, float) if typ is float else int) and not isinstance(
+            value, bool
+        )
+    return isinstance(value, typ)
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    required: Sequence[str] | Mapping[str, type] = (),
+    nonempty: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+) -> list[Record]:
+    """Read a JSON-lines file into a list of :class:`Record` (blank lines are skipped).
+
+    ``required`` lists the keys every row must have; as a sequence the values must be strings,
+    as a mapping ``{key: type}`` they must have that type (``bool`` means JSON ``true``/``false``).
+    ``nonempty`` keys must not be empty or whitespace-only. ``aliases`` maps an accepted
+    spelling to the canonical key (``{"reject": "rejected"}``); the row is stored under the
+    canonical key. Every error is a ``ValueError`` that names the file, the line and the field.
+    """
+    path = Path(path)
+    types = dict(required) if isinstance(required, Mapping) else {k: str for k in required}
+    aliases = dict(aliases or {})
+    rows: list[Record] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                msg = f"{where}: malformed JSON ({err.msg} at column {err.colno})"
+                raise ValueError(msg) from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for alias, key in aliases.items():
+                if alias in obj:
+                    if key in obj:
+                        raise ValueError(f"{where}: both '{key}' and its alias '{alias}' given")
+                    obj[key] = obj.pop(alias)
+            for key, typ in types.items():
+                if key not in obj:
+                    have = ", ".join(sorted(obj)) or "none"
+                    raise ValueError(f"{where}: missing field '{key}' (fields present: {have})")
+                if not _check_type(obj[key], typ):
+                    raise ValueError(
+                        f"{where}: field '{key}' must be {_TYPE_NAMES.get(typ, typ.__name__)}, "
+                        f"got {type(obj[key]).__name__} {obj[key]!r:.40}"
+                    )
+            for key in nonempty:
+                if isinstance(obj.get(key), str) and not obj[key].strip():
+                    raise ValueError(f"{where}: field '{key}' is empty")
+            rows.append(Record(obj, source=str(path), line=lineno))
+    return rows
+
+
+def load_preferences(path: str | os.PathLike) -> list[Record]:
+    """Pairwise preferences: rows ``{"prompt", "chosen", "rejected"}`` (``"reject"`` accepted).
+
+    ``chosen`` and ``rejected`` must be non-empty strings; the prompt may be empty.
+    """
+    return read_jsonl(
+        path, ("prompt", "chosen", "rejected"), nonempty=("chosen", "rejected"),
+        aliases={"reject": "rejected"},
+    )
+
+
+def load_unpaired(path: str | os.PathLike) -> list[Record]:
+    """Unpaired feedback (KTO): rows ``{"prompt", "completion", "label"}``, label a JSON bool
+    (``true`` = desirable)."""
+    return read_jsonl(
+        path, {"prompt": str, "completion": str, "label": bool}, nonempty=("completion",)
+    )
+
+
+def load_sft(path: str | os.PathLike) -> list[Record]:
+    """Supervised fine-tuning pairs: rows ``{"prompt", "completion"}``."""
+    return read_jsonl(path, ("prompt", "completion"), nonempty=("completion",))
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as JSON lines (UTF-8, keys in insertion order), atomically: a temporary file in
+    the same directory is written, fsynced and renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation: whole dataset once (lengths checked up front), then cheap padding per batch
+# --------------------------------------------------------------------------------------------
+def _split(batch: dict[str, torch.Tensor], prefix: str = "") -> list[dict[str, torch.Tensor]]:
+    """Cut a padded (right-padded) batch into unpadded per-example tensors."""
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        out.append({
+            f"{prefix}input_ids": batch["input_ids"][i, :n].clone(),
+            f"{prefix}attention_mask": batch["attention_mask"][i, :n].clone(),
+            f"{prefix}completion_mask": batch["completion_mask"][i, :n].clone(),
+        })
+    return out
+
+
+def tokenize_sft(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    max_length: int,
+    truncation: str = "error",
+    source: str | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenise SFT rows into per-example ``input_ids``, ``attention_mask``, ``completion_mask``
+    (see :func:`rlcourse.models.encode_prompt_completion`). Over-long rows raise an error naming
+    ``file:line``, or with ``truncation="left"``/``"right"`` are cut with one counted warning.
+    Batch them with :func:`pad_collate`."""
+    names = [_where(r, i, source) for i, r in enumerate(rows)]
+    batch = encode_prompt_completion(
+        tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], max_length,
+        truncation=truncation, names=names,
+    )
+    return _split(batch)
+
+
+def tokenize_unpaired(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    max_length: int,
+    truncation: str = "error",
+    source: str | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Like :func:`tokenize_sft`, plus ``label`` (a 0-d bool tensor) per example."""
+    items = tokenize_sft(tokenizer, rows, max_length, truncation, source)
+    for item, r in zip(items, rows, strict=True):
+        item["label"] = torch.tensor(bool(r["label"]))
+    return items
+
+
+def tokenize_preferences(
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    max_length: int,
+    truncation: str = "error",
+    source: str | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenise preference rows into per-example ``chosen_input_ids``,
+    ``chosen_attention_mask``, ``chosen_completion_mask`` and the same for ``rejected_``.
+
+    Each of prompt+chosen and prompt+rejected must fit in ``max_length`` tokens; otherwise an
+    error naming ``file:line (chosen|rejected)``, or a counted truncation warning.
+    """
+    names = [_where(r, i, source) for i, r in enumerate(rows)]
+    prompts = [r["prompt"] for r in rows]
+    chosen = encode_prompt_completion(
+        tokenizer, prompts, [r["chosen"] for r in rows], max_length, truncation=truncation,
+        names=[f"{n} (chosen)" for n in names],
+    )
+    rejected = encode_prompt_completion(
+        tokenizer, prompts, [r["rejected"] for r in rows], max_length, truncation=truncation,
+        names=[f"{n} (rejected)" for n in names],
+    )
+    return [
+        {**c, **r}
+        for c, r in zip(_split(chosen, "chosen_"), _split(rejected, "rejected_"), strict=True)
+    ]
+
+
+def pad_collate(
+    items: Sequence[Mapping[str, Any]], pad_id: int = 0, padding_side: str = "right"
+) -> dict[str, Any]:
+    """Stack per-example items into a batch.
+
+    1-D tensors are padded to ONE common width (the longest in the batch, across all keys, so
+    ``chosen_*`` and ``rejected_*`` can be concatenated along the batch for a single forward):
+    keys ending in ``input_ids`` with ``pad_id``, every other key with 0. 0-d tensors and
+    numbers are stacked; anything else is collected into a list.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(
+        (v.shape[0] for it in items for v in it.values() if torch.is_tensor(v) and v.dim() == 1),
+        default=0,
+    )
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        v0 = values[0]
+        if torch.is_tensor(v0) and v0.dim() == 1:
+            fill = pad_id if key.endswith("input_ids") else 0
+            padded = torch.full((len(values), width), fill, dtype=v0.dtype)
+            for i, v in enumerate(values):
+                if padding_side == "right":
+                    padded[i, : v.shape[0]] = v
+                else:
+                    padded[i, width - v.shape[0] :] = v
+            out[key] = padded
+        elif torch.is_tensor(v0) and v0.dim() == 0:
+            out[key] = torch.stack(values)
+        elif isinstance(v0, (int, float, bool)):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
