@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from rlcourse.data import Record, pad_collate, tokenize_preferences, tokenize_unpaired
+from rlcourse.engine import train
 from rlcourse.losses import (
     OBJECTIVES,
     dpo_loss,
@@ -558,8 +559,6 @@ def train_preference(
     ``model`` as it is now (the SFT model); its log-probs are computed once and the copy is
     released before the first step.
     """
-    from rlcourse.engine import train  # TODO move to the top once rlcourse.engine has landed
-
     method = method.lower()
     objective = OBJECTIVES[method]
     loss_fn = make_loss_fn(method, **hyperparameters)
