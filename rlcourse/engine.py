@@ -1,0 +1,442 @@
+"""Layer 3: the one training loop, shared by SFT, reward models and offline preference losses.
+
+A method is a function ``loss_fn(model, batch) -> (loss, metrics)``; :func:`train` does the rest:
+device and mixed precision (``accelerate``), seeded shuffling, gradient accumulation, clipping,
+AdamW with warm-up and decay, logging, evaluation, checkpoints and automatic resume.
+
+Gradient accumulation: ``accelerate`` divides each micro-batch loss by ``grad_accum_steps`` and
+sums the gradients, so the update equals one big batch exactly when ``loss_fn`` returns a MEAN
+OVER EXAMPLES of per-example losses (and micro-batches have equal size). A mean over tokens of
+the whole micro-batch (``sft_loss_fn(reduction="token")``) weights tokens differently when the
+micro-batches hold different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlcourse.data import pad_collate
+from rlcourse.models import atomic_directory_write, sequence_logprobs
+
+__all__ = ["EpochSampler", "History", "TrainConfig", "sft_loss_fn", "train"]
+
+LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`train` needs besides the model, the loss and the data.
+
+    ``max_steps`` counts optimizer steps (each ``grad_accum_steps`` micro-batches of
+    ``batch_size``); when it is ``None`` training runs ``epochs`` passes over the data.
+    ``schedule``: ``"cosine"``, ``"linear"`` or ``"constant"`` after ``warmup_steps`` of linear
+    warm-up. ``mixed_precision``: ``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 on a GPU
+    that supports it, else no). ``checkpoint_every=0`` disables checkpoints; ``eval_every=0``
+    evaluates only at the end.
+    """
+
+    lr: float = 1e-3
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    mixed_precision: str = "no"
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    drop_last: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        """Read a YAML mapping of the fields above (e.g. ``lr: 5.0e-4``)."""
+        import yaml
+
+        with open(path, encoding="utf-8") as fh:
+            d = yaml.safe_load(fh) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a YAML mapping of TrainConfig fields")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    """Metrics by optimizer step: a list of rows ``{"step": k, "loss": ..., ...}``.
+
+    Training rows carry the mean of each metric over the steps since the previous row, plus
+    ``lr``, ``grad_norm``, ``epoch``, ``tokens_per_s`` and ``peak_mem_mb`` (CUDA: max allocated;
+    CPU: the process's max resident set). Evaluation metrics join the row of their step.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, step: int, **metrics: Any) -> None:
+        """Add metrics to the row of ``step`` (creating it if it is not the last row)."""
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update(metrics)
+        else:
+            self.rows.append({"step": step, **metrics})
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.rows]
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """``(steps, values)`` of the rows that have ``key``."""
+        pairs = [(r["step"], r[key]) for r in self.rows if key in r]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def last(self, key: str | None = None) -> Any:
+        """The last row (a dict), or the last value of ``key`` (``None`` if never logged)."""
+        if key is None:
+            return dict(self.rows[-1]) if self.rows else {}
+        values = self.series(key)[1]
+        return values[-1] if values else None
+
+    def plot(self, keys: Sequence[str] | str = ("loss",), ax: Any = None) -> Any:
+        """Plot each key against the step with matplotlib; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.5))
+        for k in keys:
+            steps, vals = self.series(k)
+            ax.plot(steps, vals, marker="." if len(steps) < 30 else None, label=k)
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+        return ax
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles ``range(n)`` with a permutation that depends only on ``(seed, epoch)``.
+
+    A run is repeatable, and a resumed run sees exactly the order the uninterrupted run saw.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: model + optimizer + scheduler + RNG states + counters + history, written atomically
+# --------------------------------------------------------------------------------------------
+def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    return meta, tensors
+
+
+def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = meta["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, scheduler,
+                     keep: int) -> Path:
+    from safetensors.torch import save_model
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        meta, tensors = _rng_state()
+        torch.save(tensors, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": meta}))
+
+    path = atomic_directory_write(ckpt_dir / f"step-{state['step']:08d}", write)
+    for old in _checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory only gets its name once complete)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                         map_location=device))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    _set_rng_state(state.pop("rng"), torch.load(path / "rng.pt", weights_only=True))
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def _count_tokens(batch: Any) -> int:
+    if not isinstance(batch, Mapping):
+        return 0
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
+    if masks:
+        return int(sum(m.sum().item() for m in masks))
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if torch.is_tensor(ids) else 0
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Each train() call may ask for another precision or accumulation; accelerate keeps these in
+    # process-wide singletons, so clear them (the distributed process group is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    mp = config.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        cpu=config.device == "cpu",
+    )
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    train_data: Sequence[Any],
+    config: TrainConfig,
+    eval_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    callbacks: Sequence[Callable[[int, History, torch.nn.Module], Any]] = (),
+) -> History:
+    """Minimise ``loss_fn(model, batch)`` over ``train_data`` with AdamW; returns the History.
+
+    Per optimizer step ``k`` (after ``grad_accum_steps`` micro-batches)::
+
+        g_k = sum_j grad L(batch_j) / grad_accum_steps      (accelerator.backward, accumulate)
+        g_k <- g_k * min(1, max_grad_norm / ||g_k||)        (clip_grad_norm_)
+        theta <- AdamW(theta, g_k, lr_k, weight_decay)      (no decay on 1-d params)
+        lr_k = lr * k / warmup            for k < warmup_steps, then cosine/linear/constant
+
+    ``train_data`` is a list (or map-style dataset) of examples, batched by ``collate_fn``
+    (default :func:`rlcourse.data.pad_collate`). Every ``checkpoint_every`` steps the full state
+    goes to ``checkpoint_dir/step-XXXXXXXX``; a later call with the same ``checkpoint_dir``
+    resumes from the newest one and ends exactly where an uninterrupted run would.
+    ``eval_fn(model) -> metrics`` runs every ``eval_every`` steps and at the end (under
+    ``torch.no_grad``, in eval mode). ``callbacks(step, history, model)`` run after each step;
+    one that returns ``True`` stops training.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    accelerator = _make_accelerator(config)
+    torch.manual_seed(config.seed)  # fixes anything loss_fn draws at random
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    sampler = EpochSampler(len(train_data), config.seed)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size, sampler=sampler,
+        collate_fn=collate_fn or pad_collate, drop_last=config.drop_last,
+        # Its own generator: otherwise each new epoch's iterator draws from the global RNG,
+        # and a run resumed mid-epoch would see different random numbers in loss_fn.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # weight decay on matrices only, not on biases and norm gains
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = max(1, math.ceil(len(loader) / config.grad_accum_steps))
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    # Not prepared on purpose: accelerate would step it once per process.
+    # transformers' "constant" ignores warm-up; "constant_with_warmup" is what we mean.
+    name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
+    scheduler = get_scheduler(name, optimizer, config.warmup_steps, total)
+
+    history, step, epoch, skip = History(), 0, 0, 0
+    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    if found:
+        state = _load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
+                                 scheduler, accelerator.device)
+        for key in ("batch_size", "grad_accum_steps", "seed"):
+            if state["config"][key] != getattr(config, key):
+                raise ValueError(f"{found[-1]} was written with {key}={state['config'][key]}, "
+                                 f"this run has {getattr(config, key)}: use another checkpoint_dir")
+        history = History(state["history"])
+        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        accelerator.print(f"resuming from {found[-1]} (step {step})")
+
+    def checkpoint(batches_in_epoch: int) -> None:
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                 "history": history.rows, "config": config.to_dict()}
+        if accelerator.is_main_process:
+            _save_checkpoint(ckpt_dir, state, accelerator.unwrap_model(model), optimizer,
+                             scheduler, config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    evaluated_at = None
+
+    def evaluate() -> None:
+        nonlocal evaluated_at
+        model.eval()
+        with torch.no_grad():
+            history.log(step, **{k: float(v) for k, v in eval_fn(model).items()})
+        model.train()
+        evaluated_at = step
+
+    bar = tqdm(total=total, initial=step, desc="train",
+               disable=not (config.progress and accelerator.is_local_main_process))
+    sums: dict[str, list[torch.Tensor]] = {}
+    tokens, t0, stop, grad_norm = 0, time.perf_counter(), step >= total, torch.tensor(0.0)
+    model.train()
+    try:
+        while not stop:
+            sampler.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for i, batch in enumerate(loader):
+                if i < skip:  # resuming mid-epoch: these batches were already used
+                    continue
+                with accelerator.accumulate(model):
+                    loss, metrics = loss_fn(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(
+                            model.parameters(), config.max_grad_norm or float("inf"))
+                    optimizer.step()
+                    optimizer.zero_grad()
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+                tokens += _count_tokens(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                if step % config.log_every == 0 or step == total:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    row = {k: torch.stack(v).mean().item() for k, v in sums.items()}
+                    history.log(step, **row, lr=scheduler.get_last_lr()[0],
+                                grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
+                                tokens_per_s=tokens / dt,
+                                peak_mem_mb=_peak_mem_mb(accelerator.device))
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    sums, tokens, t0 = {}, 0, time.perf_counter()
+                if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                    evaluate()
+                if ckpt_dir and (step == total or (config.checkpoint_every
+                                                   and step % config.checkpoint_every == 0)):
+                    checkpoint(i + 1)
+                if any(cb(step, history, model) is True for cb in callbacks) or step >= total:
+                    stop = True
+                    break
+            else:  # the epoch ran to its end
+                epoch, skip = epoch + 1, 0
+        if eval_fn is not None and evaluated_at != step:
+            evaluate()
+    finally:
+        bar.close()
+        # Remove accelerate's autocast wrapper from the caller's model.
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return history
+
+
+def sft_loss_fn(model: Any, batch: Mapping[str, torch.Tensor], reduction: str = "token"
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised fine-tuning loss: negative log-likelihood of the completion tokens.
+
+    ``reduction="token"``: ``L = -sum_{b,t} m_bt log pi(y_bt | ...) / sum_{b,t} m_bt`` (every
+    completion token of the batch weighs the same, the usual choice);
+    ``reduction="sequence"``: ``L = mean_b [ -sum_t m_bt log pi / sum_t m_bt ]`` (a mean over
+    examples, which makes gradient accumulation exactly equal to one large batch).
+    Without a ``completion_mask`` every real token is a target (plain language modelling).
+    """
+    mask = batch.get("completion_mask", batch["attention_mask"])
+    lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
+                           reduce="none")
+    m = mask[:, 1:].to(lp.dtype)
+    if reduction == "token":
+        loss = -lp.sum() / m.sum().clamp(min=1.0)
+    elif reduction == "sequence":
+        loss = (-lp.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    else:
+        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+    nll_token = (-lp.sum() / m.sum().clamp(min=1.0)).detach()
+    return loss, {"nll_per_token": nll_token, "ppl": torch.exp(nll_token)}
