@@ -322,6 +322,9 @@ def train(
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if len(loader) == 0:
+        raise ValueError(f"no batches: {len(train_data)} examples, batch_size "
+                         f"{config.batch_size}, drop_last={config.drop_last}")
     steps_per_epoch = max(1, math.ceil(len(loader) / config.grad_accum_steps))
     total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     # Not prepared on purpose: accelerate would step it once per process.
@@ -393,6 +396,10 @@ def train(
                 if step % config.log_every == 0 or step == total:
                     dt = max(time.perf_counter() - t0, 1e-9)
                     row = {k: torch.stack(v).mean().item() for k, v in sums.items()}
+                    if not math.isfinite(row["loss"]):
+                        raise FloatingPointError(
+                            f"loss is {row['loss']} at step {step}: lower the lr, look for "
+                            "empty completions, or use bf16 instead of fp16")
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
                                 tokens_per_s=tokens / dt,

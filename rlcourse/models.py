@@ -44,6 +44,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Generation",
     "RewardModel",
+    "atomic_directory_write",
     "ValueHeadModel",
     "build_model",
     "build_tokenizer",
@@ -595,14 +596,17 @@ def _generate_batch(
     top_p: float,
     uniforms: torch.Tensor,
     do_sample: bool,
+    chat: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     eos_id = tokenizer.eos_token_id
-    texts = [format_prompt(p, tokenizer) for p in prompts]
+    texts = [format_prompt(p, tokenizer) for p in prompts] if chat else prompts
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if min(len(e) for e in enc) == 0:
+        raise ValueError("a prompt encodes to zero tokens; with chat=False start it with <bos>")
     P = max(len(e) for e in enc)
     prompt_ids = torch.full((len(enc), P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(enc), P), dtype=torch.long)
@@ -679,6 +683,7 @@ def generate(
     do_sample: bool = True,
     batch_size: int = 512,
     progress: bool = False,
+    chat: bool = True,
 ) -> Generation:
     """Sample a completion for every prompt (chat-formatted by :func:`format_prompt`).
 
@@ -688,7 +693,9 @@ def generate(
     Records ``log pi(a_t|s_t) = log_softmax(z_t)[a_t]`` (raw model) and the log-prob under the
     sampling distribution (see :class:`Generation`). ``seed`` makes the samples repeatable
     without touching the global random state; sample ``i`` depends only on the seed and ``i``
-    (not on ``batch_size``). Prompts are processed ``batch_size`` at a time.
+    (not on ``batch_size``). Prompts are processed ``batch_size`` at a time. ``chat=False``
+    continues the prompt text as given (no chat format; include ``<bos>`` yourself), for
+    sampling from a pretrained base model.
     """
     prompts = list(prompts)
     if not prompts:
@@ -712,7 +719,7 @@ def generate(
             parts.append(
                 _generate_batch(
                     model, tokenizer, prompts[s : s + batch_size], max_new_tokens, temperature,
-                    top_k, top_p, uniforms[s : s + batch_size], do_sample,
+                    top_k, top_p, uniforms[s : s + batch_size], do_sample, chat,
                 )
             )
     finally:

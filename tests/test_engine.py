@@ -251,3 +251,15 @@ def test_history_rows_last_and_plot():
     assert h.series("eval_score") == ([2], [0.5])
     ax = h.plot(["loss", "eval_score"])
     assert len(ax.lines) == 2
+
+
+def test_clear_errors_for_no_batches_and_nan_loss(tok, items):
+    with pytest.raises(ValueError, match="no batches"):
+        train(_model(tok), sft_loss_fn, items[:3], _cfg(batch_size=4, drop_last=True))
+
+    def nan_loss(model, batch):
+        loss, m = sft_loss_fn(model, batch)
+        return loss * float("nan"), m
+
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train(_model(tok), nan_loss, items, _cfg())

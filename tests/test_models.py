@@ -447,3 +447,14 @@ def _plain_checkpoint(tok, tmp_path):
     path = tmp_path / "plain"
     save_model(build_model(tok, hidden_size=32), tok, path)
     return path
+
+
+def test_generate_without_chat_format_continues_raw_text(tok, model):
+    g = generate(model, tok, ["<bos> the river"], max_new_tokens=4, do_sample=False, chat=False)
+    ids = tok("<bos> the river", add_special_tokens=False)["input_ids"]
+    assert g.prompt_ids[0].tolist() == ids
+    with torch.no_grad():
+        first = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+    assert g.completion_ids[0, 0].item() == first
+    with pytest.raises(ValueError, match="zero tokens"):
+        generate(model, tok, [""], chat=False)
