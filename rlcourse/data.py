@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,12 +131,19 @@ def read_jsonl(
 def load_preferences(path: str | os.PathLike) -> list[Record]:
     """Pairwise preferences: rows ``{"prompt", "chosen", "rejected"}`` (``"reject"`` accepted).
 
-    ``chosen`` and ``rejected`` must be non-empty strings; the prompt may be empty.
+    ``chosen`` and ``rejected`` must be non-empty strings; the prompt may be empty. Pairs whose
+    chosen and rejected texts are equal are kept, with one warning that counts them.
     """
-    return read_jsonl(
+    rows = read_jsonl(
         path, ("prompt", "chosen", "rejected"), nonempty=("chosen", "rejected"),
         aliases={"reject": "rejected"},
     )
+    same = [r.where for r in rows if r["chosen"].strip() == r["rejected"].strip()]
+    if same:  # such a pair carries no preference: every pairwise loss has zero gradient on it
+        shown = ", ".join(same[:5]) + (" ..." if len(same) > 5 else "")
+        warnings.warn(f"{len(same)} of {len(rows)} pairs have chosen == rejected ({shown})",
+                      stacklevel=2)
+    return rows
 
 
 def load_unpaired(path: str | os.PathLike) -> list[Record]:

@@ -21,6 +21,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -281,7 +282,7 @@ def train(
     config: TrainConfig,
     eval_fn: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
-    callbacks: Sequence[Callable[[int, History, torch.nn.Module], Any]] = (),
+    callbacks: Sequence[Callable[[int, History, torch.nn.Module], Any]] | None = None,
 ) -> History:
     """Minimise ``loss_fn(model, batch)`` over ``train_data`` with AdamW; returns the History.
 
@@ -298,12 +299,16 @@ def train(
     resumes from the newest one and ends exactly where an uninterrupted run would.
     ``eval_fn(model) -> metrics`` runs every ``eval_every`` steps and at the end (under
     ``torch.no_grad``, in eval mode). ``callbacks(step, history, model)`` run after each step;
-    one that returns ``True`` stops training.
+    one that returns ``True`` stops training. ``config.device``: ``"auto"`` (accelerate's choice:
+    the GPU if there is one), ``"cpu"``, or ``"cuda"``/``"mps"`` (a warning if unavailable).
     """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     accelerator = _make_accelerator(config)
+    if config.device not in ("auto", "cpu") and accelerator.device.type != config.device:
+        warnings.warn(f"device={config.device!r} asked for, training on {accelerator.device}",
+                      stacklevel=2)
     torch.manual_seed(config.seed)  # fixes anything loss_fn draws at random
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
@@ -411,7 +416,8 @@ def train(
                 if ckpt_dir and (step == total or (config.checkpoint_every
                                                    and step % config.checkpoint_every == 0)):
                     checkpoint(i + 1)
-                if any(cb(step, history, model) is True for cb in callbacks) or step >= total:
+                replies = [cb(step, history, model) for cb in callbacks or ()]
+                if any(r is True for r in replies) or step >= total:
                     stop = True
                     break
             else:  # the epoch ran to its end

@@ -151,3 +151,12 @@ def test_unpaired_collate_labels(tok):
     batch = pad_collate(tokenize_unpaired(tok, rows, 32))
     assert batch["label"].tolist() == [True, False]
     assert batch["input_ids"].shape == (2, 4 + 3)
+
+
+def test_identical_pairs_are_counted(tmp_path):
+    p = _write(tmp_path / "p.jsonl", [
+        json.dumps({"prompt": "x", "chosen": "a", "rejected": "a"}),
+        json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"}),
+    ])
+    with pytest.warns(UserWarning, match=r"1 of 2 pairs have chosen == rejected .*p.jsonl:1"):
+        assert len(load_preferences(p)) == 2

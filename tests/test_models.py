@@ -236,6 +236,12 @@ def test_sequence_logprobs_hand_built_logits():
         (lp1 + lp2) / 2, abs=1e-6)
     empty = torch.zeros_like(comp)
     assert sequence_logprobs(m, ids, attn, empty, reduce="mean").item() == 0.0
+    # The same sequence LEFT padded: the logits table moves with the tokens.
+    left = FixedLogits(torch.cat([torch.full((1, 1, 3), 7.0), logits[:, :3]], dim=1))
+    ids_l, attn_l = torch.tensor([[0, 0, 2, 1]]), torch.tensor([[0, 1, 1, 1]])
+    comp_l = torch.tensor([[0, 0, 1, 1]])
+    got = sequence_logprobs(left, ids_l, attn_l, comp_l, reduce="none")
+    assert torch.allclose(got, torch.tensor([[0.0, lp1, lp2]]), atol=1e-6)
 
 
 def _alone_logprob_sum(model, prompt_ids, comp_ids):
