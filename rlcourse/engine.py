@@ -294,9 +294,10 @@ def train(
         lr_k = lr * k / warmup            for k < warmup_steps, then cosine/linear/constant
 
     ``train_data`` is a list (or map-style dataset) of examples, batched by ``collate_fn``
-    (default :func:`rlcourse.data.pad_collate`). Every ``checkpoint_every`` steps the full state
-    goes to ``checkpoint_dir/step-XXXXXXXX``; a later call with the same ``checkpoint_dir``
-    resumes from the newest one and ends exactly where an uninterrupted run would.
+    (default :func:`rlcourse.data.pad_collate`). Every ``checkpoint_every`` steps and at the end
+    the full state goes to ``checkpoint_dir/step-XXXXXXXX``; a later call with the same
+    ``checkpoint_dir`` resumes from the newest one and ends exactly where an uninterrupted run
+    would.
     ``eval_fn(model) -> metrics`` runs every ``eval_every`` steps and at the end (under
     ``torch.no_grad``, in eval mode). ``callbacks(step, history, model)`` run after each step;
     one that returns ``True`` stops training. ``config.device``: ``"auto"`` (accelerate's choice:
@@ -395,7 +396,8 @@ def train(
                 tokens += _count_tokens(batch)
                 if not accelerator.sync_gradients:
                     continue
-                scheduler.step()
+                if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step
+                    scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % config.log_every == 0 or step == total:
