@@ -188,8 +188,11 @@ def draw_chain(P: np.ndarray, names: Sequence[str], ax: plt.Axes | None = None,
         ax.add_patch(Circle(positions[i], radius, facecolor=color, edgecolor="black", zorder=3))
         ax.text(*positions[i], names[i], ha="center", va="center", fontsize=fontsize, zorder=4)
         if P[i, i] > min_prob:
-            ax.text(positions[i][0], positions[i][1] + radius + 0.12, "↻ " + fmt.format(P[i, i]),
-                    ha="center", va="bottom", fontsize=8, color="tab:blue")
+            # self-loop label on the outer side of the node, away from the other arrows
+            out = np.asarray(positions[i], float) - np.mean(positions, axis=0)
+            out = out / np.linalg.norm(out) if np.linalg.norm(out) > 1e-9 else np.array([0, 1.0])
+            ax.text(*(positions[i] + (radius + 0.28) * out), "↻ " + fmt.format(P[i, i]),
+                    ha="center", va="center", fontsize=8, color="tab:blue")
     for i in range(n):
         for j in range(n):
             if i == j or P[i, j] <= min_prob:
@@ -207,7 +210,7 @@ def draw_chain(P: np.ndarray, names: Sequence[str], ax: plt.Axes | None = None,
             label = (a + b) / 2 + (0.5 * rad * np.linalg.norm(b - a) + 0.13) * normal
             ax.text(*label, fmt.format(P[i, j]), ha="center", va="center", fontsize=7,
                     color="tab:red")
-    pad = radius + 0.6
+    pad = radius + 0.9
     ax.set_xlim(positions[:, 0].min() - pad, positions[:, 0].max() + pad)
     ax.set_ylim(positions[:, 1].min() - pad, positions[:, 1].max() + pad)
     ax.set_aspect("equal")
