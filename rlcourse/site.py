@@ -46,6 +46,11 @@ from typing import Any
 
 from rlcourse.config import REPO_ROOT
 
+try:  # POSIX: lets concurrent test workers share one build (see build_once)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 BOOK_DIR = REPO_ROOT / "book"
 NODE_MODULES = REPO_ROOT / "node_modules"
 VENDOR = Path("_static") / "vendor"
@@ -91,8 +96,9 @@ def part_of(number: int) -> int:
 def make_toc(book_dir: Path = BOOK_DIR) -> dict[str, Any]:
     """The Jupyter Book table of contents (``jb-book`` format) for the chapters present.
 
-    Parts I-IV hold the chapters by number (01-03, 04-08, 09-13, 14-15), numbered continuously;
-    a part with no chapter yet is left out. The reference part (notation, glossary,
+    Parts I-IV hold the chapters by number (01-03, 04-08, 09-13, 14-15), numbered continuously
+    (chapter titles only: a chapter's own headings stay as its author wrote them); a part with
+    no chapter yet is left out. The reference part (notation, glossary,
     bibliography) comes last and is not numbered.
     """
     book_dir = Path(book_dir)
@@ -100,7 +106,7 @@ def make_toc(book_dir: Path = BOOK_DIR) -> dict[str, Any]:
     for notebook in chapter_notebooks(book_dir):
         grouped.setdefault(part_of(int(notebook.name[:2])), []).append(notebook.stem)
     parts: list[dict[str, Any]] = [
-        {"caption": PARTS[i][2], "numbered": True, "chapters": [{"file": s} for s in stems]}
+        {"caption": PARTS[i][2], "numbered": 1, "chapters": [{"file": s} for s in stems]}
         for i, stems in sorted(grouped.items())
     ]
     reference = [p for p in REFERENCE_PAGES if (book_dir / f"{p}.md").is_file()]
@@ -278,6 +284,43 @@ def build(
     pages = toc_pages(yaml.safe_load(toc_path.read_text(encoding="utf-8")))
     warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
     return BuildResult(html, pages, warnings, time.perf_counter() - start)
+
+
+def build_once(output: Path, source: Path = BOOK_DIR, **options: Any) -> BuildResult:
+    """:func:`build` into ``output`` once, however many processes ask at the same time.
+
+    The first caller takes a lock on ``output/build.lock`` and builds; later callers (other
+    pytest-xdist workers, or other test modules of the same session) wait for the lock and reuse
+    the recorded result, or re-raise the recorded :class:`SiteBuildError`.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    record = output / "build.json"
+    with open(output / "build.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if record.is_file():
+                done = json.loads(record.read_text(encoding="utf-8"))
+                if "error" in done:
+                    raise SiteBuildError(done["error"])
+                return BuildResult(Path(done["html"]), done["pages"], done["warnings"], 0.0)
+            try:
+                result = build(source, output, **options)
+            except SiteBuildError as error:
+                record.write_text(json.dumps({"error": str(error)}), encoding="utf-8")
+                raise
+            record.write_text(
+                json.dumps(
+                    {"html": str(result.html), "pages": result.pages, "warnings": result.warnings,
+                     "seconds": result.seconds}
+                ),
+                encoding="utf-8",
+            )
+            return result
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def remote_assets(html_dir: Path) -> dict[str, list[str]]:
@@ -487,14 +530,13 @@ _INSPECT_PAGE = r"""
       'script[type="application/vnd.jupyter.widget-state+json"]');
   const rendered = () => Array.from(document.querySelectorAll('.widget-subarea'))
       .filter(e => e.querySelector('.jupyter-widgets, .lm-Widget')).length;
-  while (views.length && rendered() < views.length && Date.now() < deadline) await sleep(100);
+  // embed.js marks the window when it loads; without it nothing will render, so do not wait.
+  report.widgetManager = Boolean(window._jupyter_widget_embedder);
+  while (report.widgetManager && views.length && rendered() < views.length
+         && Date.now() < deadline) await sleep(100);
   report.widgetViews = views.length;
   report.widgetStates = states.length;
   report.widgetsRendered = rendered();
-  report.firstWidgetY = (() => {
-    const w = document.querySelector('.widget-subarea');
-    return w ? w.getBoundingClientRect().top + window.scrollY : null;
-  })();
   const math = Array.from(main.querySelectorAll('.math'));
   report.mathElements = math.length;
   report.typeset = main.querySelectorAll('mjx-container').length;
@@ -594,7 +636,8 @@ def inspect_page(
         # Let late console messages (e.g. from widget rendering) arrive.
         browser.wait_for("__never__", session, 0.3)
         if screenshot is not None:
-            shots = _screenshots(browser, session, Path(screenshot), facts.get("firstWidgetY"))
+            has_widget = bool(facts.get("widgetsRendered"))
+            shots = _screenshots(browser, session, Path(screenshot), has_widget)
         problems += _problems_from_events(browser.events, session, url, origin_prefix)
         problems += _problems_from_facts(facts, expect_math, expect_widgets)
     finally:
@@ -657,7 +700,7 @@ def _problems_from_facts(
     if facts.get("mathElements") and facts.get("mathjax") != "ok":
         problems.append(f"MathJax did not typeset the page (MathJax {facts.get('mathjax')})")
     for text in facts.get("untypeset", []):
-        problems.append(f"formula not typeset: {text!r}")
+        problems.append(f"formula not typeset: {text}")
     for error in facts.get("mathErrors", []):
         problems.append(f"MathJax error: {error}")
     if expect_math and not facts.get("typeset"):
@@ -665,7 +708,7 @@ def _problems_from_facts(
     for match in _RAW_TEX.finditer(facts.get("text", "")):
         text = facts["text"]
         snippet = text[max(0, match.start() - 40) : match.end() + 40].replace("\n", " ")
-        problems.append(f"raw TeX left in the text: {snippet!r}")
+        problems.append(f"raw TeX left in the text: ...{' '.join(snippet.split())}...")
         break
     views, rendered = facts.get("widgetViews", 0), facts.get("widgetsRendered", 0)
     if rendered < views:
@@ -678,19 +721,26 @@ def _problems_from_facts(
     return problems
 
 
-def _screenshots(browser: Chromium, session: str, path: Path, widget_y: float | None) -> list[Path]:
+def _screenshots(browser: Chromium, session: str, path: Path, has_widget: bool) -> list[Path]:
+    """Save the top of the page to ``path`` and, with widgets, ``<stem>-widget.png`` scrolled
+    to the first one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = []
     shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
     path.write_bytes(base64.b64decode(shot["data"]))
     saved.append(path)
-    if widget_y is not None:
-        clip = {"x": 0, "y": max(0.0, widget_y - 200), "width": 1280, "height": 900, "scale": 1}
-        shot = browser.send(
-            "Page.captureScreenshot",
-            {"format": "png", "clip": clip, "captureBeyondViewport": True},
+    if has_widget:
+        browser.send(
+            "Runtime.evaluate",
+            {
+                "expression": "document.querySelector('.widget-subarea')"
+                ".scrollIntoView({block: 'center'}); "
+                "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))",
+                "awaitPromise": True,
+            },
             session=session,
         )
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
         widget_path = path.with_name(f"{path.stem}-widget.png")
         widget_path.write_bytes(base64.b64decode(shot["data"]))
         saved.append(widget_path)
