@@ -57,19 +57,41 @@ def test_exact_value_equals_enumeration_of_all_texts(kind, kw):
     mdp = TokenMDP(n_tokens=3, horizon=4, reward=kind, gamma=0.8, **kw)
     pol = _tabular(mdp, seed=1)
     probs = mdp.policy_probs(pol)
-    V = mdp.n_tokens
-    # oracle: sum over every text of P(text) * gamma^(H-1) * R(text), probabilities multiplied
+    # oracle: sum over every text of P(text) * gamma^(H-1) * R(text); P from the policy's own
+    # softmax on each prefix, multiplied along the text
     total, best = 0.0, -math.inf
-    for text in itertools.product(range(V), repeat=4):
-        p, code = 1.0, 0
-        for k, a in enumerate(text):
-            p *= float(probs[k][code, a])
-            code = code * V + a
+    for text in itertools.product(range(3), repeat=4):
+        ids = mdp.input_ids(torch.tensor([text]))
+        logits = pol(ids)[0].detach()
+        p = torch.softmax(logits[0, :-1].double(), -1)[torch.arange(4), torch.tensor(text)].prod()
         r = float(mdp.reward(torch.tensor([text]))[0])
-        total += p * 0.8**3 * r
+        total += float(p) * 0.8**3 * r
         best = max(best, 0.8**3 * r)
     assert math.isclose(mdp.evaluate(probs).root, total, rel_tol=1e-9)
     assert math.isclose(mdp.optimal_return(), best, rel_tol=1e-12)
+
+
+def test_prompts_kl_shaped_value_equals_enumeration():
+    # two prompts with mu = (0.25, 0.75); every token also pays -beta log(pi / pi_ref)
+    mdp = TokenMDP(n_tokens=2, horizon=3, reward="instructed", n_prompts=2,
+                   prompt_probs=[1, 3], weights=[1.0, 3.0])
+    pol, ref = _tabular(mdp, seed=4), _tabular(mdp, seed=5)
+    beta = 0.3
+    total, best = 0.0, [-math.inf, -math.inf]
+    for prompt in range(2):
+        for text in itertools.product(range(2), repeat=3):
+            ids = mdp.input_ids(torch.tensor([text]), torch.tensor([prompt]))
+            lp = torch.log_softmax(pol(ids)[0][0, :-1].detach().double(), -1)[torch.arange(3), text]
+            lr = torch.log_softmax(ref(ids)[0][0, :-1].detach().double(), -1)[torch.arange(3), text]
+            hits = sum(a == prompt for a in text)
+            reps = sum(text[i] == text[i - 1] for i in range(1, 3))
+            r = [1.0, 3.0][prompt] * hits - reps
+            mu = [0.25, 0.75][prompt]
+            total += mu * float(lp.sum().exp()) * (r - beta * float((lp - lr).sum()))
+            best[prompt] = max(best[prompt], r)
+    assert math.isclose(mdp.evaluate(pol, ref, kl_coef=beta).root, total, rel_tol=1e-9)
+    assert math.isclose(mdp.optimal_return(), 0.25 * best[0] + 0.75 * best[1])
+    assert mdp.greedy_texts(prompt=1) == ["b b b"]  # 3 * 3 - 2 repeats beats 3 * 2
 
 
 def test_optimal_dominates_every_policy_everywhere_and_v_is_pi_weighted_q():
@@ -91,31 +113,40 @@ def test_monte_carlo_agrees_with_exact_value():
     exact = mdp.evaluate(pol).root
     mean, stderr = mdp.monte_carlo_value(pol, 20000, torch.Generator().manual_seed(0))
     assert abs(mean - exact) < 4 * stderr
+    # with three prompts of unequal probability as well
+    mdp = TokenMDP(n_tokens=3, horizon=4, reward="instructed", n_prompts=3, prompt_probs=[1, 2, 5])
+    pol = _tabular(mdp, seed=6)
+    exact = mdp.evaluate(pol).root
+    mean, stderr = mdp.monte_carlo_value(pol, 20000, torch.Generator().manual_seed(1))
+    assert abs(mean - exact) < 4 * stderr
 
 
 def test_state_ids_match_policy_prefix_ids_and_exact_values_index():
     mdp = TokenMDP(n_tokens=3, horizon=4)
-    texts = mdp.all_texts()
-    ids = mdp.state_ids(texts)
+    texts, prompts = mdp.all_texts()
+    ids = mdp.state_ids(texts, prompts)
     pol = PrefixPolicy(mdp)
-    full = torch.cat([torch.full((len(texts), 1), mdp.bos), texts], 1)
-    assert torch.equal(pol.prefix_ids(full)[:, :-1], ids)
-    # each non-terminal prefix appears, and the ids are a bijection onto 0 .. n_states-1
+    assert torch.equal(pol.state_ids(mdp.input_ids(texts, prompts))[:, :-1], ids)
+    # each decision state appears, and the ids are a bijection onto 0 .. n_states-1
     assert set(ids.flatten().tolist()) == set(range(mdp.n_states))
-    # text "c a b c": prefixes (), (c), (c a), (c a b) -> 0, 1 + 2, 4 + (2*3 + 0), 13 + (6*3+1)*...
+    # text "c a b c": states (), (c), (c a), (c a b) -> 0, 1 + 2, 4 + (2*3 + 0), 13 + (2*9+0+1)
     row = ids[int(2 * 27 + 0 * 9 + 1 * 3 + 2)]
     assert row.tolist() == [0, 1 + 2, 4 + 2 * 3 + 0, 13 + (2 * 9 + 0 * 3 + 1)]
-    ex = mdp.evaluate(pol)
-    assert ex.flat.shape == (mdp.n_states,)
+    assert mdp.evaluate(pol).flat.shape == (mdp.n_states,)
+    # two prompts: level k holds 2 * 3^k states, prompt-major
+    mdp2 = TokenMDP(n_tokens=3, horizon=3, n_prompts=2)
+    got = mdp2.state_ids(torch.tensor([[2, 1, 0]]), torch.tensor([1]))
+    assert got.tolist() == [[1, 2 + (1 * 3 + 2), 2 + 6 + ((1 * 3 + 2) * 3 + 1)]]
+    assert mdp2.n_states == 2 + 6 + 18
 
 
 def test_reward_functions_by_hand():
     x = torch.tensor([[0, 0, 1, 2], [2, 1, 2, 1]])
-    assert make_reward("count", target=0)(x).tolist() == [2.0, 0.0]
+    assert make_reward("count", target=0)(x, None).tolist() == [2.0, 0.0]
     assert no_repeat_reward(x).tolist() == [2.0, 3.0]
-    assert count_no_repeat_reward(x, target=2, penalty=0.5).tolist() == [1 - 0.5, 2.0]
-    assert match_reward(x, [2, 1, 2, 2]).tolist() == [1.0, 3.0]
-    assert match_reward(x, [2, 1, 2, 1], exact=True).tolist() == [0.0, 1.0]
+    assert count_no_repeat_reward(x, None, target=2, penalty=0.5).tolist() == [1 - 0.5, 2.0]
+    assert match_reward(x, None, [2, 1, 2, 2]).tolist() == [1.0, 3.0]
+    assert match_reward(x, None, [2, 1, 2, 1], exact=True).tolist() == [0.0, 1.0]
     with pytest.raises(ValueError):
         make_reward("nope")
 
@@ -133,4 +164,15 @@ def test_mlp_policy_shapes_and_uniform_start():
     logits, values = pol(ids)
     assert logits.shape == (2, 4, 4) and values.shape == (2, 4)
     uniform = mdp.evaluate(pol).root
-    assert math.isclose(uniform, float(mdp.reward(mdp.all_texts()).double().mean()), rel_tol=1e-6)
+    mean_reward = float(mdp.reward(*mdp.all_texts()).double().mean())
+    assert math.isclose(uniform, mean_reward, rel_tol=1e-6)
+
+
+def test_rollout_format_and_instructed_reward():
+    mdp = TokenMDP(n_tokens=3, horizon=4, reward="instructed", n_prompts=3)
+    out = mdp.rollout(PrefixPolicy(mdp), 16, torch.Generator().manual_seed(0))
+    assert out["input_ids"].shape == (16, 5) and out["completion_mask"][:, 0].sum() == 0
+    assert torch.equal(mdp.score(out["input_ids"]), out["rewards"])
+    x = torch.tensor([[1, 1, 0, 1], [2, 0, 2, 2]])
+    # prompt 1 (w = 1.5): three 1s, one repeat; prompt 2 (w = 2): three 2s, one repeat
+    assert mdp.reward(x, torch.tensor([1, 2])).tolist() == [1.5 * 3 - 1, 2.0 * 3 - 1]

@@ -1,0 +1,423 @@
+"""PPO for language models (layer 3): rollout -> score -> KL-shaped reward -> GAE -> updates.
+
+The four models of the slides:
+
+- **actor** (the policy being trained, initialised from the SFT model) and **critic** (a value
+  head): one ``policy`` module whose ``forward(input_ids, attention_mask)`` returns
+  ``(logits (B, L, V), values (B, L))`` — a :class:`rlcourse.models.ValueHeadModel`, an
+  :class:`ActorCritic` pair of separate networks, or a toy
+  :class:`rlcourse.worlds.token_mdp.PrefixPolicy`;
+- **reward model**: any ``reward_fn(input_ids, attention_mask, action_mask) -> scores (B,)``
+  (a :class:`rlcourse.models.RewardModel` through :func:`reward_model_fn`, or a rule);
+- **reference** (frozen copy of the SFT model): ``ref_model(input_ids, attention_mask)``
+  returning logits (or ``(logits, values)``, or an object with ``.logits``).
+
+One :func:`ppo_step` = sample responses, score them, turn scores into the slides' per-token
+KL-shaped rewards, compute advantages and returns with GAE, then several epochs of minibatch
+updates of the clipped actor and critic losses (:mod:`rlcourse.rl`).
+
+Alignment: for a sequence ``input_ids[0..L-1]``, per-token tensors have length ``L-1`` and
+column ``t`` belongs to the token ``input_ids[:, t+1]`` chosen in the state ``input_ids[:, :t+1]``:
+``logprobs[:, t] = log pi(input_ids[:, t+1] | input_ids[:, :t+1])`` and ``values[:, t] =
+V(input_ids[:, :t+1])``. ``action_mask[:, t] = 1`` when that token is a response token.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlcourse import rl
+
+__all__ = [
+    "ActorCritic",
+    "PPOConfig",
+    "Rollout",
+    "forward_policy",
+    "freeze",
+    "lm_sampler",
+    "make_experience",
+    "ppo_step",
+    "ppo_update",
+    "reference_logprobs",
+    "reward_model_fn",
+    "sample_tokens",
+    "sampler_from_prompts",
+    "train_ppo",
+]
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of PPO for language models.
+
+    Defaults follow DeepSpeed-Chat (the slides' formulation) where it has one: ``kl_coef`` 0.1,
+    ``clip_score`` 5, ``clip_eps`` 0.2, ``clip_eps_v`` 0.2, ``gamma`` 1, ``lam`` 0.95; and TRL
+    for the rest: 4 PPO epochs, ``vf_coef`` 0.1, whitened advantages. ``clip_eps=None`` and
+    ``clip_eps_v=None`` switch clipping off; ``lam=0`` gives the slides' one-step advantage.
+    ``adaptive_kl`` uses Ziegler et al.'s controller (``kl_target``, ``kl_horizon``) starting at
+    ``kl_coef``.
+    """
+
+    kl_coef: float = 0.1
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    clip_score: float | None = 5.0
+    clip_eps: float | None = 0.2
+    clip_eps_v: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 4
+    minibatch_size: int = 64
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    temperature: float = 1.0
+
+    def kl_controller(self) -> rl.FixedKLController | rl.AdaptiveKLController:
+        """The KL-coefficient controller this configuration asks for."""
+        if self.adaptive_kl:
+            return rl.AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
+        return rl.FixedKLController(self.kl_coef)
+
+
+@dataclass
+class Rollout:
+    """One batch of experience; per-token tensors are (B, L-1), see the module docstring."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    action_mask: Tensor
+    scores: Tensor
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+class ActorCritic(nn.Module):
+    """Actor and critic as two separate networks (DeepSpeed-Chat's layout, the slides' picture).
+
+    ``actor``: a causal LM (or anything returning logits); ``critic``: a model returning
+    ``(logits, values)`` (e.g. :class:`rlcourse.models.ValueHeadModel`) or values alone.
+    ``forward`` returns ``(actor logits, critic values)``.
+    """
+
+    def __init__(self, actor: nn.Module, critic: nn.Module):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        logits = _logits(_call(self.actor, input_ids, attention_mask))
+        out = _call(self.critic, input_ids, attention_mask)
+        values = out[1] if isinstance(out, (tuple, list)) else out
+        return logits, values
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A frozen deep copy (no gradients, eval mode): the reference model."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _call(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Any:
+    """Call a model; plain transformers LMs also get position ids counted over real tokens."""
+    kwargs: dict[str, Tensor] = {}
+    forward = getattr(model, "forward", model)
+    params = inspect.signature(forward).parameters
+    if "position_ids" in params:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.logits
+
+
+def _token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
+    """``log softmax(z_t / temperature)[input_ids[t+1]]``: (B, L, V) -> (B, L-1), in fp32."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def forward_policy(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass of actor and critic: ``(logprobs, values, entropy)``, each (B, L-1).
+
+    ``logprobs[:, t] = log pi(a_{t+1} | s_t)``, ``values[:, t] = V(s_t)``, ``entropy[:, t] =
+    H(pi(.|s_t))`` where ``s_t = input_ids[:, :t+1]``.
+    """
+    logits, values = _call(policy, input_ids, attention_mask)
+    logprobs = _token_logprobs(logits, input_ids, temperature)
+    entropy = rl.entropy_from_logits(logits[:, :-1].float() / temperature)
+    return logprobs, values[:, :-1].float(), entropy
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                       temperature: float = 1.0) -> Tensor:
+    """``log pi_ref(a_{t+1} | s_t)`` for every position: (B, L-1), no gradient."""
+    return _token_logprobs(_logits(_call(ref_model, input_ids, attention_mask)), input_ids,
+                           temperature)
+
+
+def reward_model_fn(reward_model: nn.Module) -> Callable[..., Tensor]:
+    """Wrap a :class:`rlcourse.models.RewardModel` (scalar at the last real token) as a
+    ``reward_fn(input_ids, attention_mask, action_mask) -> scores (B,)``."""
+
+    @torch.no_grad()
+    def score(input_ids: Tensor, attention_mask: Tensor, action_mask: Tensor | None = None
+              ) -> Tensor:
+        was = reward_model.training
+        reward_model.eval()
+        out = reward_model(input_ids, attention_mask).float()
+        reward_model.train(was)
+        return out
+
+    return score
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_tokens(policy: nn.Module, prompt: dict[str, Tensor], max_new_tokens: int,
+                  generator: torch.Generator | None = None, temperature: float = 1.0,
+                  eos_token_id: int | None = None, pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Sample responses token by token (no KV cache: for the small policies of the toy worlds).
+
+    ``prompt``: ``input_ids`` and ``attention_mask`` (B, P), left-padded. Returns
+    ``input_ids`` and ``attention_mask`` (B, P + N) and ``completion_mask`` (B, P + N), 1 on
+    response tokens (up to and including EOS; padding after it is 0).
+    """
+    ids, attn = prompt["input_ids"], prompt["attention_mask"]
+    alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    comp = torch.zeros_like(ids)
+    for _ in range(max_new_tokens):
+        logits = _logits(_call(policy, ids, attn))[:, -1].float() / temperature
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
+        m = alive.long()
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        attn = torch.cat([attn, m[:, None]], 1)
+        comp = torch.cat([comp, m[:, None]], 1)
+        if eos_token_id is not None:
+            alive = alive & (nxt != eos_token_id)
+            if not alive.any():
+                break
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+def sampler_from_prompts(prompt: dict[str, Tensor], max_new_tokens: int,
+                         temperature: float = 1.0, eos_token_id: int | None = None
+                         ) -> Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]]:
+    """A ``sample_fn(policy, generator)`` that always starts from the same prompt batch."""
+
+    def sample(policy: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        return sample_tokens(policy, prompt, max_new_tokens, generator, temperature,
+                             eos_token_id)
+
+    return sample
+
+
+def lm_sampler(tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+               ) -> Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]]:
+    """A ``sample_fn(policy, generator)`` for transformers models: each call samples
+    ``batch_size`` prompts (with replacement, from ``generator``) and generates responses with
+    :func:`rlcourse.models.generate` (KV cache) from the policy's language model.
+
+    For exact PPO ratios keep ``temperature=1``, ``top_k=0``, ``top_p=1``: the log-probs PPO
+    uses are those of the raw model.
+    """
+    from rlcourse.models import generate
+
+    prompts = list(prompts)
+
+    def sample(policy: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        idx = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        gen = generate(language_model(policy), tokenizer, [prompts[i] for i in idx],
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed)
+        return {"input_ids": gen.full_ids, "attention_mask": gen.full_attention_mask,
+                "completion_mask": gen.full_completion_mask, "texts": gen.texts,
+                "prompts": gen.prompts}
+
+    return sample
+
+
+def language_model(policy: nn.Module) -> nn.Module:
+    """The causal LM inside a policy: ``ValueHeadModel.model``, ``ActorCritic.actor``, or itself."""
+    if isinstance(policy, ActorCritic):
+        return language_model(policy.actor)
+    if hasattr(policy, "model") and hasattr(policy, "head"):
+        return policy.model
+    return policy
+
+
+# --------------------------------------------------------------------------------------------
+# the PPO step
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def make_experience(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., Tensor],
+                    batch: dict[str, Tensor], config: PPOConfig, kl_coef: float) -> Rollout:
+    """Score a batch of sampled responses and turn it into PPO's training data.
+
+    1. ``score = reward_fn(...)`` (the reward model reads the whole prompt + response);
+    2. ``log pi_old``, ``V_old`` (actor and critic) and ``log pi_ref`` (reference) per token;
+    3. the slides' KL-shaped rewards :func:`rlcourse.rl.kl_shaped_rewards`;
+    4. advantages and returns with :func:`rlcourse.rl.gae`.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    action_mask = batch["completion_mask"][:, 1:].float()
+    was = policy.training
+    policy.eval()
+    scores = reward_fn(ids, attn, action_mask).float()
+    logprobs, values, _ = forward_policy(policy, ids, attn, config.temperature)
+    policy.train(was)
+    ref_logprobs = reference_logprobs(ref_model, ids, attn, config.temperature)
+    rewards = rl.kl_shaped_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef,
+                                   config.clip_score)
+    advantages, returns = rl.gae(rewards, values, config.gamma, config.lam, action_mask)
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask",
+                                                         "completion_mask")}
+    return Rollout(ids, attn, action_mask, scores, logprobs * action_mask,
+                   ref_logprobs * action_mask, values * action_mask, rewards, advantages,
+                   returns, extra)
+
+
+def _minibatches(n: int, size: int, generator: torch.Generator | None) -> Iterator[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, size):
+        yield order[start : start + size]
+
+
+def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               config: PPOConfig, generator: torch.Generator | None = None) -> dict[str, float]:
+    """Several epochs of minibatch updates on one rollout.
+
+    ``loss = policy_loss + vf_coef * value_loss - ent_coef * entropy`` with PPO's clipped
+    policy loss and clipped value loss (:func:`rlcourse.rl.ppo_policy_loss`,
+    :func:`rlcourse.rl.ppo_value_loss`); advantages whitened over the whole batch first.
+    Returns the metrics averaged over minibatches.
+    """
+    adv = rollout.advantages
+    if config.whiten_advantages:
+        adv = rl.masked_whiten(adv, rollout.action_mask)
+    policy.train()
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(config.ppo_epochs):
+        for idx in _minibatches(len(rollout), config.minibatch_size, generator):
+            mask = rollout.action_mask[idx]
+            logprobs, values, entropy = forward_policy(
+                policy, rollout.input_ids[idx], rollout.attention_mask[idx], config.temperature)
+            pg_loss, pg_stats = rl.ppo_policy_loss(logprobs, rollout.logprobs[idx], adv[idx],
+                                                   mask, config.clip_eps)
+            vf_loss, vf_stats = rl.ppo_value_loss(values, rollout.values[idx],
+                                                  rollout.returns[idx], mask, config.clip_eps_v)
+            ent = rl.masked_mean(entropy, mask)
+            loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * ent
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+            stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent,
+                     **pg_stats, **vf_stats}
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def ppo_step(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., Tensor],
+             sample_fn: Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]],
+             optimizer: torch.optim.Optimizer, config: PPOConfig,
+             kl_ctl: rl.FixedKLController | rl.AdaptiveKLController | None = None,
+             generator: torch.Generator | None = None) -> tuple[dict[str, float], Rollout]:
+    """One PPO iteration: rollout -> score -> KL-shaped reward -> GAE -> minibatch epochs.
+
+    ``sample_fn(policy, generator)`` returns ``input_ids``, ``attention_mask`` and
+    ``completion_mask`` of freshly sampled prompt + response sequences. Returns the metrics
+    (``score``, ``kl`` = mean over responses of ``sum_t log pi/pi_ref``, ``kl_coef``,
+    ``return``, ``explained_variance``, the losses, ``clip_frac``, ``approx_kl``, ``entropy``,
+    ``response_length``) and the rollout the update was computed from.
+    """
+    kl_ctl = kl_ctl or config.kl_controller()
+    batch = sample_fn(policy, generator)
+    rollout = make_experience(policy, ref_model, reward_fn, batch, config, kl_ctl.value)
+    m = rollout.action_mask
+    kl_per_seq = (rl.k1(rollout.logprobs, rollout.ref_logprobs) * m).sum(-1)
+    metrics = {
+        "score": float(rollout.scores.mean()),
+        "kl": float(kl_per_seq.mean()),
+        "kl_k3": float((rl.k3(rollout.logprobs, rollout.ref_logprobs) * m).sum(-1).mean()),
+        "kl_coef": float(kl_ctl.value),
+        "return": float(rollout.rewards.sum(-1).mean()),
+        "explained_variance": float(rl.explained_variance(rollout.values, rollout.returns, m)),
+        "value_mean": float(rl.masked_mean(rollout.values, m)),
+        "response_length": float(m.sum(-1).mean()),
+    }
+    metrics.update(ppo_update(policy, optimizer, rollout, config, generator))
+    kl_ctl.update(metrics["kl"], len(rollout))
+    return metrics, rollout
+
+
+def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., Tensor],
+              sample_fn: Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]],
+              config: PPOConfig, n_steps: int, lr: float = 1e-3, seed: int = 0,
+              callback: Callable[[int, dict[str, float], Rollout], None] | None = None,
+              progress: bool = True) -> list[dict[str, float]]:
+    """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
+
+    ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
+    seeds the model initialisation. ``callback(step, metrics, rollout)`` runs after each step.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    kl_ctl = config.kl_controller()
+    history: list[dict[str, float]] = []
+    steps: Any = range(n_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="PPO", leave=False)
+    for step in steps:
+        metrics, rollout = ppo_step(policy, ref_model, reward_fn, sample_fn, optimizer, config,
+                                    kl_ctl, generator)
+        metrics["step"] = step
+        history.append(metrics)
+        if callback is not None:
+            callback(step, metrics, rollout)
+    return history
+
+
+def config_dict(config: PPOConfig) -> dict[str, Any]:
+    """The configuration as a plain dict (for results files)."""
+    return asdict(config)
