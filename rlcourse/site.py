@@ -57,10 +57,10 @@ VENDOR = Path("_static") / "vendor"
 
 #: Parts of the book by chapter number (DESIGN.md): (first, last, caption).
 PARTS: tuple[tuple[int, int, str], ...] = (
-    (1, 3, "Part I: Markov decision processes"),
-    (4, 8, "Part II: Policy gradients, reward models and PPO"),
-    (9, 13, "Part III: Preference optimisation without RL"),
-    (14, 15, "Part IV: Real models and beyond"),
+    (1, 3, "Part I: Foundations"),
+    (4, 8, "Part II: Policies, rewards and PPO"),
+    (9, 13, "Part III: Preference optimisation"),
+    (14, 15, "Part IV: Scaling up and beyond"),
 )
 #: The pages around the chapters: the landing page (root of the toc) and the reference part.
 LANDING_PAGE = "intro"
@@ -163,6 +163,18 @@ def ensure_node_modules(root: Path = REPO_ROOT, npm: str | None = None) -> Path:
     if done.returncode != 0:
         raise SiteBuildError(f"`{' '.join(command)}` failed in {root}:\n{done.stderr[-3000:]}")
     return node_modules
+
+
+def missing_site_tools(root: Path = REPO_ROOT) -> str | None:
+    """Why the site cannot be built here (no Jupyter Book, or neither ``node_modules`` nor
+    ``npm``), or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("jupyter_book") is None:
+        return "jupyter-book is not installed (pip install -e '.[book]')"
+    if not (Path(root) / "node_modules").is_dir() and shutil.which("npm") is None:
+        return "npm is missing and node_modules/ is not installed (apt-get install npm)"
+    return None
 
 
 #: What the pages load, as (folder under node_modules, glob patterns, folder under vendor/).

@@ -22,7 +22,6 @@ import pytest
 from rlcourse.config import REPO_ROOT
 from rlcourse.site import (
     BOOK_DIR,
-    NODE_MODULES,
     Chromium,
     SiteBuildError,
     build,
@@ -30,6 +29,7 @@ from rlcourse.site import (
     find_chromium,
     inspect_page,
     make_toc,
+    missing_site_tools,
     page_expectations,
     remote_assets,
     serve,
@@ -63,8 +63,8 @@ def browser():
 @pytest.fixture(scope="session")
 def built_book(tmp_path_factory):
     """The real book, built once per session (shared with test_site.py and xdist workers)."""
-    if not NODE_MODULES.is_dir() and shutil.which("npm") is None:
-        _missing("npm is missing and node_modules/ is not installed: cannot build the book")
+    if (message := missing_site_tools()) is not None:
+        _missing(f"cannot build the HTML book: {message}")
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
@@ -145,8 +145,8 @@ def broken_site(tmp_path_factory, browser):
     chapters of BROKEN, built, then damaged as BROKEN says. Yields (url, source folder)."""
     import nbformat
 
-    if not NODE_MODULES.is_dir() and shutil.which("npm") is None:
-        _missing("npm is missing and node_modules/ is not installed: cannot build the book")
+    if (message := missing_site_tools()) is not None:
+        _missing(f"cannot build the HTML book: {message}")
     source = tmp_path_factory.mktemp("broken-book")
     for item in BOOK_DIR.iterdir():
         if item.name in ("_build",) or item.suffix == ".ipynb":

@@ -18,10 +18,10 @@ import yaml
 from rlcourse.config import REPO_ROOT
 from rlcourse.site import (
     BOOK_DIR,
-    NODE_MODULES,
     SiteBuildError,
     build_once,
     make_toc,
+    missing_site_tools,
     part_of,
     remote_assets,
     toc_pages,
@@ -31,14 +31,14 @@ CONFIG = yaml.safe_load((BOOK_DIR / "_config.yml").read_text(encoding="utf-8"))
 
 
 def require_site_tools() -> None:
-    """Skip (or fail, under RLCOURSE_REQUIRE_BROWSER=1 as in CI) when npm cannot install the
-    JavaScript the site serves."""
-    if NODE_MODULES.is_dir() or shutil.which("npm"):
+    """Skip (or fail, under RLCOURSE_REQUIRE_BROWSER=1 as in CI) when the site cannot be built:
+    no Jupyter Book, or no npm to install the JavaScript the site serves."""
+    message = missing_site_tools()
+    if message is None:
         return
-    message = "npm is missing and node_modules/ is not installed: cannot build the HTML book"
     if os.environ.get("RLCOURSE_REQUIRE_BROWSER") == "1":
         pytest.fail(message)
-    pytest.skip(message)
+    pytest.skip(f"cannot build the HTML book: {message}")
 
 
 @pytest.fixture(scope="session")
@@ -77,13 +77,13 @@ def test_toc_groups_chapters_into_the_four_parts_in_chapter_order(tmp_path):
         "format": "jb-book",
         "root": "intro",
         "parts": [
-            {"caption": "Part I: Markov decision processes", "numbered": 1,
+            {"caption": "Part I: Foundations", "numbered": 1,
              "chapters": [{"file": "01_why"}, {"file": "02_markov"}, {"file": "03_values"}]},
-            {"caption": "Part II: Policy gradients, reward models and PPO", "numbered": 1,
+            {"caption": "Part II: Policies, rewards and PPO", "numbered": 1,
              "chapters": [{"file": "04_pg"}, {"file": "08_ppo"}]},
-            {"caption": "Part III: Preference optimisation without RL", "numbered": 1,
+            {"caption": "Part III: Preference optimisation", "numbered": 1,
              "chapters": [{"file": "09_dpo"}, {"file": "10_orpo"}, {"file": "13_side"}]},
-            {"caption": "Part IV: Real models and beyond", "numbered": 1,
+            {"caption": "Part IV: Scaling up and beyond", "numbered": 1,
              "chapters": [{"file": "14_real"}, {"file": "15_beyond"}]},
             {"caption": "Reference",
              "chapters": [{"file": "notation"}, {"file": "glossary"}, {"file": "bibliography"}]},
@@ -95,7 +95,7 @@ def test_toc_leaves_out_parts_without_chapters(tmp_path):
     _touch(tmp_path, "intro.md", "notation.md", "11_kto.ipynb")
     toc = make_toc(tmp_path)
     assert [p["caption"] for p in toc["parts"]] == [
-        "Part III: Preference optimisation without RL", "Reference"]
+        "Part III: Preference optimisation", "Reference"]
     assert toc_pages(toc) == ["intro", "11_kto", "notation"]
 
 
