@@ -42,6 +42,7 @@ __all__ = [
     "next_values",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_loss",
     "slides_actor_loss",
     "slides_critic_loss",
     "td_errors",
@@ -283,6 +284,24 @@ def kl_shaped_rewards(logprobs: Tensor, ref_logprobs: Tensor, score: Tensor,
 # --------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------
+def reinforce_loss(logprobs: Tensor, returns: Tensor, mask: Tensor | None = None,
+                   baseline: Tensor | float | None = None) -> Tensor:
+    """REINFORCE (Williams, 1992), with an optional baseline ``b``:
+
+    ``L = -(1/B) sum_b sum_t (G_t - b_t) log pi(a_t|s_t)``, so that
+    ``-grad L = (1/B) sum_b sum_t (G_t - b_t) grad log pi(a_t|s_t)`` is an unbiased estimate of
+    the policy gradient ``grad J = E[sum_t G_t grad log pi(a_t|s_t)]`` for any baseline that
+    does not depend on the action ``a_t`` (it only changes the variance).
+
+    Tokens are summed per response (the return of one text), then averaged over responses.
+    """
+    m = _mask_like(logprobs, mask)
+    weight = returns.detach()
+    if baseline is not None:
+        weight = weight - (baseline.detach() if isinstance(baseline, Tensor) else baseline)
+    return -(weight * logprobs * m).sum(-1).mean()
+
+
 def slides_actor_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor | None = None
                       ) -> Tensor:
     """The slides' actor loss ``-Adv_t log P(A_t|S_t)``, averaged over the real tokens.

@@ -276,3 +276,16 @@ def test_fixed_kl_controller():
 def test_kl_estimators_zero_when_equal(fn):
     x = torch.randn(5)
     assert torch.allclose(fn(x, x), torch.zeros(5))
+
+
+def test_reinforce_loss_hand_and_baseline():
+    logp = t([[-1.0, -2.0], [-0.5, -0.1]]).requires_grad_(True)
+    G = t([[3.0, 1.0], [2.0, 2.0]])
+    mask = t([[1, 1], [1, 0]])
+    loss = rl.reinforce_loss(logp, G, mask)
+    # -(1/2) [(3 * -1 + 1 * -2) + (2 * -0.5)] = 3.0
+    assert math.isclose(loss.item(), 3.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, t([[-1.5, -0.5], [-1.0, 0.0]]))
+    with_b = rl.reinforce_loss(logp, G, mask, baseline=t([[1.0, 1.0], [1.0, 1.0]]))
+    assert math.isclose(with_b.item(), -0.5 * ((2 * -1 + 0 * -2) + (1 * -0.5)))

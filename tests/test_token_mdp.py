@@ -176,3 +176,17 @@ def test_rollout_format_and_instructed_reward():
     x = torch.tensor([[1, 1, 0, 1], [2, 0, 2, 2]])
     # prompt 1 (w = 1.5): three 1s, one repeat; prompt 2 (w = 2): three 2s, one repeat
     assert mdp.reward(x, torch.tensor([1, 2])).tolist() == [1.5 * 3 - 1, 2.0 * 3 - 1]
+
+
+def test_expected_return_is_exact_value_and_its_gradient_is_the_policy_gradient():
+    mdp = TokenMDP(n_tokens=2, horizon=2, reward="count", target=0, gamma=0.9)
+    pol = PrefixPolicy(mdp, "tabular")
+    J = mdp.expected_return(pol)
+    assert math.isclose(J.item(), mdp.evaluate(pol).root, rel_tol=1e-9)
+    J.backward()
+    # uniform start: texts aa, ab, ba, bb each 1/4, rewards 2, 1, 1, 0. d J / d z_root[a] =
+    # 0.9 * pi(a) (V(a) - V(root)) = 0.9 * 0.5 * (1.5 - 1.0); for z_root[b]: the negative
+    assert torch.allclose(pol.logits_table.grad[0].double(),
+                          torch.tensor([0.225, -0.225], dtype=torch.float64))
+    # state "a": d/dz[a] = 0.9 * P(reach a) pi(a|a) (q(a,a) - V(a)) = 0.9 * .5 * .5 * (2 - 1.5)
+    assert math.isclose(float(pol.logits_table.grad[1, 0]), 0.9 * 0.25 * 0.5, rel_tol=1e-6)

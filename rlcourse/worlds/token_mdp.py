@@ -285,6 +285,19 @@ class TokenMDP:
         return float(g.mean()), float(g.std() / n**0.5)
 
     # ---------------------------------------------------------------- exact values
+    def expected_return(self, policy: nn.Module | Callable) -> Tensor:
+        """``J(theta) = sum_p mu(p) sum_y P_theta(y|p) gamma^(H-1) R(p, y)``, differentiable.
+
+        Sums over every (prompt, text): ``P_theta(y|p) = prod_t pi(a_t|s_t)``. Autograd through
+        it gives the exact policy gradient that REINFORCE estimates from samples.
+        """
+        texts, prompts = self.all_texts()
+        ids = self.input_ids(texts, prompts)
+        logp = torch.log_softmax(_logits(policy(ids))[:, :-1].double(), -1)
+        log_p_text = logp.gather(-1, texts[:, :, None]).squeeze(-1).sum(-1)
+        weight = self.prompt_probs[prompts] * self.gamma ** (self.horizon - 1)
+        return (weight * log_p_text.exp() * self.reward(texts, prompts).double()).sum()
+
     @torch.no_grad()
     def policy_probs(self, policy: nn.Module | Callable, temperature: float = 1.0
                      ) -> list[Tensor]:
