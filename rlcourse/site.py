@@ -15,11 +15,13 @@ committed notebooks carry their outputs. Steps of :func:`build`:
 3. write the table of contents from the chapters present (:func:`make_toc`): the landing page,
    the ``NN_*.ipynb`` chapters sorted by number and grouped into Parts I-IV, then the notation,
    glossary and bibliography pages;
-4. run ``jupyter-book build`` (Jupyter Book 1, Sphinx 7).
+4. run ``jupyter-book build`` (Jupyter Book 1, Sphinx 7); ``book/_ext/rlcourse_offline.py``
+   keeps every script and style sheet local (see its docstring).
 
-:func:`check_page` opens one page in headless Chromium through the DevTools protocol and returns
-the list of problems it sees (console errors, untypeset formulas, widgets that did not render,
-images that did not load, requests that left the machine); the tests call it on every page.
+:func:`build_once` lets several test processes share one build. :func:`check_page` opens one
+page in headless Chromium through the DevTools protocol and returns the list of problems it
+sees (console errors, untypeset formulas, widgets that did not render, images that did not
+load, requests that left the machine); the tests call it on every page.
 """
 
 from __future__ import annotations
