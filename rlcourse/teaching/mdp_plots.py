@@ -136,15 +136,18 @@ def plot_snapshots(history: Sequence[np.ndarray], shape: tuple[int, int], ks: Se
     return fig
 
 
-def interact_or_call(fn: Callable[..., Any], **widgets: Any) -> Any:
+def interact_or_call(fn: Callable[..., Any], **widgets: Any) -> None:
     """``ipywidgets.interact(fn, **widgets)`` in a live notebook; without ipywidgets, call ``fn``
-    once with each widget's current value, so headless runs still draw the default view."""
+    once with each widget's current value, so headless runs still draw the default view.
+
+    Returns ``None`` so the cell does not echo the decorated function under the slider."""
     try:
         from ipywidgets import interact
     except ImportError:  # pragma: no cover - ipywidgets is a dependency
         defaults = {k: getattr(w, "value", w) for k, w in widgets.items()}
-        return fn(**defaults)
-    return interact(fn, **widgets)
+        fn(**defaults)
+        return
+    interact(fn, **widgets)
 
 
 def step_through(history: Sequence[np.ndarray], shape: tuple[int, int], mdp: MDP | None = None,
