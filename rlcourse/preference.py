@@ -64,6 +64,7 @@ __all__ = [
     "policy_logps",
     "precompute_reference_logps",
     "rdpo_loss_fn",
+    "score_pairs",
     "simpo_loss_fn",
     "stack_pairs",
     "tokenize_pairs",
@@ -314,6 +315,35 @@ def precompute_reference_logps(
 
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+@torch.no_grad()
+def score_pairs(
+    model: Any, items: Sequence[Mapping[str, Tensor]], batch_size: int = 64, pad_id: int = 0
+) -> dict[str, Tensor]:
+    """Summed log-probs and lengths of every chosen and rejected completion under ``model``.
+
+    Returns ``policy_chosen_logps``, ``policy_rejected_logps``, ``chosen_lengths``,
+    ``rejected_lengths`` (``[N]``, CPU, float32), plus the reference log-probs when the items
+    carry them. For analysis: implicit rewards, likelihood orderings, margins.
+    """
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {}
+    try:
+        for s in range(0, len(items), batch_size):
+            batch = pad_collate(list(items[s : s + batch_size]), pad_id=pad_id)
+            pc, pr, lc, lr = policy_logps(model, batch)
+            cols = {"policy_chosen_logps": pc, "policy_rejected_logps": pr,
+                    "chosen_lengths": lc, "rejected_lengths": lr}
+            for key in ("reference_chosen_logps", "reference_rejected_logps"):
+                if key in batch:
+                    cols[key] = batch[key]
+            for key, value in cols.items():
+                parts.setdefault(key, []).append(value.float().cpu())
+    finally:
+        model.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _reference(batch: Mapping[str, Tensor], key: str, device: torch.device) -> Tensor:

@@ -270,3 +270,16 @@ def test_gradient_accumulation_1x8_matches_8x1(tok, method):
             torch.testing.assert_close(big[k], small[k], rtol=1e-4, atol=1e-6)
     else:
         assert loss_big[0] == pytest.approx(loss_small[0], rel=1e-5)  # z0 = 0 at step 1
+
+
+def test_score_pairs_matches_oracle(tok):
+    from rlcourse.preference import score_pairs
+
+    model = tiny(tok, seed=5)
+    items = precompute_reference_logps(model, tokenize_pairs(tok, PAIRS, 64))
+    scores = score_pairs(model, items, batch_size=3)
+    for i, p in enumerate(PAIRS):
+        want, n = oracle_logp(model, tok, p["prompt"], p["chosen"])
+        assert scores["policy_chosen_logps"][i].item() == pytest.approx(want, abs=1e-4)
+        assert scores["chosen_lengths"][i].item() == n
+    torch.testing.assert_close(scores["reference_chosen_logps"], scores["policy_chosen_logps"])
