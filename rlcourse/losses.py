@@ -41,6 +41,8 @@ __all__ = [
     "ipo_loss",
     "kto_loss",
     "kto_reference_point",
+    "kl_regularized_objective",
+    "kl_regularized_optimum",
     "log1mexp",
     "orpo_log_odds",
     "orpo_loss",
@@ -64,6 +66,41 @@ def _lengths(lengths: Tensor | None, like: Tensor, name: str) -> Tensor:
     if bool((lengths <= 0).any()):
         raise ValueError(f"{name} must be positive: an empty completion has no mean log-prob")
     return lengths
+
+
+# --------------------------------------------------------------------------------------------
+# The KL-regularised objective DPO starts from (categorical answers, one prompt)
+# --------------------------------------------------------------------------------------------
+
+
+def kl_regularized_objective(
+    logprobs: Tensor, reference_logprobs: Tensor, rewards: Tensor, beta: float
+) -> Tensor:
+    r"""RLHF's objective for one prompt with a finite set of answers ``y`` (last axis).
+
+    .. math:: J(\pi) = \sum_y \pi(y)\,r(y) - \beta \sum_y \pi(y)
+                       \log\frac{\pi(y)}{\pi_{ref}(y)}
+
+    ``logprobs`` and ``reference_logprobs`` are log-probabilities over the answers. Answers the
+    policy never gives (``π(y) = 0``) contribute nothing.
+    """
+    p = logprobs.exp()
+    kl_terms = torch.where(p > 0, p * (logprobs - reference_logprobs), torch.zeros_like(p))
+    return (p * rewards).sum(-1) - beta * kl_terms.sum(-1)
+
+
+def kl_regularized_optimum(reference_logprobs: Tensor, rewards: Tensor, beta: float) -> Tensor:
+    r"""Log-probabilities of the policy that maximises :func:`kl_regularized_objective`.
+
+    .. math:: \pi^*(y) = \frac{1}{Z}\,\pi_{ref}(y)\,e^{r(y)/\beta}, \qquad
+              Z = \sum_y \pi_{ref}(y)\,e^{r(y)/\beta}
+
+    so :math:`r(y) = \beta\log\frac{\pi^*(y)}{\pi_{ref}(y)} + \beta\log Z`: the reward is
+    the policy's log-ratio up to a constant that Bradley–Terry never sees (DPO's key step).
+    Computed as ``log π_ref + r/β − logsumexp(log π_ref + r/β)``.
+    """
+    scores = reference_logprobs + rewards / beta
+    return scores - torch.logsumexp(scores, dim=-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -452,3 +452,26 @@ def test_registry_is_the_objectives_table():
         params = inspect.signature(obj.loss).parameters
         for name, value in obj.hyperparameters.items():
             assert params[name].default == value, (key, name)
+
+
+def test_kl_regularized_optimum_is_the_closed_form_and_beats_other_policies():
+    from rlcourse.losses import kl_regularized_objective, kl_regularized_optimum
+
+    rng = np.random.default_rng(4)
+    ref = rng.dirichlet(np.ones(6))
+    r = rng.normal(0, 1, 6)
+    beta = 0.7
+    want = ref * np.exp(r / beta)
+    want /= want.sum()
+    got = kl_regularized_optimum(t(np.log(ref)), t(r), beta).exp().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # J(pi*) = beta log Z, and every other policy scores lower.
+    best = kl_regularized_objective(t(np.log(got)), t(np.log(ref)), t(r), beta).item()
+    assert best == pytest.approx(beta * math.log(float((ref * np.exp(r / beta)).sum())))
+    for _ in range(50):
+        other = rng.dirichlet(np.ones(6))
+        j = sum(o * ri - beta * o * math.log(o / q) for o, ri, q in zip(other, r, ref,
+                                                                       strict=True))
+        assert kl_regularized_objective(t(np.log(other)), t(np.log(ref)), t(r), beta).item() \
+            == pytest.approx(j)
+        assert j < best
