@@ -124,7 +124,10 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.actor, self.critic = actor, critic
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         logits = _logits(_call(self.actor, input_ids, attention_mask))
         out = _call(self.critic, input_ids, attention_mask)
         values = out[1] if isinstance(out, (tuple, list)) else out
