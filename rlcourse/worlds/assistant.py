@@ -668,7 +668,9 @@ class ResponseMix:
     p_off_topic: float = 0.15
     p_repeat: float = 0.15
     #: A flaw is inserted (adds a sentence) with this probability, else it replaces a fact.
-    insert_prob: float = 0.15
+    #: 0 by default: a small SFT model adds length of its own when it goes wrong (it repeats
+    #: itself), and with flaws that only replace, pairs sampled from it come out balanced.
+    insert_prob: float = 0.0
     p_hedge_open: float = 0.25
     p_hedge_close: float = 0.25
 
@@ -709,7 +711,7 @@ class Annotator:
     """
 
     world: AssistantWorld = field(default_factory=lambda: DEFAULT_WORLD)
-    temperature: float = 0.25
+    temperature: float = 0.4
     length_bias: float = 0.0
     length_unit: str = "sentence"
     taste: Mapping[str, float] = field(default_factory=dict)
