@@ -32,6 +32,7 @@ __all__ = [
     "score_texts",
     "spearman",
     "split_pairs_by_prompt",
+    "train_reward_model",
 ]
 
 
@@ -183,3 +184,25 @@ class RewardEvaluation:
             n_pairs=len(pairs),
             rm_chosen=rc, rm_rejected=rr, true_chosen=tc, true_rejected=tr,
         )
+
+
+def train_reward_model(backbone: Any, tokenizer: Any, pairs: Sequence[Mapping[str, Any]],
+                       config: Any, max_length: int = 128, seed: int = 0,
+                       eval_fn: Callable[[Any], Mapping[str, float]] | None = None
+                       ) -> tuple[Any, Any]:
+    """Bradley–Terry reward model on preference ``pairs`` with the shared engine.
+
+    ``backbone``: a causal LM to start from (usually a copy of the SFT model: it already reads
+    the language; InstructGPT starts its reward model from the SFT model too); a fresh scalar
+    head is put on top (:class:`rlcourse.models.RewardModel`). ``config``: an
+    :class:`rlcourse.engine.TrainConfig`. Returns ``(reward_model, history)``.
+    """
+    from rlcourse.data import tokenize_preferences
+    from rlcourse.engine import train
+    from rlcourse.models import RewardModel
+
+    rm = RewardModel(backbone, seed=seed)
+    data = tokenize_preferences(tokenizer, pairs, max_length, truncation="right")
+    history = train(rm, reward_loss_fn, data, config, eval_fn=eval_fn)
+    rm.eval()
+    return rm, history

@@ -1,0 +1,127 @@
+"""Exercises of chapter 7, "Reward models"."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rlcourse import reward_model as rmod
+from rlcourse.exercises import Case, Exercise, register
+from rlcourse.losses import bradley_terry_loss
+
+CHAPTER = "07_reward_models"
+
+
+def _t(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
+# ---- the Bradley-Terry loss --------------------------------------------------------------------
+def _bt(chosen_rewards, rejected_rewards):
+    return bradley_terry_loss(chosen_rewards, rejected_rewards).mean()
+
+
+def _bt_cases(rng: np.random.Generator) -> list[Case]:
+    return [
+        Case((_t([0.0]), _t([0.0])), label="equal rewards: log 2"),
+        Case((_t([2.0, -1.0]), _t([1.0, 1.0])), label="hand example"),
+        Case((_t(rng.normal(size=8) * 3), _t(rng.normal(size=8) * 3)), label="random"),
+        Case((_t([400.0, -400.0]), _t([-400.0, 400.0])), label="large margins: stay finite"),
+    ]
+
+
+register(Exercise(
+    name="bradley_terry_loss",
+    chapter=CHAPTER,
+    reference=_bt,
+    cases=_bt_cases,
+    hint="mean of -log sigma(r_w - r_l); use F.logsigmoid for stability.",
+    wrong_answers=[
+        (lambda w, r: -F.logsigmoid(r - w).mean(), "reversed: the chosen reward comes first"),
+        (lambda w, r: -torch.sigmoid(w - r).mean(), "forgot the log"),
+        (lambda w, r: -torch.log(torch.sigmoid(w - r)).sum(), "sum instead of mean"),
+        (lambda w, r: -torch.log(torch.sigmoid(w - r)).mean(),
+         "log(sigmoid(x)) is -inf for very negative x: use logsigmoid"),
+    ],
+))
+
+
+# ---- the reward sits at the last real token ----------------------------------------------------
+def _last_token_reward(token_scores, attention_mask):
+    T = attention_mask.shape[1]
+    last = T - 1 - attention_mask.long().flip(-1).argmax(-1)
+    return token_scores[torch.arange(token_scores.shape[0]), last]
+
+
+def _ltr_cases(rng: np.random.Generator) -> list[Case]:
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    both = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    return [Case((_t(rng.normal(size=(2, 5))), m), label=name)
+            for m, name in ((right, "right padding"), (left, "left padding"),
+                            (both, "padding on both sides"))]
+
+
+register(Exercise(
+    name="reward_at_last_token",
+    chapter=CHAPTER,
+    reference=_last_token_reward,
+    cases=_ltr_cases,
+    hint="Find the index of the LAST 1 in each row of the mask (flip, argmax) and gather there.",
+    wrong_answers=[
+        (lambda s, m: s[:, -1], "read the last column: with right padding that is a pad token"),
+        (lambda s, m: s[torch.arange(s.shape[0]), m.sum(-1) - 1],
+         "mask.sum() - 1 is the last real token only with right padding"),
+        (lambda s, m: (s * m).sum(-1) / m.sum(-1), "averaged over tokens: the RM reads one token"),
+    ],
+))
+
+
+# ---- accuracy against the true ordering --------------------------------------------------------
+def _acc_truth(rm_chosen, rm_rejected, true_chosen, true_rejected):
+    return rmod.pair_accuracy(rm_chosen, rm_rejected, true_chosen, true_rejected)
+
+
+def _acc_cases(rng: np.random.Generator) -> list[Case]:
+    cases = [Case((np.array([3.0, 1.0, 5.0, 0.0]), np.array([1.0, 2.0, 2.0, 0.0]),
+                   np.array([1.0, 0.0, 0.0, 2.0]), np.array([0.0, 1.0, 2.0, 2.0])),
+                  label="hand example: a true tie is left out -> 2/3")]
+    for n in (10, 30):
+        true_c = rng.integers(-2, 3, size=n).astype(float)
+        true_r = rng.integers(-2, 3, size=n).astype(float)
+        rm_c = true_c + rng.normal(size=n)
+        rm_r = true_r + rng.normal(size=n)
+        rm_r[:3] = rm_c[:3]  # some model ties
+        cases.append(Case((rm_c, rm_r, true_c, true_r), label=f"{n} pairs with ties"))
+    return cases
+
+
+def _acc_keep_ties(rc, rr, tc, tr):
+    d, t = np.asarray(rc) - np.asarray(rr), np.asarray(tc) - np.asarray(tr)
+    return float(np.mean((np.sign(d) == np.sign(t)) + 0.5 * (d == 0) * (t != 0)))
+
+
+def _acc_labels(rc, rr, tc, tr):
+    return rmod.pair_accuracy(rc, rr)
+
+
+def _acc_strict(rc, rr, tc, tr):
+    d, t = np.asarray(rc) - np.asarray(rr), np.asarray(tc) - np.asarray(tr)
+    keep = t != 0
+    return float(np.mean(np.sign(d[keep]) == np.sign(t[keep])))
+
+
+register(Exercise(
+    name="accuracy_vs_truth",
+    chapter=CHAPTER,
+    reference=_acc_truth,
+    cases=_acc_cases,
+    hint="Keep the pairs whose TRUE scores differ; count agreement of sign(r_c - r_r) with "
+         "sign(s_c - s_r), a model tie counting 1/2.",
+    wrong_answers=[
+        (_acc_keep_ties, "pairs with equal true scores have no right answer: leave them out"),
+        (_acc_labels, "that is the accuracy against the labels, not the truth"),
+        (_acc_strict, "a model tie should count one half"),
+    ],
+))
