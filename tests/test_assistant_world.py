@@ -212,6 +212,10 @@ def test_preference_pairs_drop_identical_and_tied_pairs():
         {"prompt": RAIN, "chosen": "rain is wet.", "rejected": "rain is dry."},
     ]
     assert label_agreement(pairs) == {"agreement": 1.0, "true_ties": 0.0, "n": 2.0}
+    assert preference_pairs([RAIN], ["rain is wet."], [" "], Annotator()) == []
+    kept = preference_pairs([RAIN], ["rain is wet."], [""], Annotator(temperature=0.0),
+                            drop_empty=False)
+    assert kept == [{"prompt": RAIN, "chosen": "rain is wet.", "rejected": ""}]
     with pytest.raises(ValueError, match="differ in length"):
         preference_pairs(prompts, a, b[:2], Annotator())
 

@@ -757,12 +757,15 @@ def preference_pairs(
     responses_b: Sequence[str],
     annotator: Annotator,
     seed: SeedLike = 0,
+    drop_empty: bool = True,
 ) -> list[dict]:
     """Label two responses per prompt: records ``{"prompt", "chosen", "rejected"}``.
 
     Pairs of identical responses carry no preference and are dropped, as are the ties the
-    annotator skips. In the book the responses are two samples of the SFT model per prompt,
-    as the slides describe ("sample the SFT model and have people label the pairs").
+    annotator skips and, with ``drop_empty``, pairs with an empty response (a model that
+    stopped at once; the JSONL format asks for non-empty answers). In the book the responses
+    are two samples of the SFT model per prompt, as the slides describe ("sample the SFT
+    model and have people label the pairs").
     """
     if not len(prompts) == len(responses_a) == len(responses_b):
         raise ValueError(
@@ -772,7 +775,7 @@ def preference_pairs(
     rng = _rng(seed)
     pairs = []
     for prompt, a, b in zip(prompts, responses_a, responses_b, strict=True):
-        if tokens(a) == tokens(b):
+        if tokens(a) == tokens(b) or (drop_empty and not (a.strip() and b.strip())):
             continue
         prefers_a = annotator.label(prompt, a, b, rng)
         if prefers_a is None:
