@@ -1,0 +1,534 @@
+"""Training recipes (layer 3): one YAML file per method -> the trainer, from one command.
+
+::
+
+    python -m rlcourse.recipes recipes/dpo.yaml --model path/to/sft --data pairs.jsonl \\
+        --output runs/dpo train.lr=5e-7 loss.beta=0.1
+    accelerate launch --num_processes 4 -m rlcourse.recipes recipes/dpo.yaml ...
+
+A recipe is thin wiring, not a trainer: it reads the YAML (:func:`load_recipe`), loads any local
+causal LM with :func:`rlcourse.models.load_model`, reads the JSONL data with
+:mod:`rlcourse.data`, and calls the functions the book teaches: :func:`rlcourse.engine.train`
+with :func:`rlcourse.engine.sft_loss_fn` (SFT), :func:`rlcourse.preference.train_preference`
+(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`, and
+:func:`rlcourse.ppo.train_ppo`. The trained model is saved atomically to ``OUTPUT/model``.
+
+A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfig` fields,
+``loss`` the keyword arguments of the method's loss function, e.g. ``beta`` of
+:func:`rlcourse.preference.dpo_loss_fn`)::
+
+    method: dpo                 # sft | reward_model | ppo | dpo | ipo | rdpo | kto | orpo | simpo
+    model: path/to/model        # a local directory holding a causal LM and its tokenizer
+    data: path/to/data.jsonl
+    output: runs/dpo
+    max_length: 512             # prompt + completion tokens
+    truncation: error           # error | left | right
+    dtype: null                 # weights at load: null (fp32 + mixed_precision), bf16, auto
+    trust_remote_code: false
+    reference_model: null       # a separate reference; default: a frozen copy of `model`
+    loss: {beta: 0.1}
+    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto, ...}
+
+PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
+``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
+``rollout`` section (:class:`PPORollout`); it runs in one process and does not resume.
+
+Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
+again after a crash and training continues from the newest checkpoint, exactly where it stopped
+(the engine restores optimiser, scheduler, RNG states and the position in the epoch).
+
+Several GPUs: every process runs this same module; :func:`rlcourse.engine.train` lets
+``accelerate`` shard the batches (the global batch is ``batch_size * grad_accum_steps *
+num_processes``), each process puts its model on its own device, and only the main process
+writes files. Each process computes the reference log-probs of the whole dataset once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "METHODS",
+    "PPORollout",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "main",
+    "parse_overrides",
+    "run_recipe",
+]
+
+#: Every method a recipe can name.
+METHODS = ("sft", "reward_model", "ppo", "dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+PREFERENCE_METHODS = ("dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+
+#: Top-level keys: common to every method, then those of one method only.
+_COMMON_KEYS = {"method", "model", "output", "max_length", "truncation", "dtype",
+                "trust_remote_code", "seed", "train"}
+_METHOD_KEYS = {
+    "sft": {"data", "loss"},
+    "reward_model": {"data"},
+    "ppo": {"prompts", "reward_model", "ppo", "rollout"},
+    # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
+    **{m: {"data", "loss", "reference_model"} for m in ("dpo", "ipo", "rdpo", "kto")},
+    **{m: {"data", "loss"} for m in ("orpo", "simpo")},
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file, the line and the key."""
+
+
+@dataclass
+class PPORollout:
+    """The ``rollout`` section of a PPO recipe: how many steps, how much is sampled per step.
+
+    ``steps`` PPO iterations of ``batch_size`` prompts, each answered with at most
+    ``max_new_tokens`` tokens; Adam at learning rate ``lr``. ``separate_critic``: actor and
+    critic as two networks (DeepSpeed-Chat, the slides' four models) instead of one backbone
+    with a value head.
+    """
+
+    steps: int = 100
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    lr: float = 1e-6
+    separate_critic: bool = True
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: where things are, and the trainer's configuration.
+
+    ``train`` is an :class:`rlcourse.engine.TrainConfig` (for PPO: ``None``), ``loss`` the
+    loss function's keyword arguments, ``ppo``/``rollout`` PPO's sections, ``source`` the file.
+    """
+
+    method: str
+    model: str
+    output: str
+    data: str | None = None
+    prompts: str | None = None
+    reward_model: str | None = None
+    reference_model: str | None = None
+    max_length: int = 512
+    truncation: str = "error"
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    loss: dict[str, Any] = field(default_factory=dict)
+    train: Any = None
+    ppo: Any = None
+    rollout: PPORollout | None = None
+    source: str = "<recipe>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what ``OUTPUT/recipe.json`` records)."""
+        from dataclasses import asdict
+
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("train", "ppo", "rollout"):
+            if out[key] is not None:
+                out[key] = asdict(out[key])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validating
+# --------------------------------------------------------------------------------------------
+def _key_lines(text: str) -> dict[str, int]:
+    """Line number (1-based) of every mapping key, by dotted path (``"train.lr"``)."""
+    import yaml
+
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = f"{prefix}{key.value}"
+                lines[name] = key.start_mark.line + 1
+                walk(value, f"{name}.")
+
+    walk(root, "")
+    return lines
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "loss.beta=0.5"]`` -> ``{"train.lr": 1e-4, "loss.beta": 0.5}``.
+
+    Values are read as YAML (``true``, ``null``, numbers, ``[0.9, 0.95]``); numbers written
+    ``1e-4`` become floats although YAML 1.1 would keep them as strings.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"command line: override {item!r} is not of the form key=value")
+        out[key.strip()] = _number_or(yaml.safe_load(text) if text.strip() else None)
+    return out
+
+
+def _number_or(value: Any) -> Any:
+    """``"5e-7"`` -> ``5e-07``: PyYAML reads exponents without a dot as strings."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Convert ``value`` to the type of ``default`` where that is unambiguous (str -> float)."""
+    if isinstance(default, bool) or default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(
+            value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise RecipeError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, int) and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise RecipeError(f"{where}: expected an integer, got {value!r}") from None
+    return value
+
+
+def _where(source: str, lines: Mapping[str, int], key: str) -> str:
+    line = lines.get(key)
+    if line == 0:  # set on the command line
+        return f"{source} (command line): {key}"
+    return f"{source}:{line}: {key}" if line else f"{source}: {key}"
+
+
+def _check_keys(section: Mapping[str, Any], known: Sequence[str], prefix: str, source: str,
+                lines: Mapping[str, int], what: str) -> None:
+    unknown = [k for k in section if k not in known]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise RecipeError(
+            f"{_where(source, lines, key)}: unknown key {unknown[0]!r} for {what}; "
+            f"known keys: {', '.join(sorted(known))}")
+
+
+def _section(raw: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{source}: {name}: expected a mapping of keys, got {value!r}")
+    return dict(value)
+
+
+def _dataclass_section(cls: type, values: Mapping[str, Any], prefix: str, source: str,
+                       lines: Mapping[str, int]) -> Any:
+    """Build dataclass ``cls`` from ``values``: unknown keys and bad numbers named by line."""
+    defaults = {f.name: f.default for f in fields(cls)}
+    _check_keys(values, list(defaults), prefix, source, lines, cls.__name__)
+    kwargs = {k: _coerce(v, defaults[k], _where(source, lines, f"{prefix}{k}"))
+              for k, v in values.items()}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(**kwargs)
+
+
+def _loss_defaults(method: str) -> dict[str, Any]:
+    """Keyword arguments (and defaults) of the loss function a method trains with."""
+    from rlcourse.engine import sft_loss_fn
+    from rlcourse.preference import LOSS_FNS
+
+    fn = sft_loss_fn if method == "sft" else LOSS_FNS[method]
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if k not in ("model", "batch")}
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+                text: str | None = None) -> Recipe:
+    """Read and validate a recipe: YAML file ``path`` (or ``text``), then dotted ``overrides``.
+
+    Every key is checked against what the trainer accepts: an unknown key (a typo such as
+    ``betta``) is a :class:`RecipeError` naming the file, the line and the known keys, never
+    silently ignored. Numbers written as ``5e-7`` (a string to YAML 1.1) are read as floats.
+    """
+    import yaml
+
+    from rlcourse.engine import TrainConfig
+    from rlcourse.ppo import PPOConfig
+
+    source = str(path) if path is not None else "<recipe>"
+    if text is None:
+        if path is None:
+            raise RecipeError("load_recipe needs a path or a text")
+        text = Path(path).read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
+    lines = _key_lines(text)
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"command line: {key}: {p} is not a section")
+        node[last] = value
+        lines = {**lines, key: 0}
+
+    method = str(raw.get("method", "")).lower()
+    if method not in METHODS:
+        raise RecipeError(f"{_where(source, lines, 'method')}: method must be one of "
+                          f"{', '.join(METHODS)}, got {raw.get('method')!r}")
+    known = _COMMON_KEYS | _METHOD_KEYS[method]
+    _check_keys(raw, sorted(known), "", source, lines, f"a {method} recipe")
+    for key in ("model", "output", *(("prompts", "reward_model") if method == "ppo"
+                                     else ("data",))):
+        if not raw.get(key):
+            raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
+                              f"command line, e.g. --{key.replace('_', '-')} PATH)")
+    truncation = raw.get("truncation", "error")
+    if truncation not in ("error", "left", "right"):
+        raise RecipeError(f"{_where(source, lines, 'truncation')}: must be error, left or right")
+
+    recipe = Recipe(
+        method=method, model=str(raw["model"]), output=str(raw["output"]),
+        data=raw.get("data"), prompts=raw.get("prompts"), reward_model=raw.get("reward_model"),
+        reference_model=raw.get("reference_model"),
+        max_length=int(_coerce(raw.get("max_length", 512), 512,
+                               _where(source, lines, "max_length"))),
+        truncation=truncation, dtype=raw.get("dtype"),
+        trust_remote_code=bool(raw.get("trust_remote_code", False)),
+        seed=int(raw.get("seed", 0)), source=source,
+    )
+    if method == "ppo":
+        recipe.ppo = _dataclass_section(PPOConfig, _section(raw, "ppo", source), "ppo.",
+                                        source, lines)
+        recipe.rollout = _dataclass_section(PPORollout, _section(raw, "rollout", source),
+                                            "rollout.", source, lines)
+        if "train" in raw:
+            raise RecipeError(f"{_where(source, lines, 'train')}: a PPO recipe takes its "
+                              "settings from the 'ppo' and 'rollout' sections")
+        return recipe
+    train = _section(raw, "train", source)
+    train.setdefault("seed", recipe.seed)
+    train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
+    recipe.train = _dataclass_section(TrainConfig, train, "train.", source, lines)
+    if method != "reward_model":
+        defaults = _loss_defaults(method)
+        loss = _section(raw, "loss", source)
+        _check_keys(loss, list(defaults), "loss.", source, lines,
+                    f"the {method} loss function")
+        recipe.loss = {k: _coerce(v, defaults[k], _where(source, lines, f"loss.{k}"))
+                       for k, v in loss.items()}
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RecipeResult:
+    """What :func:`run_recipe` returns: the trained model and tokenizer, the history rows and
+    the directory the model was saved to (``None`` when ``save=False``)."""
+
+    recipe: Recipe
+    model: Any
+    tokenizer: Any
+    history: list[dict[str, Any]]
+    saved_to: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_data(recipe: Recipe) -> list[Any]:
+    """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
+    from rlcourse.data import load_preferences, load_sft, load_unpaired, read_jsonl
+
+    key = "prompts" if recipe.method == "ppo" else "data"
+    path = Path(getattr(recipe, key))
+    if not path.is_file():
+        raise RecipeError(f"{recipe.source}: {key}: {path}: no such file")
+    if recipe.method == "sft":
+        return load_sft(path)
+    if recipe.method == "kto":
+        with open(path, encoding="utf-8") as fh:
+            first = next((json.loads(line) for line in fh if line.strip()), {})
+        return load_unpaired(path) if "label" in first else load_preferences(path)
+    if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
+        return load_preferences(path)
+    return [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> RecipeResult:
+    """Load the model and data a recipe names, train, and save ``OUTPUT/model`` atomically.
+
+    Also writes ``OUTPUT/history.json`` (the engine's metric rows) and ``OUTPUT/recipe.json``.
+    Every process of an ``accelerate launch`` runs this; the model goes to the process's own
+    device (``accelerate.PartialState().device``), and only the main process writes files.
+    """
+    from accelerate import PartialState
+
+    from rlcourse.models import load_model, save_model
+
+    train_device = getattr(recipe.train, "device", "auto")
+    # The same flag the engine's Accelerator gets: with device "cpu" several processes
+    # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
+    state = PartialState(cpu=train_device == "cpu")
+    device = str(state.device) if train_device == "auto" else train_device
+    model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
+                                  trust_remote_code=recipe.trust_remote_code)
+    model.train()
+    if recipe.train is not None and not progress:
+        recipe.train.progress = False
+    summary: dict[str, Any] = {}
+    if recipe.method == "ppo":
+        model, history = _run_ppo(recipe, model, tokenizer, state, progress)
+    else:
+        rows = _read_data(recipe)
+        model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
+    model.eval()
+    summary["num_processes"] = state.num_processes
+    out = Path(recipe.output)
+    saved = None
+    if save and state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = save_model(model, tokenizer, out / "model")
+        _write_json(out / "history.json", history)
+        _write_json(out / "recipe.json", {**recipe.to_dict(), "summary": summary})
+    state.wait_for_everyone()
+    return RecipeResult(recipe, model, tokenizer, history, saved, summary)
+
+
+def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+    from rlcourse.data import pad_collate, tokenize_sft
+    from rlcourse.engine import sft_loss_fn, train
+
+    items = tokenize_sft(tokenizer, rows, recipe.max_length, truncation=recipe.truncation)
+    pad_id = tokenizer.pad_token_id or 0
+    history = train(model, partial(sft_loss_fn, **recipe.loss), items, recipe.train,
+                    collate_fn=partial(pad_collate, pad_id=pad_id))
+    return model, history.to_rows(), {"n_examples": len(items)}
+
+
+def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+    from rlcourse.models import load_model
+    from rlcourse.preference import prepare_items, train_preference
+
+    items = prepare_items(recipe.method, rows, tokenizer, max_length=recipe.max_length,
+                          seed=recipe.seed, truncation=recipe.truncation)
+    reference = None
+    if recipe.reference_model:
+        reference, _ = load_model(recipe.reference_model, device=str(model.device),
+                                  dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
+    run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
+                           reference_model=reference, max_length=recipe.max_length,
+                           seed=recipe.seed, **recipe.loss)
+    return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
+
+
+def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+    from rlcourse.reward_model import train_reward_model
+
+    rm, history = train_reward_model(model, tokenizer, rows, recipe.train,
+                                     max_length=recipe.max_length, seed=recipe.seed)
+    return rm, history.to_rows(), {"n_pairs": len(rows)}
+
+
+_TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
+             **{m: _train_preference for m in PREFERENCE_METHODS}}
+
+
+def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, state: Any, progress: bool):
+    """PPO with the four models of the slides: actor, critic, reward model, reference."""
+    from rlcourse import ppo
+    from rlcourse.models import RewardModel, ValueHeadModel
+
+    if state.num_processes > 1:
+        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
+                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
+                          "accelerate launch --num_processes")
+    prompts = _read_data(recipe)
+    device = str(next(model.parameters()).device)
+    reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
+                                         trust_remote_code=recipe.trust_remote_code)
+    reference = ppo.freeze(model)
+    r = recipe.rollout
+    if r.separate_critic:
+        policy = ppo.ActorCritic(model, ValueHeadModel(copy.deepcopy(model), seed=recipe.seed))
+    else:
+        policy = ValueHeadModel(model, seed=recipe.seed)
+    sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
+                             temperature=recipe.ppo.temperature)
+    history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
+                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress)
+    return ppo.language_model(policy), history
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rlcourse.recipes RECIPE.yaml [--model P] [--data P] [--output D] [k=v ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m rlcourse.recipes",
+        description="Train a model with a recipe (a YAML file); key=value pairs override it, "
+                    "e.g. train.lr=1e-4 loss.beta=0.5.")
+    parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
+    parser.add_argument("--model", help="local model directory (overrides 'model')")
+    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO 'prompts')")
+    parser.add_argument("--reward-model", help="PPO: reward model directory")
+    parser.add_argument("--output", help="output directory (overrides 'output')")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print the resolved recipe, train nothing")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        for key in ("model", "output", "reward_model"):
+            if getattr(args, key):
+                overrides[key] = getattr(args, key)
+        if args.data:
+            import yaml
+
+            method = (yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}).get(
+                "method", "")
+            overrides["prompts" if str(method).lower() == "ppo" else "data"] = args.data
+        recipe = load_recipe(args.recipe, overrides)
+        if args.dry_run:
+            print(json.dumps(recipe.to_dict(), indent=1, default=str))
+            return 0
+        result = run_recipe(recipe)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result.saved_to is not None:
+        print(f"saved the trained model to {result.saved_to}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
