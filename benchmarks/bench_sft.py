@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _build_module():
     spec = importlib.util.spec_from_file_location("data_build", ROOT / "data" / "build.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["data_build"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
