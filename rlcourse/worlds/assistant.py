@@ -48,9 +48,12 @@ __all__ = [
     "ScoreWeights",
     "TAXI_TASTE",
     "Topic",
+    "join_words",
     "label_agreement",
     "pair_length_balance",
     "preference_pairs",
+    "split_sentences",
+    "tokens",
     "true_score",
     "unpaired_from_pairs",
 ]
@@ -284,6 +287,7 @@ class Breakdown:
 
     @property
     def has_repetition(self) -> bool:
+        """A sentence is said twice, or a word twice in a row."""
         return self.repetition
 
     @property
@@ -292,6 +296,7 @@ class Breakdown:
         return any(v > 0 for v in self.penalties.values())
 
     def as_dict(self) -> dict:
+        """The fields as a plain dict."""
         return asdict(self)
 
 
