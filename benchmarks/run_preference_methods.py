@@ -63,10 +63,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "preference_methods.json
 #: hyperparameters). Batch 32 pairs, AdamW, 10 warm-up steps then cosine decay.
 FINAL: dict[str, tuple[str, float, float, dict[str, Any]]] = {
     "dpo": ("sft", 5e-4, 2, {"beta": 0.5}),
-    "ipo": ("sft", 5e-4, 2, {"tau": 0.1}),
+    "ipo": ("sft", 5e-4, 2, {"tau": 1.0}),
     "rdpo": ("sft", 5e-4, 2, {"beta": 0.5, "alpha": 0.05}),
-    "kto": ("sft", 5e-4, 2, {"beta": 0.5}),
-    "orpo": ("base", 1e-3, 3, {"lam": 1.0}),
+    "kto": ("sft", 5e-4, 2, {"beta": 1.0}),
+    "orpo": ("base", 1e-3, 8, {"lam": 0.5}),
     "simpo": ("sft", 2e-4, 2, {"beta": 10.0, "gamma": 3.0}),
 }
 BATCH = 32
@@ -79,7 +79,14 @@ class Lab:
 
     def __init__(self, data_dir: Path, eval_samples: int, seed: int = 0) -> None:
         self.data_dir = data_dir
-        self.pairs = load_preferences(data_dir / "preferences.jsonl")
+        try:
+            self.pairs = load_preferences(data_dir / "preferences.jsonl")
+        except ValueError:
+            # An SFT sample may be empty (EOS at once); load_preferences refuses empty answers,
+            # but "say nothing" is a legitimate rejected answer, so read such files as they are.
+            self.pairs = read_jsonl(data_dir / "preferences.jsonl",
+                                    ("prompt", "chosen", "rejected"),
+                                    aliases={"reject": "rejected"})
         self.eval_prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")]
         self.train_prompts = [r["prompt"] for r in read_jsonl(data_dir / "train_prompts.jsonl")]
         self.sft, self.tok = load_model(data_dir / "checkpoints" / "sft", device="cpu")
@@ -176,6 +183,9 @@ def group_dpo_beta(lab: Lab) -> dict:
             keep = r
         sweep.append(_public(r))
     slow = _public(lab.run("dpo", "sft", 2e-4, 2, beta=0.1))
+    # IPO with TRL's per-token log-ratios and a small tau: the target 1/(2 tau) = 5 nats per
+    # token is far out of reach, and the model runs away from the reference.
+    ipo_small_tau = _public(lab.run("ipo", "sft", 5e-4, 2, tau=0.1))
 
     # The pitfall: implicit reward order vs likelihood order, on the training pairs.
     model, items = keep["_model"], keep["_items"]
@@ -204,11 +214,15 @@ def group_dpo_beta(lab: Lab) -> dict:
         "reward_right_likelihood_wrong": float(disagree.float().mean()),
         "examples": examples,
     }
-    return {"sweep": sweep, "beta_0.1_lr_2e-4": slow, "pitfall": pitfall}
+    return {"sweep": sweep, "beta_0.1_lr_2e-4": slow, "ipo_tau_0.1": ipo_small_tau,
+            "pitfall": pitfall}
 
 
 def group_orpo(lab: Lab) -> dict:
-    runs = [_public(lab.run("orpo", "base", 1e-3, 3, lam=lam)) for lam in (0.0, 0.1, 1.0)]
+    # The final lambda is in the "methods" group; here the same training with lambda = 0 (SFT
+    # on the chosen answers only, from the base model) and with TRL's default 0.1.
+    _, lr, epochs, _ = FINAL["orpo"]
+    runs = [_public(lab.run("orpo", "base", lr, epochs, lam=lam)) for lam in (0.0, 0.1)]
     return {"lambda_sweep": runs}
 
 
@@ -222,26 +236,28 @@ def _taste_rate(texts: list[str]) -> dict:
 def group_kto(lab: Lab) -> dict:
     out: dict[str, Any] = {}
     n_pairs = len(lab.pairs)
-    beta = FINAL["kto"][3]["beta"]
+    _, lr, epochs, hp = FINAL["kto"]
+    beta = hp["beta"]
     # (a) the pairs split into unpaired examples (the default of train_preference).
     # (b) 90 % fewer desirable examples: all undesirable, 10 % of the desirable ones; once
     #     with equal weights, once with lambda_D raised so that lambda_D n_D / n_U = 1.
     few = unpaired_from_pairs(lab.pairs, desirable_fraction=0.1 / 1.1, seed=lab.seed)
     n_d = sum(r["label"] for r in few)
     n_u = len(few) - n_d
-    out["unpaired_all"] = _public(lab.run("kto", "sft", 5e-4, 2, beta=beta))
+    out["unpaired_all"] = _public(lab.run("kto", "sft", lr, epochs, beta=beta))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out["desirable_10pct_equal_weights"] = _public(
-            lab.run("kto", "sft", 5e-4, 2, data=few, beta=beta))
+            lab.run("kto", "sft", lr, epochs, data=few, beta=beta))
     out["desirable_10pct_weighted"] = _public(lab.run(
-        "kto", "sft", 5e-4, 2, data=few, beta=beta, desirable_weight=n_u / n_d))
+        "kto", "sft", lr, epochs, data=few, beta=beta, desirable_weight=n_u / n_d))
     out["desirable_10pct_counts"] = {"desirable": n_d, "undesirable": n_u, "pairs": n_pairs}
     # DPO on the same 10 %: only the pairs whose chosen answer was kept.
     kept = {(r["prompt"], r["completion"]) for r in few if r["label"]}
     dpo_pairs = [p for p in lab.pairs if (p["prompt"], p["chosen"]) in kept]
-    out["dpo_on_the_kept_pairs"] = _public(lab.run("dpo", "sft", 5e-4, 2, data=dpo_pairs,
-                                                   beta=FINAL["dpo"][3]["beta"]))
+    _, dlr, depochs, dhp = FINAL["dpo"]
+    out["dpo_on_the_kept_pairs"] = _public(lab.run("dpo", "sft", dlr, depochs, data=dpo_pairs,
+                                                   **dhp))
     out["dpo_on_the_kept_pairs"]["n_pairs"] = len(dpo_pairs)
 
     # (c) the annotator's individual taste: pairs sampled from the SFT model on the travel
@@ -273,8 +289,8 @@ def taste_experiment(lab: Lab) -> dict:
     rejected = [p["rejected"] for p in biased]
     result["data"] = {"chosen": _taste_rate(chosen), "rejected": _taste_rate(rejected)}
     for method in ("dpo", "kto"):
-        r = lab.run(method, "sft", 5e-4, 2, data=biased, keep_model=True,
-                    beta=FINAL[method][3]["beta"])
+        _, lr, epochs, hp = FINAL[method]
+        r = lab.run(method, "sft", lr, epochs, data=biased, keep_model=True, **hp)
         result[method] = {"mentions": mentions(r["_model"]),
                           **{k: v for k, v in _public(r).items() if k != "history"}}
     return result

@@ -112,7 +112,8 @@ register(Exercise(
     wrong_answers=[
         (lambda m: torch.arange(m.shape[1]).expand_as(m),
          "with left padding the first real token is not at column 0: positions must count real "
-         "tokens only (otherwise a padded prompt is read at shifted rotary positions)"),
+         "tokens only (a model with absolute position embeddings reads shifted positions "
+         "otherwise)"),
         (lambda m: m.long().cumsum(-1), "positions start at 0: subtract one"),
         (lambda m: m.long().cumsum(-1) - 1, "padding positions must not be -1: clamp at 0"),
     ],
