@@ -1,4 +1,5 @@
-"""Exercises of chapter 11, "KTO": the value function, the reference point and the loss."""
+"""Exercises of chapter 11, "KTO": the value function, the probability weights, the reference
+point and the loss."""
 
 from __future__ import annotations
 
@@ -44,6 +45,35 @@ register(Exercise(
         (_value_lambda_on_gains, "put lambda on the gains instead of the losses"),
         (lambda z, alpha, lam: torch.where(z >= 0, z ** alpha, -lam * z.abs()),
          "forgot the exponent alpha on losses"),
+    ],
+))
+
+
+# ---- the probability weighting function --------------------------------------------------------
+def _weight_cases(rng: np.random.Generator) -> list[Case]:
+    return [
+        Case((_t([0.0, 0.01, 0.2, 0.5, 0.8, 0.99, 1.0]), 0.61), label="gamma 0.61 (gains)"),
+        Case((_t(rng.uniform(0.0, 1.0, 8)), 0.69), label="gamma 0.69 (losses)"),
+        Case((_t(rng.uniform(0.0, 1.0, 8)), 1.0), label="gamma = 1: w(p) = p"),
+    ]
+
+
+def _weight_no_root(p, gamma):
+    return p**gamma / (p**gamma + (1 - p) ** gamma)
+
+
+register(Exercise(
+    name="prospect_weight",
+    chapter=CHAPTER,
+    reference=lambda p, gamma: losses.prospect_weight(p, gamma=gamma),
+    cases=_weight_cases,
+    hint="w(p) = p^gamma / (p^gamma + (1 - p)^gamma)^(1/gamma); w(0) = 0, w(1) = 1, and small "
+         "probabilities are overweighted.",
+    wrong_answers=[
+        (_weight_no_root, "forgot the power 1/gamma on the denominator"),
+        (lambda p, gamma: p**gamma, "left out the normalising denominator"),
+        (lambda p, gamma: p**gamma / (p**gamma + (1 - p) ** gamma) ** gamma,
+         "raised the denominator to gamma instead of 1/gamma"),
     ],
 ))
 
