@@ -190,3 +190,34 @@ def test_expected_return_is_exact_value_and_its_gradient_is_the_policy_gradient(
                           torch.tensor([0.225, -0.225], dtype=torch.float64))
     # state "a": d/dz[a] = 0.9 * P(reach a) pi(a|a) (q(a,a) - V(a)) = 0.9 * .5 * .5 * (2 - 1.5)
     assert math.isclose(float(pol.logits_table.grad[1, 0]), 0.9 * 0.25 * 0.5, rel_tol=1e-6)
+
+
+def test_critic_vs_exact_scores_a_critic_against_the_bellman_values():
+    mdp = TokenMDP(n_tokens=3, horizon=4, n_prompts=2)
+    pol = _tabular(mdp, seed=3)
+    ref = _tabular(mdp, seed=4)
+    beta = 0.1
+    exact = mdp.evaluate(pol, ref, beta).flat                       # oracle: the backward sweep
+    n_decision = exact.numel()
+    # a critic that holds the exact KL-shaped values is perfect
+    with torch.no_grad():
+        pol.value_table[:n_decision] = exact.float()
+    got = mdp.critic_vs_exact(pol, ref, beta, n=512, seed=0)
+    assert got["corr_distinct"] == pytest.approx(1.0, abs=1e-6)
+    assert got["corr_weighted"] == pytest.approx(1.0, abs=1e-6)
+    assert got["mean_abs_error"] < 1e-6
+    assert torch.allclose(got["critic"], got["exact"], atol=1e-6)
+    # an affine copy still correlates perfectly, but is off by |(2V + 1) - V| on average
+    with torch.no_grad():
+        pol.value_table[:n_decision] = (2 * exact + 1).float()
+    got = mdp.critic_vs_exact(pol, ref, beta, n=512, seed=0)
+    assert got["corr_distinct"] == pytest.approx(1.0, abs=1e-6)
+    states = mdp.state_ids(*(lambda o: (o["texts"], o["prompts"]))(
+        mdp.rollout(pol, 512, torch.Generator().manual_seed(0)))).flatten()
+    assert got["mean_abs_error"] == pytest.approx(float((exact[states] + 1).abs().mean()), 1e-5)
+    # the untrained critic (all zeros) is constant: no correlation is defined
+    with torch.no_grad():
+        pol.value_table.zero_()
+    got = mdp.critic_vs_exact(pol, ref, beta, n=512, seed=0)
+    assert math.isnan(got["corr_distinct"]) and math.isnan(got["corr_weighted"])
+    assert 0 < got["n_visited_states"] <= n_decision

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -334,6 +335,51 @@ class TokenMDP:
         penalty = [-kl_coef * (p.clamp_min(1e-300).log() - r.clamp_min(1e-300).log())
                    for p, r in zip(probs, ref_probs, strict=True)]
         return self._backward(lambda k, q: (probs[k] * q).sum(-1), penalty)
+
+    def critic_vs_exact(self, policy: nn.Module, reference: nn.Module | None = None,
+                        kl_coef: float = 0.0, n: int = 2048, seed: int = 12345
+                        ) -> dict[str, Tensor | float | int]:
+        """How well a learned critic matches the exact ``V_pi`` on the prefixes ``pi`` visits.
+
+        Samples ``n`` texts from ``policy``, reads its critic ``V_phi(s_t)`` at every decision
+        state ``s_t`` (``t = 0 .. H-1``) and compares it with the exact KL-shaped value of
+        :meth:`evaluate` (``policy``, ``reference``, ``kl_coef``): the quantity PPO's critic is
+        trained to predict. Pearson correlations:
+
+        - ``corr_distinct``: over the distinct visited prefixes (each counted once; rarely
+          visited prefixes, where the critic has seen little data, weigh as much as the root);
+        - ``corr_weighted``: over all visits (what the policy-gradient actually uses);
+        - ``corr_reward_only_distinct``: against the exact value of the judge's reward alone.
+
+        Also returns ``mean_abs_error`` (over visits), ``n_visited_states``, and the tensors
+        ``critic``, ``exact`` (one entry per distinct prefix, for plots). A correlation is NaN
+        when either side is constant.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        out = self.rollout(policy, n, generator)
+        states = self.state_ids(out["texts"], out["prompts"]).flatten()      # (n H,)
+        with torch.no_grad():
+            _, values = policy(out["input_ids"])                              # (n, H + 1)
+        critic = values[:, : self.horizon].flatten().double()                # V_phi(s_t)
+        shaped = self.evaluate(policy, reference, kl_coef).flat[states]
+        plain = self.evaluate(policy).flat[states]
+        _, first = np.unique(states.numpy(), return_index=True)
+        first = torch.as_tensor(first)
+
+        def corr(a: Tensor, b: Tensor) -> float:
+            if a.numel() < 2 or float(a.std()) == 0.0 or float(b.std()) == 0.0:
+                return float("nan")
+            return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+        return {
+            "n_visited_states": int(first.numel()),
+            "corr_distinct": corr(critic[first], shaped[first]),
+            "corr_weighted": corr(critic, shaped),
+            "corr_reward_only_distinct": corr(critic[first], plain[first]),
+            "mean_abs_error": float((critic - shaped).abs().mean()),
+            "critic": critic[first],
+            "exact": shaped[first],
+        }
 
     def optimal(self) -> ExactValues:
         """Exact ``V*`` and ``q*``: the same sweep with ``max_a`` in place of the policy average."""
