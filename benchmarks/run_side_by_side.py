@@ -20,7 +20,11 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/run_side_by_side.py               # ~10 min per seed
     OMP_NUM_THREADS=1 python benchmarks/run_side_by_side.py --seeds 3
 
-Results go to ``benchmarks/results/side_by_side.json``.
+Results go to ``benchmarks/results/side_by_side.json``. The file is *merged*, not overwritten:
+``--methods a,b`` adds or replaces only the rows ``a`` and ``b`` and keeps every other method's
+results (and the SFT and base rows, which are evaluated only when missing)::
+
+    OMP_NUM_THREADS=1 python benchmarks/run_side_by_side.py --methods ipo_summed,ipo_tau1 --seeds 3
 """
 
 from __future__ import annotations
@@ -56,12 +60,20 @@ RUNS: dict[str, tuple[str, str, float, dict[str, Any]]] = {
     "orpo": ("orpo", "base", 1e-3, {"lam": 1.0}),
     "simpo": ("simpo", "sft", 2e-4, {"beta": 10.0, "gamma": 3.0}),
     "orpo_from_sft": ("orpo", "sft", 1e-3, {"lam": 1.0}),
+    # IPO's target margin 1/(2 tau) is in nats PER TOKEN when the log-ratios are averaged per
+    # token (TRL), but summed over the answer in the original DPO code: the same tau = 0.1 asks
+    # for a ~20 times larger margin per answer with the first. Two ways to a sane target:
+    "ipo_summed": ("ipo", "sft", 5e-4, {"tau": 0.1, "length_normalize": False}),
+    "ipo_tau1": ("ipo", "sft", 5e-4, {"tau": 1.0}),
 }
 LABELS = {"dpo": "DPO", "ipo": "IPO", "rdpo": "R-DPO", "kto": "KTO", "orpo": "ORPO",
-          "simpo": "SimPO", "orpo_from_sft": "ORPO (from SFT)"}
+          "simpo": "SimPO", "orpo_from_sft": "ORPO (from SFT)",
+          "ipo_summed": "IPO (summed, tau 0.1)", "ipo_tau1": "IPO (per token, tau 1)"}
 METRICS = ("win_rate", "win_rate_stderr", "lc_win_rate", "model_mean_length",
            "model_mean_score", "kl", "model_share_flawed", "model_share_repetition",
            "model_share_false", "model_share_rude", "model_share_off_topic")
+#: Recorded for every run from now on; rows run before they were added lack them.
+EXTRA_METRICS = ("model_share_garbled",)
 
 
 def overrides(name: str, seed: int, data_dir: Path, out: Path) -> dict[str, Any]:
@@ -83,7 +95,7 @@ def evaluate(model: Any, sft: Any, tok: Any, prompts: list[str], n_samples: int,
              n_texts: int = 4) -> dict[str, Any]:
     ev = evaluate_against(model, sft, tok, prompts, n_samples=n_samples, seed=1000)
     s = ev.summary()
-    out = {k: s[k] for k in METRICS}
+    out = {k: s[k] for k in (*METRICS, *EXTRA_METRICS)}
     out.update(n_comparisons=ev.win.n, wins=ev.win.wins, ties=ev.win.ties, losses=ev.win.losses,
                kl_stderr=s["kl_stderr"], baseline_mean_length=s["baseline_mean_length"],
                baseline_mean_score=s["baseline_mean_score"])
@@ -96,7 +108,9 @@ def evaluate(model: Any, sft: Any, tok: Any, prompts: list[str], n_samples: int,
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean over training seeds, and the spread (min, max) when there are several."""
     out: dict[str, Any] = {"n_seeds": len(runs)}
-    for key in (*METRICS, "train_seconds", "tokens_per_second"):
+    keys = (*METRICS, *(k for k in EXTRA_METRICS if all(k in r for r in runs)),
+            "train_seconds", "tokens_per_second")
+    for key in keys:
         values = [r[key] for r in runs]
         out[key] = statistics.fmean(values)
         if len(values) > 1:
@@ -108,7 +122,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(RUNS))
+    parser.add_argument("--methods", default=",".join(RUNS))  # comma-separated keys of RUNS
     parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--eval-samples", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -119,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [r["prompt"] for r in read_jsonl(args.data / "eval_prompts.jsonl")]
     sft, tok = load_model(args.data / "checkpoints" / "sft", device="cpu")
     base, _ = load_model(args.data / "checkpoints" / "base", device="cpu")
+    names = args.methods.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {sorted(RUNS)}")
+    # Merge into the existing results: methods not named in --methods keep their rows.
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     results["settings"] = {
         "epochs": EPOCHS, "batch_size": BATCH, "warmup_steps": WARMUP, "schedule": "cosine",
@@ -131,14 +150,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "note": "one CPU thread on a 2-core machine shared with other processes"},
     }
     t0 = time.perf_counter()
+    seconds_before = results.get("seconds", 0)
     # The SFT row: SFT against itself (two independent samples) must be a coin flip, and the
-    # base model shows where ORPO starts.
-    results["sft"] = evaluate(sft, sft, tok, prompts, args.eval_samples)
-    results["base"] = evaluate(base, sft, tok, prompts, args.eval_samples)
+    # base model shows where ORPO starts. Evaluated once; later runs keep the stored rows.
+    for key, model in (("sft", sft), ("base", base)):
+        if key not in results:
+            results[key] = evaluate(model, sft, tok, prompts, args.eval_samples)
     print(f"SFT vs SFT {results['sft']['win_rate']:.3f}; base vs SFT "
           f"{results['base']['win_rate']:.3f}", flush=True)
     methods = results.setdefault("methods", {})
-    for name in args.methods.split(","):
+    for name in names:
         runs = []
         for seed in range(args.seeds):
             recipe = load_recipe(REPO_ROOT / "recipes" / f"{RUNS[name][0]}.yaml",
@@ -160,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"len {row['model_mean_length']:.1f}  score {row['model_mean_score']:.3f}  "
                   f"KL {row['kl']:.2f}  ({seconds:.0f} s)", flush=True)
         methods[name] = {"label": LABELS[name], "summary": summarise(runs), "runs": runs}
-        results["seconds"] = round(time.perf_counter() - t0)
+        # Total wall time of every invocation that wrote this file.
+        results["seconds"] = seconds_before + round(time.perf_counter() - t0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
