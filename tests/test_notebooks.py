@@ -42,5 +42,6 @@ def test_committed_chapter_has_outputs_and_no_errors(path):
     assert not errors, f"{path.name}: code cells {errors} hold error outputs"
     executed = [c for c in code_cells if c.get("execution_count")]
     assert len(executed) == len(code_cells), f"{path.name}: some cells were never executed"
-    markdown = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "markdown")
+    markdown = "".join("".join(c["source"]) for c in notebook["cells"]
+                       if c["cell_type"] == "markdown")
     assert "Exercise" in markdown, f"{path.name} has no exercises section"

@@ -1,11 +1,13 @@
 """The package metadata, the conda environment and the README agree."""
 
 import re
-import tomllib
 
+import pytest
 import yaml
 
 from rlcourse.config import REPO_ROOT
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 CONDA_NAMES = {"torch": "pytorch"}

@@ -70,7 +70,8 @@ def check_notebook(path: str | Path) -> list[CheckResult]:
     results = []
     for name, expression, number in calls:
         try:
-            fn = eval(compile(ast.Expression(expression), f"{path}:cell {number}", "eval"), namespace)
+            code = compile(ast.Expression(expression), f"{path}:cell {number}", "eval")
+            fn = eval(code, namespace)
         except Exception as error:
             results.append(
                 CheckResult(name, "error", f"✗ {name}: cannot find your function ({error!r}).")
