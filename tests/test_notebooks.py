@@ -45,3 +45,37 @@ def test_committed_chapter_has_outputs_and_no_errors(path):
     markdown = "".join("".join(c["source"]) for c in notebook["cells"]
                        if c["cell_type"] == "markdown")
     assert "Exercise" in markdown, f"{path.name} has no exercises section"
+
+
+def test_kernel_channels_poll_in_short_slices():
+    """A lost wake-up must cost one slice, not the whole timeout (see ``_poll_in_slices``)."""
+    import asyncio
+    from queue import Empty
+
+    from rlcourse.notebooks import POLL_SLICE_S, _poll_in_slices
+
+    class FakeChannel:
+        def __init__(self, empty_polls):
+            self.empty_polls, self.asked = empty_polls, []
+
+        async def get_msg(self, timeout=None):
+            self.asked.append(timeout)
+            if len(self.asked) <= self.empty_polls:
+                raise Empty
+            return {"msg": "reply"}
+
+    # the message turns up on the fourth poll: three empty slices, then the reply
+    channel = FakeChannel(empty_polls=3)
+    _poll_in_slices(channel)
+    assert asyncio.run(channel.get_msg(timeout=600)) == {"msg": "reply"}
+    assert len(channel.asked) == 4 and all(t <= POLL_SLICE_S for t in channel.asked)
+    # no timeout (the IOPub channel): still sliced, never a single unbounded poll
+    channel = FakeChannel(empty_polls=2)
+    _poll_in_slices(channel)
+    assert asyncio.run(channel.get_msg()) == {"msg": "reply"}
+    assert channel.asked == [POLL_SLICE_S] * 3
+    # nothing ever arrives: Empty once the caller's timeout has passed
+    channel = FakeChannel(empty_polls=10**9)
+    _poll_in_slices(channel)
+    with pytest.raises(Empty):
+        asyncio.run(channel.get_msg(timeout=0.0))
