@@ -125,6 +125,16 @@ class LengthControlled:
     intercept: float
     slope: float
     scale: float
+    #: min(share of pairs with d_i ≥ 0, share with d_i ≤ 0): how much data lies on the thinner
+    #: side of "equal length". Near 0 (one model always the shorter) σ(θ0) is an extrapolation.
+    minority_share: float = 0.5
+
+    @property
+    def extrapolated(self) -> bool:
+        """True when fewer than 5% of the pairs lie on one side of equal length: the rate is
+        then read off the fitted curve where there is (almost) no data, and means little (a
+        model that answers nothing at all can get an LC win rate near 1)."""
+        return self.minority_share < 0.05
 
 
 def length_controlled_win_rate(
@@ -148,8 +158,10 @@ def length_controlled_win_rate(
     by maximum likelihood (Newton's method on the cross-entropy
     −Σ w_i log p_i + (1 − w_i) log(1 − p_i), a tiny ridge keeping the Hessian invertible), and
     report σ(θ0): the predicted win rate when both answers have the same length. With all
-    lengths equal the fit gives σ(θ0) = the plain win rate. AlpacaEval 2 uses the tanh form
-    and adds a per-instruction difficulty term, which this miniature leaves out.
+    lengths equal the fit gives σ(θ0) = the plain win rate. When one side is (almost) always
+    the shorter, equal length lies outside the data and σ(θ0) is an extrapolation:
+    ``LengthControlled.extrapolated`` says so (``minority_share`` < 5 %). AlpacaEval 2 uses the
+    tanh form and adds a per-instruction difficulty term, which this miniature leaves out.
     """
     w = win_indicators(scores_a, scores_b)
     d = np.asarray(lengths_a, dtype=np.float64) - np.asarray(lengths_b, dtype=np.float64)
@@ -178,6 +190,7 @@ def length_controlled_win_rate(
         intercept=float(theta[0]),
         slope=float(theta[1]),
         scale=scale,
+        minority_share=float(min((d >= 0).mean(), (d <= 0).mean())) if d.size else 0.5,
     )
 
 
@@ -341,6 +354,8 @@ class Evaluation:
             "win_rate": self.win.rate,
             "win_rate_stderr": self.win.stderr,
             "lc_win_rate": self.lc_win_rate,
+            # below 0.05 the LC win rate is an extrapolation (LengthControlled.extrapolated)
+            "lc_minority_share": self.comparison.lc.minority_share,
             "kl": self.kl,
             "kl_stderr": self.kl_stderr,
         }

@@ -178,3 +178,30 @@ def test_evaluate_against_itself_has_zero_kl_and_kl_matches_brute_force(tiny_mod
             _brute_force_logprob(a, tok, prompt, ids) - _brute_force_logprob(b, tok, prompt, ids)
         )
     assert kl == pytest.approx(float(np.mean(expected)), abs=1e-4)
+
+
+def test_lc_win_rate_flags_an_extrapolation_when_one_side_is_always_shorter():
+    # The degenerate case a collapsed model produces: it answers nothing (length 0) and loses
+    # most comparisons; "equal length" lies outside the data, so the fitted sigma(theta0) means
+    # little and must be flagged.
+    rng = np.random.default_rng(0)
+    n = 400
+    lengths_b = rng.integers(5, 30, size=n).astype(float)
+    lengths_a = np.zeros(n)
+    scores_b = rng.normal(size=n)
+    scores_a = np.where(rng.random(n) < 0.25, scores_b + 1.0, scores_b - 1.0)  # wins 25 %
+    lc = length_controlled_win_rate(scores_a, scores_b, lengths_a, lengths_b)
+    assert lc.win_rate == pytest.approx(0.25, abs=0.06)
+    assert lc.minority_share == 0.0 and lc.extrapolated
+    # 3 of 400 pairs on the other side (0.75 %) still count as an extrapolation; 10 % do not
+    for k, flagged in ((3, True), (40, False)):
+        la = lengths_a.copy()
+        la[:k] = lengths_b[:k] + 2
+        got = length_controlled_win_rate(scores_a, scores_b, la, lengths_b)
+        assert got.minority_share == pytest.approx(k / n)
+        assert got.extrapolated is flagged
+    # balanced lengths: half the pairs on each side (ties count on both)
+    la = np.array([1.0, 3.0, 2.0, 5.0])
+    lb = np.array([2.0, 2.0, 2.0, 4.0])
+    got = length_controlled_win_rate([1, 0, 1, 0], [0, 1, 0, 1], la, lb)
+    assert got.minority_share == pytest.approx(min(3 / 4, 2 / 4)) and not got.extrapolated
