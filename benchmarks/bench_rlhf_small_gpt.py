@@ -36,24 +36,14 @@ import torch
 
 from rlcourse import DATA_DIR, REPO_ROOT, ppo
 from rlcourse import reward_model as rmod
+from rlcourse.data import load_preferences, read_jsonl
 from rlcourse.engine import TrainConfig
 from rlcourse.evaluation import evaluate_against
-from rlcourse.models import RewardModel, generate, load_model
+from rlcourse.models import RewardModel, ValueHeadModel, generate, load_model
 from rlcourse.worlds.assistant import DEFAULT_WORLD
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rlhf_small_gpt.json"
 RM_CACHE = REPO_ROOT / "runs" / "rlhf" / "reward_model"
-
-
-def load_pairs(path: Path) -> tuple[list[dict], int]:
-    """Preference pairs; rows with an empty response are dropped (and counted)."""
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    keep = [r for r in rows if r["prompt"] and r["chosen"] and r["rejected"]]
-    return keep, len(rows) - len(keep)
-
-
-def load_prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line]
 
 
 def fresh_pairs(model, tokenizer, prompts: list[str], per_prompt: int, seed: int) -> list[dict]:
@@ -98,8 +88,6 @@ def run_ppo(args, sft, tokenizer, rm, train_prompts, kl_coef: float, steps: int,
     torch.manual_seed(seed)
     actor = copy.deepcopy(sft)
     critic = copy.deepcopy(sft)
-    from rlcourse.models import ValueHeadModel
-
     policy = ppo.ActorCritic(actor, ValueHeadModel(critic, seed=seed))
     ref = ppo.freeze(sft)
     config = ppo.PPOConfig(kl_coef=kl_coef, minibatch_size=args.minibatch,
@@ -161,12 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     sft, tokenizer = load_model(DATA_DIR / "checkpoints" / "sft", device="cpu")
     base, _ = load_model(DATA_DIR / "checkpoints" / "base", device="cpu")
-    pairs, dropped = load_pairs(DATA_DIR / "preferences.jsonl")
-    train_prompts = load_prompts(DATA_DIR / "train_prompts.jsonl")
-    eval_prompts = load_prompts(DATA_DIR / "eval_prompts.jsonl")
+    pairs = load_preferences(DATA_DIR / "preferences.jsonl")
+    train_prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / "train_prompts.jsonl")]
+    eval_prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / "eval_prompts.jsonl")]
     train_pairs, test_pairs = rmod.split_pairs_by_prompt(pairs, 0.15, seed=args.seed)
     fresh = fresh_pairs(sft, tokenizer, eval_prompts, 5, seed=101)
-    print(f"{len(pairs)} pairs ({dropped} with an empty response dropped): "
+    print(f"{len(pairs)} pairs: "
           f"{len(train_pairs)} train, {len(test_pairs)} held out; {len(fresh)} fresh pairs")
 
     if args.reuse_rm and RM_CACHE.exists():
@@ -201,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "RLHF of the small GPT: SFT -> reward model -> PPO",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": {"n_pairs": len(pairs), "dropped_empty": dropped,
+        "data": {"n_pairs": len(pairs),
                  "n_train_pairs": len(train_pairs), "n_held_out_pairs": len(test_pairs),
                  "n_fresh_pairs": len(fresh)},
         "reward_model": rm_out,

@@ -79,14 +79,7 @@ class Lab:
 
     def __init__(self, data_dir: Path, eval_samples: int, seed: int = 0) -> None:
         self.data_dir = data_dir
-        try:
-            self.pairs = load_preferences(data_dir / "preferences.jsonl")
-        except ValueError:
-            # An SFT sample may be empty (EOS at once); load_preferences refuses empty answers,
-            # but "say nothing" is a legitimate rejected answer, so read such files as they are.
-            self.pairs = read_jsonl(data_dir / "preferences.jsonl",
-                                    ("prompt", "chosen", "rejected"),
-                                    aliases={"reject": "rejected"})
+        self.pairs = load_preferences(data_dir / "preferences.jsonl")
         self.eval_prompts = [r["prompt"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")]
         self.train_prompts = [r["prompt"] for r in read_jsonl(data_dir / "train_prompts.jsonl")]
         self.sft, self.tok = load_model(data_dir / "checkpoints" / "sft", device="cpu")
