@@ -81,7 +81,8 @@ LABELS = {"online_dpo": "online DPO (annotator, ref SFT)",
 METRICS = ("win_rate", "win_rate_stderr", "lc_win_rate", "model_mean_length",
            "model_mean_score", "kl", "model_share_flawed", "model_share_repetition",
            "model_share_false", "model_share_rude", "model_share_off_topic",
-           "model_share_garbled", "model_share_best")
+           "model_share_garbled", "model_share_best", "ceiling", "share_of_gain",
+           "share_of_gain_stderr")
 
 
 def load_world() -> dict[str, Any]:
@@ -200,7 +201,8 @@ def run_grid(names: list[str], seeds: list[int], quick: bool, out: Path,
                    "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                "threads": torch.get_num_threads()}}
             print(f"{tag or name} seed {seed}: win {ev['win_rate']:.3f} ± "
-                  f"{ev['win_rate_stderr']:.3f}, KL {ev['kl']:.2f}, score "
+                  f"{ev['win_rate_stderr']:.3f} (ceiling {ev['ceiling']:.3f}, share of gain "
+                  f"{ev['share_of_gain']:.2f}), KL {ev['kl']:.2f}, score "
                   f"{ev['model_mean_score']:.3f}, best {ev['model_share_best']:.2f} "
                   f"({seconds:.0f} s)", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
