@@ -26,9 +26,17 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
     dtype: null                 # weights at load: null (fp32 + mixed_precision), bf16, auto
     trust_remote_code: false    # a YAML boolean: "false" (quoted) is an error, not true
     reference_model: null       # a separate reference; default: a frozen copy of `model`
+    reference_batch_size: 64    # sequences per forward of the reference-log-prob pass
     disable_dropout: true       # preference methods and reward_model: train with dropout off
     loss: {beta: 0.1}
-    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto, ...}
+    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto,
+            gradient_checkpointing: false, ...}
+    lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, merge: false}
+
+``lora`` (any method but PPO; :mod:`rlcourse.adapters`): train low-rank adapters of the frozen
+model; the reference of DPO/IPO/R-DPO/KTO is then the model with its adapters disabled (no
+second copy). ``OUTPUT/model`` holds the adapter and the tokenizer; ``merge: true`` also writes
+``OUTPUT/merged``, a full model for ``AutoModelForCausalLM.from_pretrained``.
 
 Every value is checked against the type its trainer declares (booleans are YAML ``true``/
 ``false``, integers are integers, ``dtype`` is one of null, auto, fp32, bf16, fp16) and against
@@ -54,7 +62,8 @@ nothing, and ``--overwrite`` starts afresh (removing only the files a run writes
 Several GPUs: every process runs this same module; :func:`rlcourse.engine.train` lets
 ``accelerate`` shard the batches (the global batch is ``batch_size * grad_accum_steps *
 num_processes``), each process puts its model on its own device, and only the main process
-writes files. Each process computes the reference log-probs of the whole dataset once.
+writes files. Each process computes the reference log-probs once, of the examples training
+reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
 Launched by ``torchrun`` on a machine without GPUs, the processes train together on the CPU
 (gloo), as with ``train.device=cpu``; ``accelerate launch --cpu --num_processes N`` (which
 starts one process) is refused with the command that works.
@@ -105,6 +114,14 @@ _METHOD_KEYS = {
 _METHOD_KEYS["reward_model"] |= {"disable_dropout"}
 
 
+# Memory (rlcourse.adapters): LoRA for every method trained on the engine, and the batch of the
+# reference-log-prob pass for the methods that have one.
+for _m in ("sft", "reward_model", *PREFERENCE_METHODS):
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"lora"}
+for _m in ("dpo", "ipo", "rdpo", "kto"):
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"reference_batch_size"}
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the file, the line and the key."""
 
@@ -151,6 +168,8 @@ class Recipe:
     ppo: Any = None
     rollout: PPORollout | None = None
     disable_dropout: bool = True
+    lora: Any = None
+    reference_batch_size: int = 64
     source: str = "<recipe>"
     lines: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -162,6 +181,8 @@ class Recipe:
         for key in ("train", "ppo", "rollout"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
+        if out["lora"] is not None:
+            out["lora"] = out["lora"].to_dict()
         return out
 
     def where(self, key: str) -> str:
@@ -293,6 +314,7 @@ _DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 #: ``loss.`` keys to every loss that has them): ``(test, what the value must be)``.
 _RANGES: dict[str, tuple[Any, str]] = {
     "max_length": (lambda v: v >= 2, "an integer >= 2"),
+    "reference_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "truncation": (lambda v: v in ("error", "left", "right"), "one of error, left, right"),
     "dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
     "train.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
@@ -441,7 +463,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
     hints = typing.get_type_hints(Recipe)
     top: dict[str, Any] = {}
-    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout"}):
+    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora"}):
         if key in raw:
             where = _where(source, lines, key)
             top[key] = _typed(raw[key], hints[key], where)
@@ -467,6 +489,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         raise RecipeError(f"{_where(source, lines, 'train.batch_size')}: KTO needs "
                           f"batch_size >= 2 per process (its KL reference point is a batch "
                           f"mean), got {recipe.train.batch_size}")
+    recipe.lora = _lora_section(raw, source, lines)
     if method != "reward_model":
         params = _loss_signature(method)
         loss = _section(raw, "loss", source)
@@ -477,6 +500,23 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             recipe.loss[k] = _typed(v, params[k].annotation, where)
             _check_range(f"loss.{k}", recipe.loss[k], where)
     return recipe
+
+
+def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
+    """The ``lora:`` section as :class:`rlcourse.adapters.LoraSettings` (``None`` if absent)."""
+    from rlcourse.adapters import LoraSettings
+
+    if raw.get("lora") is None:
+        return None
+    section = _section(raw, "lora", source)
+    _check_keys(section, LoraSettings.field_names(), "lora.", source, lines, "the lora section")
+    for key, value in section.items():
+        try:  # validate one key at a time, so that the error names it
+            LoraSettings(**{key: _number_or(value)})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{_where(source, lines, f'lora.{key}')}: {err}") from None
+        section[key] = _number_or(value)
+    return LoraSettings(**section)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,8 +579,8 @@ _NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train
                  "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
                  "train.device"}
 #: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
-_RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "checkpoints",
-              "tensorboard")
+_RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
+              "checkpoints", "tensorboard")
 
 
 def _launch_device(recipe: Recipe) -> str:
@@ -589,7 +629,7 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
 
     def walk(obj: Any, prefix: str) -> None:
         for k, v in obj.items():
-            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss"):
+            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora"):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
@@ -666,7 +706,8 @@ def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
         print(f"{out} already holds the finished run of this recipe (model in {out / 'model'});"
               " nothing to train. Pass --overwrite to train it again.", file=sys.stderr)
     model, tokenizer = None, None
-    if recipe.method != "reward_model" and (out / "model").is_dir():
+    # A full model is loaded back; a reward model or a LoRA adapter is left where it is.
+    if recipe.method != "reward_model" and (out / "model" / "config.json").is_file():
         model, tokenizer = load_model(out / "model", device="cpu", dtype=recipe.dtype,
                                       trust_remote_code=recipe.trust_remote_code)
     history_file = out / "history.json"
@@ -691,7 +732,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     """
     from accelerate import PartialState
 
-    from rlcourse.models import load_model, save_model
+    from rlcourse.models import load_model
 
     train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
@@ -728,6 +769,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         _write_json(out / "run.json", {"status": "running", "identity": _identity(recipe)})
     state.wait_for_everyone()
     model.train()
+    model, lora_model = _with_lora(recipe, model)
     if recipe.train is not None and not progress:
         recipe.train.progress = False
     summary: dict[str, Any] = {}
@@ -739,12 +781,45 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     summary["num_processes"] = state.num_processes
     saved = None
     if save and state.is_main_process:
-        saved = save_model(model, tokenizer, out / "model")
+        model, saved = _save_trained(recipe, model, lora_model, tokenizer, out)
         _write_json(out / "history.json", history)
         _write_json(out / "recipe.json", {**recipe.to_dict(), "summary": summary})
         _write_json(out / "run.json", {"status": "finished", "identity": _identity(recipe)})
     state.wait_for_everyone()
     return RecipeResult(recipe, model, tokenizer, history, saved, summary)
+
+
+def _with_lora(recipe: Recipe, model: Any) -> tuple[Any, Any]:
+    """``(model to train, peft model or None)``: with a ``lora`` section every base weight is
+    frozen and adapters are trained. A reward model wraps the adapted backbone itself (its head
+    stays fully trained)."""
+    if recipe.lora is None:
+        return model, None
+    from rlcourse.adapters import apply_lora
+
+    lora_model = apply_lora(model, recipe.lora, seed=recipe.seed)
+    if recipe.method == "reward_model":
+        return lora_model.get_base_model(), lora_model
+    return lora_model, lora_model
+
+
+def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, out: Path
+                  ) -> tuple[Any, Path]:
+    """Save ``OUTPUT/model``: the full model, or under LoRA the adapter (``adapter_config.json``,
+    ``adapter_model.safetensors``) and the tokenizer; with ``lora.merge`` also ``OUTPUT/merged``,
+    the adapters folded into the weights (plain ``from_pretrained``). A reward model under LoRA
+    is always saved merged (its loader reads a full backbone)."""
+    from rlcourse.adapters import is_lora, merge_lora
+    from rlcourse.models import save_model
+
+    if lora_model is not None and recipe.method == "reward_model":
+        merge_lora(lora_model)  # in place: model.model is a plain transformers model again
+        return model, save_model(model, tokenizer, out / "model")
+    saved = save_model(model, tokenizer, out / "model")
+    if recipe.lora is not None and recipe.lora.merge and is_lora(model):
+        model = merge_lora(model)
+        save_model(model, tokenizer, out / "merged")
+    return model, saved
 
 
 def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
@@ -770,7 +845,8 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
                                   dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
                            reference_model=reference, max_length=recipe.max_length,
-                           seed=recipe.seed, disable_dropout=recipe.disable_dropout,
+                           seed=recipe.seed, reference_batch_size=recipe.reference_batch_size,
+                           disable_dropout=recipe.disable_dropout,
                            **recipe.loss)
     return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
 
