@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     ppo_seconds = time.perf_counter() - start
     main_eval = judge(actor, sft, tokenizer, eval_prompts, args.eval_samples, args.seed + 1000)
     print(f"PPO (kl_coef {args.kl_coef}, {args.steps} steps, {ppo_seconds:.0f} s): win rate vs "
-          f"SFT {main_eval['win_rate']:.3f} ± {main_eval['win_rate_stderr']:.3f}, "
+          f"SFT {main_eval['win_rate']:.3f} ± {main_eval['win_rate_stderr']:.3f} (share of "
+          f"gain {main_eval['share_of_gain']:.2f} of ceiling {main_eval['ceiling']:.3f}), "
           f"KL {main_eval['kl']:.2f}", flush=True)
 
     sweep = {}

@@ -96,6 +96,10 @@ class Lab:
         s = ev.summary()
         out = {
             "win_rate": s["win_rate"], "win_rate_stderr": s["win_rate_stderr"],
+            # the perfect assistant's win rate against the same SFT answers, and the share of
+            # the achievable gain, (WR - 1/2)/(ceiling - 1/2), with a paired bootstrap error
+            "ceiling": s["ceiling"], "share_of_gain": s["share_of_gain"],
+            "share_of_gain_stderr": s["share_of_gain_stderr"],
             "lc_win_rate": s["lc_win_rate"], "kl": s["kl"], "kl_stderr": s["kl_stderr"],
             "n_comparisons": ev.win.n, "wins": ev.win.wins, "ties": ev.win.ties,
             "losses": ev.win.losses,
@@ -132,8 +136,9 @@ class Lab:
             **self.evaluate(model),
         }
         print(f"  {method:6s} from {start} lr={lr:g} ep={epochs} {hp}: "
-              f"win {result['win_rate']:.3f} ± {result['win_rate_stderr']:.3f}  "
-              f"LC {result['lc_win_rate']:.3f}  KL {result['kl']:.2f}  "
+              f"win {result['win_rate']:.3f} ± {result['win_rate_stderr']:.3f} (share of gain "
+              f"{result['share_of_gain']:.2f})  LC {result['lc_win_rate']:.3f}  "
+              f"KL {result['kl']:.2f}  "
               f"len {result['model_mean_length']:.1f}  score {result['model_mean_score']:.3f}  "
               f"({run.train_seconds:.0f} s)", flush=True)
         if keep_model:

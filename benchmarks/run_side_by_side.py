@@ -12,8 +12,10 @@ method's tuned setting from ``benchmarks/run_preference_methods.py``.
 
 Each model is judged against the SFT model on the 200 held-out prompts, 5 samples per prompt, by
 the world's hidden true score (:func:`rlcourse.evaluation.evaluate_against`): win rate ± bootstrap
-standard error, length-controlled win rate, mean length and true score of the samples, KL to the
-SFT model. With ``--seeds N`` every method is trained N times (training seeds 0..N-1).
+standard error beside its ceiling (a perfect assistant's win rate against the same SFT answers)
+and share of gain (WR - 1/2)/(ceiling - 1/2), length-controlled win rate, mean length and true
+score of the samples, KL to the SFT model. With ``--seeds N`` every method is trained N times
+(training seeds 0..N-1).
 
 Usage::
 
@@ -72,8 +74,10 @@ LABELS = {"dpo": "DPO", "ipo": "IPO", "rdpo": "R-DPO", "kto": "KTO", "orpo": "OR
 METRICS = ("win_rate", "win_rate_stderr", "lc_win_rate", "model_mean_length",
            "model_mean_score", "kl", "model_share_flawed", "model_share_repetition",
            "model_share_false", "model_share_rude", "model_share_off_topic")
-#: Recorded for every run from now on; rows run before they were added lack them.
-EXTRA_METRICS = ("model_share_garbled",)
+#: Recorded for every run from now on; rows run before they were added lack them (the ceiling
+#: fields of older rows were added by benchmarks/annotate_ceiling.py). The ceiling is the perfect
+#: assistant's win rate against the same SFT answers; share_of_gain = (WR - 1/2)/(ceiling - 1/2).
+EXTRA_METRICS = ("model_share_garbled", "ceiling", "share_of_gain", "share_of_gain_stderr")
 
 
 def overrides(name: str, seed: int, data_dir: Path, out: Path) -> dict[str, Any]:
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                    **evaluate(result.model, sft, tok, prompts, args.eval_samples)}
             runs.append(row)
             print(f"  {LABELS[name]:16s} seed {seed}: win {row['win_rate']:.3f} ± "
-                  f"{row['win_rate_stderr']:.3f}  LC {row['lc_win_rate']:.3f}  "
+                  f"{row['win_rate_stderr']:.3f} (share of gain {row['share_of_gain']:.2f} of "
+                  f"ceiling {row['ceiling']:.3f})  LC {row['lc_win_rate']:.3f}  "
                   f"len {row['model_mean_length']:.1f}  score {row['model_mean_score']:.3f}  "
                   f"KL {row['kl']:.2f}  ({seconds:.0f} s)", flush=True)
         methods[name] = {"label": LABELS[name], "summary": summarise(runs), "runs": runs}

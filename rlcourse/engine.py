@@ -40,7 +40,8 @@ import torch
 from rlcourse.data import pad_collate
 from rlcourse.models import atomic_directory_write, sequence_logprobs
 
-__all__ = ["EpochSampler", "History", "TrainConfig", "sft_loss_fn", "target_tokens", "train"]
+__all__ = ["EpochSampler", "History", "TrainConfig", "planned_indices", "sft_loss_fn",
+           "target_tokens", "train"]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -54,7 +55,8 @@ class TrainConfig:
     ``schedule``: ``"cosine"``, ``"linear"`` or ``"constant"`` after ``warmup_steps`` of linear
     warm-up. ``mixed_precision``: ``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 on a GPU
     that supports it, else no). ``checkpoint_every=0`` disables checkpoints; ``eval_every=0``
-    evaluates only at the end.
+    evaluates only at the end. ``gradient_checkpointing``: keep only each decoder layer's input
+    and recompute the rest in the backward pass (identical gradients, about a third more compute).
     """
 
     lr: float = 1e-3
@@ -77,6 +79,9 @@ class TrainConfig:
     device: str = "auto"
     drop_last: bool = False
     progress: bool = True
+    #: Recompute each decoder layer in backward instead of storing its activations
+    #: (:func:`rlcourse.adapters.enable_gradient_checkpointing`): same gradients, less memory.
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -177,6 +182,35 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.n
+
+
+def planned_indices(n: int, config: TrainConfig, num_processes: int = 1) -> list[int]:
+    """The examples (indices into ``range(n)``) that :func:`train` will read, sorted.
+
+    :func:`train` walks epoch after epoch through the permutation of :class:`EpochSampler`; each
+    process reads ``ceil(B_e / P)`` micro-batches per epoch (``B_e = ceil(n / batch_size)``, or
+    ``floor`` with ``drop_last``; ``P`` processes, ``accelerate`` fills the last round from the
+    start of the epoch), and an optimizer step takes ``grad_accum_steps`` of them (the last of an
+    epoch may take fewer). Training stops after ``max_steps`` steps (or ``epochs`` epochs), so a
+    short run reads only the first ``(steps of the epoch) * grad_accum_steps * P * batch_size``
+    entries of the last epoch's permutation. Used to compute reference log-probs only for what
+    training reads (:func:`rlcourse.preference.train_preference`).
+    """
+    bs, accum = config.batch_size, config.grad_accum_steps
+    global_batches = n // bs if config.drop_last else math.ceil(n / bs)
+    per_process = math.ceil(global_batches / num_processes)
+    if per_process == 0:
+        return []
+    steps_per_epoch = max(1, math.ceil(per_process / accum))
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    sampler, used, step, epoch = EpochSampler(n, config.seed), set(), 0, 0
+    while step < total and len(used) < n:
+        sampler.set_epoch(epoch)
+        steps = min(steps_per_epoch, total - step)
+        batches = min(per_process, steps * accum) * num_processes
+        used.update(list(sampler)[: min(n, batches * bs)])
+        step, epoch = step + steps, epoch + 1
+    return sorted(used)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +408,10 @@ def train(
         # and a run resumed mid-epoch would see different random numbers in loss_fn.
         generator=torch.Generator().manual_seed(config.seed),
     )
+    if config.gradient_checkpointing:
+        from rlcourse.adapters import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # weight decay on matrices only, not on biases and norm gains
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},

@@ -7,6 +7,13 @@ error. Because judges, human or GPT-4, tend to prefer longer answers, AlpacaEval
 a *length-controlled* win rate: the win rate a logistic model predicts when both answers have
 the same length. And because a policy can win by drifting far from where it started, we also
 estimate KL(π‖π_ref) on the model's own samples.
+
+A win rate alone does not say how good a model is: against a baseline whose answers are often
+already perfect, even a perfect assistant ties those and cannot reach 1. So every win rate here
+comes with its **ceiling**, the win rate of an assistant that always gives the world's
+``best_response`` against the same baseline answers, and the **share of gain**
+(WR − ½)/(ceiling − ½), the part of the achievable improvement over the baseline a model
+realised (:func:`share_of_gain`, :func:`oracle_best_of_n`).
 """
 
 from __future__ import annotations
@@ -26,9 +33,16 @@ __all__ = [
     "LengthControlled",
     "SampleStats",
     "WinRate",
+    "ShareOfGain",
+    "best_of_n_win_rates",
     "bootstrap_stderr",
+    "ceiling_indicators",
+    "ceiling_summary",
     "compare_texts",
     "evaluate_against",
+    "oracle_best_of_n",
+    "perfect_assistant_scores",
+    "share_of_gain",
     "kl_to_reference",
     "length_controlled_win_rate",
     "sample_stats",
@@ -44,20 +58,29 @@ __all__ = [
 
 @dataclass(frozen=True)
 class WinRate:
-    """A win rate with its bootstrap standard error and the raw counts."""
+    """A win rate with its bootstrap standard error and the raw counts; when the best
+    achievable score was given (``win_rate(..., best=...)``), also the ceiling (the perfect
+    assistant's win rate against the same baseline) and the share of gain toward it."""
 
     rate: float
     stderr: float
     wins: int
     ties: int
     losses: int
+    ceiling: float = math.nan
+    share_of_gain: float = math.nan
+    share_of_gain_stderr: float = math.nan
 
     @property
     def n(self) -> int:
         return self.wins + self.ties + self.losses
 
     def __str__(self) -> str:
-        return f"{self.rate:.3f} ± {self.stderr:.3f} (W/T/L {self.wins}/{self.ties}/{self.losses})"
+        text = f"{self.rate:.3f} ± {self.stderr:.3f} (W/T/L {self.wins}/{self.ties}/{self.losses})"
+        if not math.isnan(self.ceiling):
+            text += (f"; ceiling {self.ceiling:.3f}, share of gain {self.share_of_gain:.2f} ± "
+                     f"{self.share_of_gain_stderr:.2f}")
+        return text
 
 
 def win_indicators(scores_a: Sequence[float], scores_b: Sequence[float]) -> np.ndarray:
@@ -95,6 +118,7 @@ def win_rate(
     scores_b: Sequence[float],
     n_bootstrap: int = 1000,
     seed: int = 0,
+    best: float | Sequence[float] | None = None,
 ) -> WinRate:
     r"""Win rate of a over b, ties counting half, with a bootstrap standard error.
 
@@ -102,18 +126,158 @@ def win_rate(
                + \tfrac12 [s^a_i = s^b_i]\Big)
 
     The standard error resamples the n comparisons with replacement
-    (:func:`bootstrap_stderr`).
+    (:func:`bootstrap_stderr`). With ``best`` (the best achievable score, one number or one per
+    comparison) the result also carries the ceiling C, the win rate of answers that score
+    ``best`` against the same b (:func:`ceiling_indicators`), and the share of gain
+    (WR − ½)/(C − ½) with its paired bootstrap error (:func:`share_of_gain`).
     """
     w = win_indicators(scores_a, scores_b)
     if w.size == 0:
         raise ValueError("win_rate needs at least one comparison")
+    extra = {}
+    if best is not None:
+        c = ceiling_indicators(scores_b, best)
+        gain = share_of_gain(w, c, n_bootstrap, seed)
+        extra = {"ceiling": gain.ceiling, "share_of_gain": gain.value,
+                 "share_of_gain_stderr": gain.stderr}
     return WinRate(
         rate=float(w.mean()),
         stderr=bootstrap_stderr(w, n_bootstrap, seed),
         wins=int((w == 1.0).sum()),
         ties=int((w == 0.5).sum()),
         losses=int((w == 0.0).sum()),
+        **extra,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The ceiling: how far above one half a win rate can go against this baseline
+# --------------------------------------------------------------------------------------------
+
+
+def ceiling_indicators(
+    baseline_scores: Sequence[float], best: float | Sequence[float]
+) -> np.ndarray:
+    r"""The perfect assistant's win indicators against the baseline's answers:
+
+    .. math::  c_i = [s^* > s^b_i] + \tfrac12 [s^* = s^b_i] \in \{\tfrac12, 1\}
+
+    with s* the best achievable score (one number, or one per comparison). Its mean is the
+    ceiling C = 1 − ½·(share of baseline answers that already score s*): those tie.
+
+    Raises ``ValueError`` if a baseline answer scores *above* ``best``: then ``best`` is not
+    the best, and a ceiling computed from it would be silently too low.
+    """
+    b = np.asarray(baseline_scores, dtype=np.float64)
+    top = np.broadcast_to(np.asarray(best, dtype=np.float64), b.shape)
+    above = np.flatnonzero(b > top + 1e-12)
+    if above.size:
+        i = int(above[0])
+        raise ValueError(f"baseline answer {i} scores {b[i]:g} > best {top[i]:g}: "
+                         "'best' is not the best achievable score")
+    return win_indicators(top, b)
+
+
+@dataclass(frozen=True)
+class ShareOfGain:
+    """(WR − ½)/(C − ½): the share of the achievable gain over the baseline, with a paired
+    bootstrap standard error; ``win_rate`` and ``ceiling`` are the two means it divides."""
+
+    value: float
+    stderr: float
+    win_rate: float
+    ceiling: float
+
+    def __str__(self) -> str:
+        return (f"{self.value:.2f} ± {self.stderr:.2f} of the gain (win rate {self.win_rate:.3f},"
+                f" ceiling {self.ceiling:.3f})")
+
+
+def share_of_gain(
+    wins: Sequence[float],
+    ceiling_wins: Sequence[float],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> ShareOfGain:
+    r"""Share of the achievable gain a model realised over the baseline.
+
+    With w_i the model's win indicators against the baseline answers b_i and c_i the perfect
+    assistant's against the *same* b_i (:func:`ceiling_indicators`):
+
+    .. math::  G = \frac{\bar w - \tfrac12}{\bar c - \tfrac12}
+
+    0 for a model no better than the baseline, 1 for the perfect assistant, negative for a
+    worse model. The standard error is a **paired** bootstrap: every resample draws the
+    comparisons i with replacement and takes *the same* i for numerator and denominator,
+    G^{(k)} = (\bar w^{(k)} − ½)/(\bar c^{(k)} − ½), and the error is the standard deviation
+    of the G^{(k)}. Pairing matters: both means are over the same baseline answers, so they
+    move together (for the perfect assistant w = c, G^{(k)} = 1 in every resample and the error
+    is exactly 0; resampling the two independently would report a spurious error). Resamples
+    whose ceiling is ½ (no gain possible in them) are left out. G is NaN when the ceiling is ½.
+    """
+    w = np.asarray(wins, dtype=np.float64)
+    c = np.asarray(ceiling_wins, dtype=np.float64)
+    if w.shape != c.shape or w.ndim != 1 or w.size == 0:
+        raise ValueError(f"wins and ceiling_wins must be two non-empty 1-d arrays of equal "
+                         f"length, got {w.shape}, {c.shape}")
+    wr, ceiling = float(w.mean()), float(c.mean())
+    value = (wr - 0.5) / (ceiling - 0.5) if ceiling > 0.5 else math.nan
+    stderr = math.nan
+    if w.size >= 2 and n_bootstrap >= 2 and not math.isnan(value):
+        rng = np.random.default_rng(seed)
+        ratios = []
+        chunk = max(1, 2_000_000 // w.size)
+        for start in range(0, n_bootstrap, chunk):
+            idx = rng.integers(w.size, size=(min(chunk, n_bootstrap - start), w.size))
+            num, den = w[idx].mean(axis=1) - 0.5, c[idx].mean(axis=1) - 0.5
+            ok = den > 0
+            ratios.append(num[ok] / den[ok])
+        r = np.concatenate(ratios)
+        stderr = float(r.std(ddof=1)) if r.size >= 2 else math.nan
+    return ShareOfGain(value=value, stderr=stderr, win_rate=wr, ceiling=ceiling)
+
+
+def perfect_assistant_scores(
+    prompts: Sequence[str], world: AssistantWorld | None = None
+) -> np.ndarray:
+    """The judge's score of :meth:`AssistantWorld.best_response` for every prompt: the perfect
+    assistant's answers, scored like any model's (each distinct prompt judged once)."""
+    world = world or DEFAULT_WORLD
+    cache: dict[str, float] = {}
+    for p in prompts:
+        if p not in cache:
+            cache[p] = world.true_score(p, world.best_response(p))
+    return np.array([cache[p] for p in prompts], dtype=np.float64)
+
+
+def best_of_n_win_rates(
+    candidate_scores: np.ndarray,
+    baseline_scores: Sequence[float],
+    ns: Sequence[int],
+    best: float | Sequence[float],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[int, WinRate]:
+    r"""Best-of-n by the true score against the baseline, for each n in ``ns``.
+
+    ``candidate_scores[i, j]`` is the true score of candidate j for comparison i; best-of-n
+    keeps s_i^{(n)} = max_{j<n} candidate_scores[i, j] (the first n candidates, so the sets are
+    nested) and compares it with baseline_scores[i] (:func:`win_rate` with ``best``: ceiling and
+    share of gain included). An oracle: it picks with the hidden judge itself, which no trained
+    method can do, so it shows how much a policy gains by merely *choosing* among its own
+    samples.
+    """
+    s = np.asarray(candidate_scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != len(baseline_scores):
+        raise ValueError(f"candidate_scores must be [n_comparisons, n_candidates], got {s.shape} "
+                         f"for {len(baseline_scores)} baseline scores")
+    out = {}
+    for n in ns:
+        if not 1 <= n <= s.shape[1]:
+            raise ValueError(f"n must be in 1..{s.shape[1]}, got {n}")
+        out[int(n)] = win_rate(s[:, :n].max(axis=1), baseline_scores, n_bootstrap, seed,
+                               best=best)
+    return out
 
 
 @dataclass(frozen=True)
@@ -243,7 +407,9 @@ def sample_stats(
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two sets of answers to the same prompts, judged side by side."""
+    """Two sets of answers to the same prompts, judged side by side. ``win`` carries the
+    ceiling and share of gain; ``ceiling`` is the perfect assistant's :class:`WinRate` against
+    the same b, ``floor`` that of an assistant that answers nothing (the empty answer)."""
 
     win: WinRate
     lc: LengthControlled
@@ -251,6 +417,8 @@ class Comparison:
     b: SampleStats
     scores_a: np.ndarray = field(repr=False)
     scores_b: np.ndarray = field(repr=False)
+    ceiling: WinRate | None = None
+    floor: WinRate | None = None
 
 
 def compare_texts(
@@ -261,20 +429,26 @@ def compare_texts(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> Comparison:
-    """Judge answers a and b to the same prompts: win rate of a over b (± bootstrap error),
-    length-controlled win rate (lengths in words), and both sets' :class:`SampleStats`."""
+    """Judge answers a and b to the same prompts: win rate of a over b (± bootstrap error)
+    with its ceiling and share of gain (the perfect assistant, :func:`perfect_assistant_scores`,
+    against the same b answers), the length-controlled win rate (lengths in words), the floor
+    (the empty answer against b) and both sets' :class:`SampleStats`."""
     world = world or DEFAULT_WORLD
     sa = np.array([world.true_score(p, t) for p, t in zip(prompts, texts_a, strict=True)])
     sb = np.array([world.true_score(p, t) for p, t in zip(prompts, texts_b, strict=True)])
     la = [len(tokens(t)) for t in texts_a]
     lb = [len(tokens(t)) for t in texts_b]
+    best = perfect_assistant_scores(prompts, world)
+    empty = np.array([world.true_score(p, "") for p in prompts])
     return Comparison(
-        win=win_rate(sa, sb, n_bootstrap, seed),
+        win=win_rate(sa, sb, n_bootstrap, seed, best=best),
         lc=length_controlled_win_rate(sa, sb, la, lb),
         a=sample_stats(prompts, texts_a, world),
         b=sample_stats(prompts, texts_b, world),
         scores_a=sa,
         scores_b=sb,
+        ceiling=win_rate(best, sb, n_bootstrap, seed),
+        floor=win_rate(empty, sb, n_bootstrap, seed, best=best),
     )
 
 
@@ -349,7 +523,8 @@ class Evaluation:
         return self.comparison.b
 
     def summary(self) -> dict[str, float]:
-        """A flat dict of the headline numbers (for printing or a results file)."""
+        """A flat dict of the headline numbers (for printing or a results file): the win rate
+        with its ceiling and share of gain (:func:`ceiling_summary`), LC, KL, sample stats."""
         out = {
             "win_rate": self.win.rate,
             "win_rate_stderr": self.win.stderr,
@@ -359,9 +534,24 @@ class Evaluation:
             "kl": self.kl,
             "kl_stderr": self.kl_stderr,
         }
+        out.update(ceiling_summary(self.comparison))
         out.update({f"model_{k}": v for k, v in self.model.as_dict().items()})
         out.update({f"baseline_{k}": v for k, v in self.baseline.as_dict().items()})
         return out
+
+
+def ceiling_summary(comparison: Comparison) -> dict[str, float]:
+    """The ceiling fields of a results file, as :meth:`Evaluation.summary` writes them:
+    ``ceiling`` (± ``ceiling_stderr``), ``share_of_gain`` (± ``share_of_gain_stderr``, paired
+    bootstrap) and ``floor_empty_answer`` (the win rate of the empty answer)."""
+    win, ceiling, floor = comparison.win, comparison.ceiling, comparison.floor
+    out = {"ceiling": win.ceiling, "share_of_gain": win.share_of_gain,
+           "share_of_gain_stderr": win.share_of_gain_stderr}
+    if ceiling is not None:
+        out["ceiling_stderr"] = ceiling.stderr
+    if floor is not None:
+        out["floor_empty_answer"] = floor.rate
+    return out
 
 
 def evaluate_against(
@@ -384,9 +574,12 @@ def evaluate_against(
 
     Samples ``n_samples`` answers per prompt from both models (different seeds), judges each
     pair with the world's true score, and returns the win rate of the model (ties half, ±
-    bootstrap stderr), the length-controlled win rate, both models' :class:`SampleStats`, and
-    KL(model ‖ reference) estimated on the model's samples (the reference defaults to the
-    baseline; see :func:`kl_to_reference`).
+    bootstrap stderr) beside its ceiling (the perfect assistant against the same baseline
+    answers) and share of gain (WR − ½)/(ceiling − ½) with a paired bootstrap error, the
+    length-controlled win rate, both models' :class:`SampleStats`, and KL(model ‖ reference)
+    estimated on the model's samples (the reference defaults to the baseline; see
+    :func:`kl_to_reference`). The baseline's answers use seed ``seed + 1``, so every
+    evaluation with the same seed, baseline and prompts has the same ceiling.
     """
     from rlcourse.models import generate
 
@@ -408,3 +601,51 @@ def evaluate_against(
         texts=list(gen.texts),
         baseline_texts=list(base.texts),
     )
+
+
+def oracle_best_of_n(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    ns: Sequence[int] = (1, 2, 4, 8),
+    baseline_model: Any = None,
+    world: AssistantWorld | None = None,
+    n_samples: int = 1,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+) -> dict[str, Any]:
+    """Best-of-n by the hidden true score, against the baseline's answers.
+
+    Draws the baseline's answers exactly as :func:`evaluate_against` does (``n_samples`` per
+    prompt, seed ``seed + 1``; the baseline defaults to ``model``), then max(ns) candidate
+    answers per comparison from ``model`` (candidate 0 with ``seed``, as
+    :func:`evaluate_against`'s model samples; candidate j ≥ 1 with ``seed + 1 + j``), and
+    returns ``{"ceiling": WinRate, "floor": WinRate, "best_of_n": {n: WinRate}, ...}``
+    (:func:`best_of_n_win_rates`). With ``model`` the SFT model and the default baseline,
+    best-of-1 is SFT against itself (≈ ½) and best-of-n climbs toward the ceiling.
+    """
+    from rlcourse.models import generate
+
+    world = world or DEFAULT_WORLD
+    baseline_model = baseline_model if baseline_model is not None else model
+    many = [p for p in prompts for _ in range(n_samples)]
+    base = generate(baseline_model, tokenizer, many, max_new_tokens=max_new_tokens,
+                    seed=seed + 1).texts
+    sb = np.array([world.true_score(p, t) for p, t in zip(many, base, strict=True)])
+    n_max = max(ns)
+    cands = np.empty((len(many), n_max))
+    for j in range(n_max):
+        texts = generate(model, tokenizer, many, max_new_tokens=max_new_tokens,
+                         seed=seed if j == 0 else seed + 1 + j).texts
+        cands[:, j] = [world.true_score(p, t) for p, t in zip(many, texts, strict=True)]
+    best = perfect_assistant_scores(many, world)
+    empty = np.array([world.true_score(p, "") for p in many])
+    return {
+        "ceiling": win_rate(best, sb, n_bootstrap, seed),
+        "floor": win_rate(empty, sb, n_bootstrap, seed, best=best),
+        "best_of_n": best_of_n_win_rates(cands, sb, ns, best, n_bootstrap, seed),
+        "baseline": sample_stats(many, base, world),
+        "candidate_scores": cands,
+        "baseline_scores": sb,
+    }

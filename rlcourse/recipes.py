@@ -26,8 +26,16 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
     dtype: null                 # weights at load: null (fp32 + mixed_precision), bf16, auto
     trust_remote_code: false
     reference_model: null       # a separate reference; default: a frozen copy of `model`
+    reference_batch_size: 64    # sequences per forward of the reference-log-prob pass
     loss: {beta: 0.1}
-    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto, ...}
+    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto,
+            gradient_checkpointing: false, ...}
+    lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, merge: false}
+
+``lora`` (any method but PPO; :mod:`rlcourse.adapters`): train low-rank adapters of the frozen
+model; the reference of DPO/IPO/R-DPO/KTO is then the model with its adapters disabled (no
+second copy). ``OUTPUT/model`` holds the adapter and the tokenizer; ``merge: true`` also writes
+``OUTPUT/merged``, a full model for ``AutoModelForCausalLM.from_pretrained``.
 
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
@@ -40,7 +48,8 @@ again after a crash and training continues from the newest checkpoint, exactly w
 Several GPUs: every process runs this same module; :func:`rlcourse.engine.train` lets
 ``accelerate`` shard the batches (the global batch is ``batch_size * grad_accum_steps *
 num_processes``), each process puts its model on its own device, and only the main process
-writes files. Each process computes the reference log-probs of the whole dataset once.
+writes files. Each process computes the reference log-probs once, of the examples training
+reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
 """
 
 from __future__ import annotations
@@ -83,6 +92,14 @@ _METHOD_KEYS = {
     **{m: {"data", "loss", "reference_model"} for m in ("dpo", "ipo", "rdpo", "kto")},
     **{m: {"data", "loss"} for m in ("orpo", "simpo")},
 }
+
+
+# Memory (rlcourse.adapters): LoRA for every method trained on the engine, and the batch of the
+# reference-log-prob pass for the methods that have one.
+for _m in ("sft", "reward_model", *PREFERENCE_METHODS):
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"lora"}
+for _m in ("dpo", "ipo", "rdpo", "kto"):
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"reference_batch_size"}
 
 
 class RecipeError(ValueError):
@@ -130,6 +147,8 @@ class Recipe:
     train: Any = None
     ppo: Any = None
     rollout: PPORollout | None = None
+    lora: Any = None
+    reference_batch_size: int = 64
     source: str = "<recipe>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +159,8 @@ class Recipe:
         for key in ("train", "ppo", "rollout"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
+        if out["lora"] is not None:
+            out["lora"] = out["lora"].to_dict()
         return out
 
 
@@ -331,6 +352,13 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
     recipe.train = _dataclass_section(TrainConfig, train, "train.", source, lines)
+    recipe.lora = _lora_section(raw, source, lines)
+    if "reference_batch_size" in raw:
+        value = raw["reference_batch_size"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecipeError(f"{_where(source, lines, 'reference_batch_size')}: must be a "
+                              f"positive integer, got {value!r}")
+        recipe.reference_batch_size = value
     if method != "reward_model":
         defaults = _loss_defaults(method)
         loss = _section(raw, "loss", source)
@@ -339,6 +367,23 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         recipe.loss = {k: _coerce(v, defaults[k], _where(source, lines, f"loss.{k}"))
                        for k, v in loss.items()}
     return recipe
+
+
+def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
+    """The ``lora:`` section as :class:`rlcourse.adapters.LoraSettings` (``None`` if absent)."""
+    from rlcourse.adapters import LoraSettings
+
+    if raw.get("lora") is None:
+        return None
+    section = _section(raw, "lora", source)
+    _check_keys(section, LoraSettings.field_names(), "lora.", source, lines, "the lora section")
+    for key, value in section.items():
+        try:  # validate one key at a time, so that the error names it
+            LoraSettings(**{key: _number_or(value)})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{_where(source, lines, f'lora.{key}')}: {err}") from None
+        section[key] = _number_or(value)
+    return LoraSettings(**section)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +437,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> Reci
     """
     from accelerate import PartialState
 
-    from rlcourse.models import load_model, save_model
+    from rlcourse.models import load_model
 
     train_device = getattr(recipe.train, "device", "auto")
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
@@ -402,6 +447,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> Reci
     model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
                                   trust_remote_code=recipe.trust_remote_code)
     model.train()
+    model, lora_model = _with_lora(recipe, model)
     if recipe.train is not None and not progress:
         recipe.train.progress = False
     summary: dict[str, Any] = {}
@@ -416,11 +462,44 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> Reci
     saved = None
     if save and state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        saved = save_model(model, tokenizer, out / "model")
+        model, saved = _save_trained(recipe, model, lora_model, tokenizer, out)
         _write_json(out / "history.json", history)
         _write_json(out / "recipe.json", {**recipe.to_dict(), "summary": summary})
     state.wait_for_everyone()
     return RecipeResult(recipe, model, tokenizer, history, saved, summary)
+
+
+def _with_lora(recipe: Recipe, model: Any) -> tuple[Any, Any]:
+    """``(model to train, peft model or None)``: with a ``lora`` section every base weight is
+    frozen and adapters are trained. A reward model wraps the adapted backbone itself (its head
+    stays fully trained)."""
+    if recipe.lora is None:
+        return model, None
+    from rlcourse.adapters import apply_lora
+
+    lora_model = apply_lora(model, recipe.lora, seed=recipe.seed)
+    if recipe.method == "reward_model":
+        return lora_model.get_base_model(), lora_model
+    return lora_model, lora_model
+
+
+def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, out: Path
+                  ) -> tuple[Any, Path]:
+    """Save ``OUTPUT/model``: the full model, or under LoRA the adapter (``adapter_config.json``,
+    ``adapter_model.safetensors``) and the tokenizer; with ``lora.merge`` also ``OUTPUT/merged``,
+    the adapters folded into the weights (plain ``from_pretrained``). A reward model under LoRA
+    is always saved merged (its loader reads a full backbone)."""
+    from rlcourse.adapters import is_lora, merge_lora
+    from rlcourse.models import save_model
+
+    if lora_model is not None and recipe.method == "reward_model":
+        merge_lora(lora_model)  # in place: model.model is a plain transformers model again
+        return model, save_model(model, tokenizer, out / "model")
+    saved = save_model(model, tokenizer, out / "model")
+    if recipe.lora is not None and recipe.lora.merge and is_lora(model):
+        model = merge_lora(model)
+        save_model(model, tokenizer, out / "merged")
+    return model, saved
 
 
 def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
@@ -446,7 +525,8 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
                                   dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
                            reference_model=reference, max_length=recipe.max_length,
-                           seed=recipe.seed, **recipe.loss)
+                           seed=recipe.seed, reference_batch_size=recipe.reference_batch_size,
+                           **recipe.loss)
     return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
 
 
