@@ -111,6 +111,24 @@ def test_grad_accumulation_1x8_equals_8x1(tok, items):
         assert torch.allclose(dict(small.named_parameters())[k], v, atol=1e-5), k
 
 
+def test_token_mean_with_accumulation_equals_one_big_batch(tok, items):
+    # The default SFT loss is a mean over all completion tokens of the optimizer step. Items of
+    # unequal length make micro-batch token means differ from it: the engine must hand
+    # sft_loss_fn the step's token count, summed over its micro-batches.
+    big = _model(tok)
+    h_big = train(big, sft_loss_fn, items[:16], _cfg(batch_size=8, grad_accum_steps=1,
+                                                     max_steps=2))
+    small = _model(tok)
+    h_small = train(small, sft_loss_fn, items[:16], _cfg(batch_size=2, grad_accum_steps=4,
+                                                         max_steps=2))
+    for k, v in _params(big).items():
+        torch.testing.assert_close(dict(small.named_parameters())[k], v, rtol=0, atol=1e-5)
+    # the logged loss (mean over micro-batches) is the big batch's token mean too
+    assert h_small.series("loss")[1] == pytest.approx(h_big.series("loss")[1], abs=1e-6)
+    assert h_small.series("nll_per_token")[1] == pytest.approx(h_big.series("loss")[1],
+                                                               abs=1e-6)
+
+
 def test_one_step_equals_plain_pytorch(tok, items):
     # Oracle: the textbook loop without accelerate. Whole dataset in one batch (order-free),
     # no clipping, constant lr, no weight decay.
