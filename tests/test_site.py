@@ -69,6 +69,7 @@ def test_toc_groups_chapters_into_the_four_parts_in_chapter_order(tmp_path):
         tmp_path,
         "intro.md", "notation.md", "glossary.md", "bibliography.md",
         "10_orpo.ipynb", "02_markov.ipynb", "01_why.ipynb", "15_beyond.ipynb", "04_pg.ipynb",
+        "16_own.ipynb",
         "08_ppo.ipynb", "09_dpo.ipynb", "13_side.ipynb", "14_real.ipynb", "03_values.ipynb",
         "scratch.ipynb", "1_not_a_chapter.ipynb", "05-dash.ipynb",
     )
@@ -84,7 +85,7 @@ def test_toc_groups_chapters_into_the_four_parts_in_chapter_order(tmp_path):
             {"caption": "Part III: Preference optimisation", "numbered": 1,
              "chapters": [{"file": "09_dpo"}, {"file": "10_orpo"}, {"file": "13_side"}]},
             {"caption": "Part IV: Scaling up and beyond", "numbered": 1,
-             "chapters": [{"file": "14_real"}, {"file": "15_beyond"}]},
+             "chapters": [{"file": "14_real"}, {"file": "15_beyond"}, {"file": "16_own"}]},
             {"caption": "Reference",
              "chapters": [{"file": "notation"}, {"file": "glossary"}, {"file": "bibliography"}]},
         ],
