@@ -78,8 +78,12 @@ __all__ = [
 ]
 
 #: Every method a recipe can name.
-METHODS = ("sft", "reward_model", "ppo", "dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+METHODS = ("sft", "reward_model", "ppo", "grpo", "rloo", "dpo", "ipo", "rdpo", "kto", "orpo",
+           "simpo")
 PREFERENCE_METHODS = ("dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+#: Methods that sample from the policy: they read ``prompts`` and have a ``rollout`` section.
+ONLINE_METHODS = ("ppo", "grpo", "rloo")
+GROUP_METHODS = ("grpo", "rloo")
 
 #: Top-level keys: common to every method, then those of one method only.
 _COMMON_KEYS = {"method", "model", "output", "max_length", "truncation", "dtype",
@@ -88,6 +92,8 @@ _METHOD_KEYS = {
     "sft": {"data", "loss"},
     "reward_model": {"data"},
     "ppo": {"prompts", "reward_model", "ppo", "rollout"},
+    **{m: {"prompts", "reward_model", "reward_fn", "reference_model", "group", "rollout"}
+       for m in GROUP_METHODS},
     # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
     **{m: {"data", "loss", "reference_model"} for m in ("dpo", "ipo", "rdpo", "kto")},
     **{m: {"data", "loss"} for m in ("orpo", "simpo")},
@@ -121,6 +127,31 @@ class PPORollout:
     max_new_tokens: int = 64
     lr: float = 1e-6
     separate_critic: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class GroupRollout:
+    """The ``rollout`` section of a GRPO or RLOO recipe (:func:`rlcourse.grpo.train_group_lm`).
+
+    ``steps`` updates, each on ``group.n_prompts`` prompts x ``group.group_size`` answers of at
+    most ``max_new_tokens`` tokens; AdamW at ``lr`` with ``weight_decay``. ``device``:
+    ``auto`` (a GPU per process if there is one) or ``cpu`` (several processes talk over gloo);
+    ``mixed_precision``: ``no``, ``bf16``, ``fp16`` or ``auto``. Every ``checkpoint_every`` steps
+    (0: only at the end) the policy, optimizer, RNG states and step go to
+    ``OUTPUT/checkpoints`` (the newest ``keep_checkpoints`` kept); rerunning the same command
+    resumes.
+    """
+
+    steps: int = 100
+    max_new_tokens: int = 64
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -146,7 +177,9 @@ class Recipe:
     loss: dict[str, Any] = field(default_factory=dict)
     train: Any = None
     ppo: Any = None
-    rollout: PPORollout | None = None
+    rollout: PPORollout | GroupRollout | None = None
+    group: Any = None
+    reward_fn: str | None = None
     lora: Any = None
     reference_batch_size: int = 64
     source: str = "<recipe>"
@@ -156,7 +189,7 @@ class Recipe:
         from dataclasses import asdict
 
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("train", "ppo", "rollout"):
+        for key in ("train", "ppo", "rollout", "group"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
         if out["lora"] is not None:
@@ -266,7 +299,12 @@ def _dataclass_section(cls: type, values: Mapping[str, Any], prefix: str, source
               for k, v in values.items()}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a check in __post_init__: its message starts with the field
+        first = str(err).split()[0] if str(err) else ""
+        key = f"{prefix}{first}" if first in defaults else prefix.rstrip(".")
+        raise RecipeError(f"{_where(source, lines, key)}: {err}") from None
 
 
 def _loss_defaults(method: str) -> dict[str, Any]:
@@ -320,8 +358,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
                           f"{', '.join(METHODS)}, got {raw.get('method')!r}")
     known = _COMMON_KEYS | _METHOD_KEYS[method]
     _check_keys(raw, sorted(known), "", source, lines, f"a {method} recipe")
-    for key in ("model", "output", *(("prompts", "reward_model") if method == "ppo"
-                                     else ("data",))):
+    needed = {"ppo": ("prompts", "reward_model"), "grpo": ("prompts",), "rloo": ("prompts",)}
+    for key in ("model", "output", *needed.get(method, ("data",))):
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
                               f"command line, e.g. --{key.replace('_', '-')} PATH)")
@@ -332,7 +370,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     recipe = Recipe(
         method=method, model=str(raw["model"]), output=str(raw["output"]),
         data=raw.get("data"), prompts=raw.get("prompts"), reward_model=raw.get("reward_model"),
-        reference_model=raw.get("reference_model"),
+        reference_model=raw.get("reference_model"), reward_fn=raw.get("reward_fn"),
         max_length=int(_coerce(raw.get("max_length", 512), 512,
                                _where(source, lines, "max_length"))),
         truncation=truncation, dtype=raw.get("dtype"),
@@ -348,6 +386,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             raise RecipeError(f"{_where(source, lines, 'train')}: a PPO recipe takes its "
                               "settings from the 'ppo' and 'rollout' sections")
         return recipe
+    if method in GROUP_METHODS:
+        return _group_sections(recipe, raw, lines)
     train = _section(raw, "train", source)
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
@@ -367,6 +407,76 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         recipe.loss = {k: _coerce(v, defaults[k], _where(source, lines, f"loss.{k}"))
                        for k, v in loss.items()}
     return recipe
+
+
+def _group_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, int]
+                    ) -> Recipe:
+    """GRPO / RLOO: the reward (a model directory or a function), ``group`` and ``rollout``."""
+    from rlcourse.grpo import GroupConfig
+
+    source, method = recipe.source, recipe.method
+    if bool(recipe.reward_model) == bool(recipe.reward_fn):
+        key = "reward_fn" if recipe.reward_fn else "reward_model"
+        raise RecipeError(f"{_where(source, lines, key)}: give exactly one of reward_model (a "
+                          "reward model directory) and reward_fn (a Python function "
+                          "'module:function')")
+    if recipe.reward_fn:
+        load_reward_fn(recipe.reward_fn, _where(source, lines, "reward_fn"))
+    if "train" in raw:
+        raise RecipeError(f"{_where(source, lines, 'train')}: a {method} recipe takes its "
+                          "settings from the 'group' and 'rollout' sections")
+    group = _section(raw, "group", source)
+    advantage = group.setdefault("advantage", method)
+    allowed = ("grpo", "dr_grpo") if method == "grpo" else ("rloo",)
+    if advantage not in allowed:
+        raise RecipeError(f"{_where(source, lines, 'group.advantage')}: a {method} recipe "
+                          f"takes advantage {' or '.join(allowed)}, got {advantage!r}")
+    recipe.group = _dataclass_section(GroupConfig, group, "group.", source, lines)
+    recipe.rollout = _dataclass_section(GroupRollout, _section(raw, "rollout", source),
+                                        "rollout.", source, lines)
+    return recipe
+
+
+def load_reward_fn(spec: Any, where: str = "reward_fn") -> Any:
+    """The function a recipe's ``reward_fn: module:function`` names, imported.
+
+    ``module`` is a dotted module name (importable from the working directory or the Python
+    path) or a path to a ``.py`` file. The function is called as ``fn(prompts, completions)``
+    with two lists of strings and returns one float per completion. Any problem is a
+    :class:`RecipeError` that starts with ``where`` (the file, line and key).
+    """
+    import importlib
+    import importlib.util
+
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise RecipeError(f"{where}: expected 'module:function' (e.g. my_verifiers:exact_match "
+                          f"or path/to/verifiers.py:exact_match), got {spec!r}")
+    module_name, fn_name = (part.strip() for part in spec.split(":"))
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise RecipeError(f"{where}: {path}: no such file")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does: the working directory
+            module = importlib.import_module(module_name)
+    except RecipeError:
+        raise
+    except ModuleNotFoundError as err:
+        raise RecipeError(f"{where}: cannot import module {module_name!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- any error while importing the user's module
+        raise RecipeError(f"{where}: importing {module_name!r} failed: "
+                          f"{type(err).__name__}: {err}") from None
+    if not hasattr(module, fn_name):
+        raise RecipeError(f"{where}: module {module_name!r} has no function {fn_name!r}")
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise RecipeError(f"{where}: {module_name}:{fn_name} is not callable")
+    return fn
 
 
 def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
@@ -406,7 +516,7 @@ def _read_data(recipe: Recipe) -> list[Any]:
     """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
     from rlcourse.data import load_preferences, load_sft, load_unpaired, read_jsonl
 
-    key = "prompts" if recipe.method == "ppo" else "data"
+    key = "prompts" if recipe.method in ONLINE_METHODS else "data"
     path = Path(getattr(recipe, key))
     if not path.is_file():
         raise RecipeError(f"{recipe.source}: {key}: {path}: no such file")
@@ -439,7 +549,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> Reci
 
     from rlcourse.models import load_model
 
-    train_device = getattr(recipe.train, "device", "auto")
+    train_device = getattr(recipe.train or recipe.rollout, "device", "auto")
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
     # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
     state = PartialState(cpu=train_device == "cpu")
@@ -453,6 +563,8 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> Reci
     summary: dict[str, Any] = {}
     if recipe.method == "ppo":
         model, history = _run_ppo(recipe, model, tokenizer, state, progress)
+    elif recipe.method in GROUP_METHODS:
+        model, history, summary = _run_group(recipe, model, tokenizer, progress)
     else:
         rows = _read_data(recipe)
         model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
@@ -568,6 +680,40 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, state: Any, progress: b
     return ppo.language_model(policy), history
 
 
+def _run_group(recipe: Recipe, model: Any, tokenizer: Any, progress: bool):
+    """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
+    function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
+    from rlcourse import grpo, ppo
+    from rlcourse.models import RewardModel, load_model
+
+    prompts = _read_data(recipe)
+    device = str(next(model.parameters()).device)
+    if recipe.reward_fn:
+        fn = load_reward_fn(recipe.reward_fn, f"{recipe.source}: reward_fn")
+    else:
+        from rlcourse.online import reward_model_scorer
+
+        rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
+                                         trust_remote_code=recipe.trust_remote_code)
+        fn = reward_model_scorer(rm, tokenizer)
+    reference = None
+    if recipe.group.kl_coef:
+        if recipe.reference_model:
+            reference, _ = load_model(recipe.reference_model, device=device, dtype=recipe.dtype,
+                                      trust_remote_code=recipe.trust_remote_code)
+            reference = ppo.freeze(reference)
+        else:
+            reference = ppo.freeze(model)
+    r = recipe.rollout
+    history = grpo.train_group_lm(
+        model, tokenizer, prompts, fn, recipe.group, r.steps, lr=r.lr,
+        max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
+        checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
+        keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
+        weight_decay=r.weight_decay, progress=progress)
+    return model, history, {"n_prompts_in_file": len(prompts)}
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -580,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
     parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO 'prompts')")
-    parser.add_argument("--reward-model", help="PPO: reward model directory")
+    parser.add_argument("--reward-model", help="PPO, GRPO, RLOO: reward model directory")
     parser.add_argument("--output", help="output directory (overrides 'output')")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved recipe, train nothing")
@@ -596,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             method = (yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}).get(
                 "method", "")
-            overrides["prompts" if str(method).lower() == "ppo" else "data"] = args.data
+            overrides["prompts" if str(method).lower() in ONLINE_METHODS else "data"] = args.data
         recipe = load_recipe(args.recipe, overrides)
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))
