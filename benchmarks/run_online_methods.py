@@ -61,8 +61,10 @@ EVAL_SEED = 1000
 RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "online_dpo": ("online_dpo", "annotator",
                    {"rounds": 8, "beta": 0.5, "lr": 5e-4, "reference": "sft"}),
+    "online_dpo_16r": ("online_dpo", "annotator",
+                       {"rounds": 16, "beta": 0.2, "lr": 5e-4, "reference": "sft"}),
     "online_dpo_prev": ("online_dpo", "annotator",
-                        {"rounds": 8, "beta": 0.5, "lr": 5e-4, "reference": "previous"}),
+                        {"rounds": 16, "beta": 0.5, "lr": 5e-4, "reference": "previous"}),
     "online_dpo_rm": ("online_dpo", "reward_model",
                       {"rounds": 8, "beta": 0.5, "lr": 5e-4, "reference": "sft"}),
     "rsft": ("rsft", "reward_model", {"rounds": 3, "n": 8, "lr": 5e-4}),
@@ -73,10 +75,11 @@ RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
              {"advantage": "rloo", "steps": 60, "lr": 1e-4, "kl_coef": 0.05, "n_prompts": 16,
               "group_size": 8, "epochs": 2, "minibatch_size": 32}),
 }
-LABELS = {"online_dpo": "online DPO (annotator, ref SFT)",
-          "online_dpo_prev": "online DPO (annotator, ref previous round)",
+LABELS = {"online_dpo": "online DPO (annotator, ref SFT, 8 rounds, beta 0.5)",
+          "online_dpo_16r": "online DPO (annotator, ref SFT, 16 rounds, beta 0.2)",
+          "online_dpo_prev": "online DPO (annotator, ref previous round, 16 rounds)",
           "online_dpo_rm": "online DPO (reward-model labels)",
-          "rsft": "rejection-sampling FT (RM best-of-n)",
+          "rsft": "rejection-sampling FT (RM best-of-8)",
           "grpo": "GRPO (RM reward)", "rloo": "RLOO (RM reward)"}
 METRICS = ("win_rate", "win_rate_stderr", "lc_win_rate", "model_mean_length",
            "model_mean_score", "kl", "model_share_flawed", "model_share_repetition",
@@ -208,6 +211,37 @@ def run_grid(names: list[str], seeds: list[int], quick: bool, out: Path,
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+
+def run_parallel(names: list[str], seeds: list[int], jobs: int, out: Path,
+                 overopt: bool = False, quick: bool = False) -> None:
+    """Every (method, seed) as its own one-thread process, ``jobs`` at a time (a machine with
+    more cores than this one); each writes its own JSONL file, appended to ``out`` at the end.
+    The reward model is trained (or loaded) once before the fan-out."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(min(8, jobs))  # the reward model, before the one-thread runs
+    reward_model(load_world())
+    parts = REPO_ROOT / "runs" / "online" / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    script = str(Path(__file__).resolve())
+    q = ["--quick"] if quick else []
+    cmds = [[sys.executable, script, "--overopt", *q]] if overopt else []
+    cmds += [[sys.executable, script, *q, "--methods", n, "--seeds", "1", "--first-seed", str(s),
+              "--out", str(parts / f"{n}_{s}.jsonl")] for n in names for s in seeds]
+
+    def one(cmd: list[str]) -> int:
+        name = "overopt" if "--overopt" in cmd else Path(cmd[-1]).stem
+        with (parts / f"{name}.log").open("w") as log:
+            return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = list(pool.map(one, cmds))
+    print("exit codes", codes, flush=True)
+    with out.open("a", encoding="utf-8") as fh:
+        for f in sorted(parts.glob("*.jsonl")):
+            fh.write(f.read_text())
 
 
 def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str, Any]:
@@ -348,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="record the runs under this method name")
     parser.add_argument("--out", type=Path, default=RUNS_FILE)
     parser.add_argument("--summarise", action="store_true")
+    parser.add_argument("--jobs", type=int, default=0, help="run (method, seed) pairs in "
+                        "this many parallel processes")
+    parser.add_argument("--with-overopt", action="store_true", help="with --jobs: also --overopt")
     parser.add_argument("--overopt", action="store_true")
     parser.add_argument("--n-max", type=int, default=64)
     parser.add_argument("--rl-steps", type=int, default=80)
@@ -362,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.overopt:
         overoptimisation(args.quick, 16 if args.quick else args.n_max,
-                         4 if args.quick else args.rl_steps, 2 if args.quick else args.rl_every)
+                         4 if args.quick else args.rl_steps, 2 if args.quick else args.rl_every,
+                         out=REPO_ROOT / "runs" / "overopt_quick.json" if args.quick else OVEROPT)
         return
     names = args.methods.split(",")
     unknown = [n for n in names if n not in RUNS]
@@ -375,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
+    if args.jobs:
+        run_parallel(names, list(range(args.first_seed, args.first_seed + args.seeds)),
+                     args.jobs, args.out, args.with_overopt, args.quick)
+        return
     out = args.out if not args.quick or args.out != RUNS_FILE else REPO_ROOT / "runs" / "q.jsonl"
     run_grid(names, list(range(args.first_seed, args.first_seed + args.seeds)), args.quick, out,
              overrides, args.tag)

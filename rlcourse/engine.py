@@ -40,8 +40,8 @@ import torch
 from rlcourse.data import pad_collate
 from rlcourse.models import atomic_directory_write, sequence_logprobs
 
-__all__ = ["EpochSampler", "History", "TrainConfig", "planned_indices", "sft_loss_fn",
-           "target_tokens", "train"]
+__all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
+           "planned_indices", "sft_loss_fn", "target_tokens", "train"]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -278,6 +278,60 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[st
     return state
 
 
+@contextlib.contextmanager
+def dropout_disabled(model: torch.nn.Module, disable: bool = True) -> Iterator[int]:
+    """Within the block every dropout of ``model`` is off (restored afterwards); yields how many
+    dropout sites were switched off.
+
+    Preference losses compare the policy's log-probs with the reference's, which are computed
+    in eval mode (no dropout): with dropout on in training, ``pi_theta != pi_ref`` at step 0
+    although the weights are equal (GPT-2's first DPO loss is about 0.70 instead of
+    ``ln 2``). TRL's ``disable_dropout=True`` does the same. Covers ``nn.Dropout`` modules and
+    the ``attention_dropout`` probability that Llama-style attention keeps as a float (and, as
+    in TRL, the dropout of LoRA adapters).
+    """
+    changed: list[tuple[Any, str, float]] = []
+    if disable:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout) and module.p > 0:
+                changed.append((module, "p", module.p))
+            value = getattr(module, "attention_dropout", None)
+            if isinstance(value, float) and value > 0:
+                changed.append((module, "attention_dropout", value))
+        for module, attr, _ in changed:
+            setattr(module, attr, 0.0)
+    try:
+        yield len(changed)
+    finally:
+        for module, attr, value in changed:
+            setattr(module, attr, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Guards: a non-finite loss or weight stops the run before anything is written
+# --------------------------------------------------------------------------------------------
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/inf loss or weight; nothing from that point on was saved."""
+
+
+def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (one device sync in all)."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    return [n for (n, _), good in zip(named, ok.tolist(), strict=True) if not good]
+
+
+def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) -> None:
+    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    raise NonFiniteError(
+        f"{what} at optimizer step {step} (lr={config.lr:g}): training stopped and nothing "
+        f"from this point was saved; {kept}. Lower the lr, look for empty completions, or use "
+        "bf16 instead of fp16")
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -444,7 +498,17 @@ def train(
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
         accelerator.print(f"resuming from {found[-1]} (step {step})")
 
+    def check_weights() -> None:
+        bad = _nonfinite_weights(model)
+        # Collective, so that every process stops together (each may hold its own shard).
+        count = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device),
+                                   "sum")
+        if count.item() > 0:
+            names = f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
+            _stop_nonfinite(f"non-finite weights{names}", step, config, ckpt_dir)
+
     def checkpoint(batches_in_epoch: int) -> None:
+        check_weights()  # never write a NaN model: the last good checkpoint stays the newest
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "history": history.rows, "config": config.to_dict()}
         if accelerator.is_main_process:
@@ -488,6 +552,15 @@ def train(
                     for k, v in {"loss": loss, **metrics}.items():
                         sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
                     tokens += _count_tokens(batch)
+                # A NaN/inf loss on any process stops every process together (one small
+                # all-reduce per step), before the update and before anything is written.
+                losses = torch.stack(sums["loss"][-len(window):])
+                finite = torch.isfinite(losses)
+                bad = torch.tensor(float(not finite.all()), device=accelerator.device)
+                if accelerator.reduce(bad, "sum").item() > 0:
+                    what = (f"the loss is {losses[~finite][0].item()}" if not finite.all()
+                            else "the loss is not finite on another process")
+                    _stop_nonfinite(what, step + 1, config, ckpt_dir)
                 grad_norm = accelerator.clip_grad_norm_(
                     model.parameters(), config.max_grad_norm or float("inf"))
                 optimizer.step()
@@ -499,10 +572,7 @@ def train(
                 if step % config.log_every == 0 or step == total:
                     dt = max(time.perf_counter() - t0, 1e-9)
                     row, tokens = _reduce_metrics(accelerator, sums, tokens)
-                    if not math.isfinite(row["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {row['loss']} at step {step}: lower the lr, look for "
-                            "empty completions, or use bf16 instead of fp16")
+                    check_weights()
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
                                 tokens_per_s=tokens / dt,
@@ -520,6 +590,7 @@ def train(
                     break
             else:  # the epoch ran to its end
                 epoch, skip = epoch + 1, 0
+        check_weights()  # the caller saves the model next
         if eval_fn is not None and evaluated_at != step:
             evaluate()
     finally:

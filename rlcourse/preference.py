@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from rlcourse.adapters import adapters_disabled, is_lora
-from rlcourse.data import Record, pad_collate, tokenize_preferences, tokenize_unpaired
-from rlcourse.engine import TrainConfig, planned_indices, train
+from rlcourse.data import DataError, Record, pad_collate, tokenize_preferences, tokenize_unpaired
+from rlcourse.engine import TrainConfig, dropout_disabled, planned_indices, train
 from rlcourse.losses import (
     OBJECTIVES,
     dpo_loss,
@@ -190,7 +190,7 @@ def tokenize_kto(
     for i, r in enumerate(rows):
         if not isinstance(r["label"], (bool, np.bool_)):
             where = r.where if isinstance(r, Record) else f"row {i}"
-            raise ValueError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
+            raise DataError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
     items = tokenize_unpaired(tokenizer, rows, max_length, truncation=truncation)
     prompts = [r["prompt"] for r in rows]
     partners = mismatched_partners(prompts, seed)
@@ -599,6 +599,7 @@ def train_preference(
     seed: int = 0,
     reference_batch_size: int = 64,
     engine_kwargs: dict[str, Any] | None = None,
+    disable_dropout: bool = True,
     **hyperparameters: Any,
 ) -> PreferenceRun:
     """Train ``model`` in place with preference method ``method`` on ``data``.
@@ -611,6 +612,10 @@ def train_preference(
     Methods with a reference model use ``reference_model`` or, by default, a frozen copy of
     ``model`` as it is now (the SFT model); its log-probs are computed once and the copy is
     released before the first step.
+
+    ``disable_dropout`` (default, as TRL): the policy trains with its dropout off
+    (:func:`rlcourse.engine.dropout_disabled`), so that it is scored the way the reference was
+    (in eval mode) and the first DPO loss is exactly ``ln 2``; ``False`` keeps the dropout.
     """
     method = method.lower()
     objective = OBJECTIVES[method]
@@ -647,7 +652,8 @@ def train_preference(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    history = train(model, loss_fn, items, config, **(engine_kwargs or {}))
+    with dropout_disabled(model, disable_dropout):
+        history = train(model, loss_fn, items, config, **(engine_kwargs or {}))
     train_seconds = time.perf_counter() - start
 
     # 4. Costs: tokens forwarded per second (chosen + rejected, all epochs), peak memory.

@@ -24,9 +24,10 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
     dtype: null                 # weights at load: null (fp32 + mixed_precision), bf16, auto
-    trust_remote_code: false
+    trust_remote_code: false    # a YAML boolean: "false" (quoted) is an error, not true
     reference_model: null       # a separate reference; default: a frozen copy of `model`
     reference_batch_size: 64    # sequences per forward of the reference-log-prob pass
+    disable_dropout: true       # preference methods and reward_model: train with dropout off
     loss: {beta: 0.1}
     train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto,
             gradient_checkpointing: false, ...}
@@ -37,6 +38,15 @@ model; the reference of DPO/IPO/R-DPO/KTO is then the model with its adapters di
 second copy). ``OUTPUT/model`` holds the adapter and the tokenizer; ``merge: true`` also writes
 ``OUTPUT/merged``, a full model for ``AutoModelForCausalLM.from_pretrained``.
 
+Every value is checked against the type its trainer declares (booleans are YAML ``true``/
+``false``, integers are integers, ``dtype`` is one of null, auto, fp32, bf16, fp16) and against
+its range (``lr``, ``beta``, ``tau`` > 0, ``label_smoothing`` in [0, 0.5), KTO's
+``batch_size`` >= 2, ...): a bad one is a :class:`RecipeError` naming the file, the line and the
+key. ``max_length`` must fit the model's position embeddings. Data errors (an empty file, a
+malformed row, an over-long example) reach the command line as one line ``file:line: what``
+with exit code 2; a run whose loss or weights turn NaN/inf stops with exit code 1, saving
+nothing from that point (the last good checkpoint stays).
+
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
 ``rollout`` section (:class:`PPORollout`); it runs in one process and does not resume.
@@ -44,12 +54,19 @@ PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
 again after a crash and training continues from the newest checkpoint, exactly where it stopped
 (the engine restores optimiser, scheduler, RNG states and the position in the epoch).
+``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, and
+the SHA-256 of the data): a rerun with another method, data or hyperparameter into the same
+OUTPUT is an error naming the keys that differ, a rerun of a finished run says so and trains
+nothing, and ``--overwrite`` starts afresh (removing only the files a run writes).
 
 Several GPUs: every process runs this same module; :func:`rlcourse.engine.train` lets
 ``accelerate`` shard the batches (the global batch is ``batch_size * grad_accum_steps *
 num_processes``), each process puts its model on its own device, and only the main process
 writes files. Each process computes the reference log-probs once, of the examples training
 reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
+Launched by ``torchrun`` on a machine without GPUs, the processes train together on the CPU
+(gloo), as with ``train.device=cpu``; ``accelerate launch --cpu --num_processes N`` (which
+starts one process) is refused with the command that works.
 """
 
 from __future__ import annotations
@@ -58,6 +75,7 @@ import argparse
 import copy
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -68,10 +86,12 @@ from typing import Any
 
 __all__ = [
     "METHODS",
+    "GroupRollout",
     "PPORollout",
     "Recipe",
     "RecipeError",
     "load_recipe",
+    "load_reward_fn",
     "main",
     "parse_overrides",
     "run_recipe",
@@ -95,9 +115,11 @@ _METHOD_KEYS = {
     **{m: {"prompts", "reward_model", "reward_fn", "reference_model", "group", "rollout"}
        for m in GROUP_METHODS},
     # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
-    **{m: {"data", "loss", "reference_model"} for m in ("dpo", "ipo", "rdpo", "kto")},
-    **{m: {"data", "loss"} for m in ("orpo", "simpo")},
+    **{m: {"data", "loss", "reference_model", "disable_dropout"}
+       for m in ("dpo", "ipo", "rdpo", "kto")},
+    **{m: {"data", "loss", "disable_dropout"} for m in ("orpo", "simpo")},
 }
+_METHOD_KEYS["reward_model"] |= {"disable_dropout"}
 
 
 # Memory (rlcourse.adapters): LoRA for every method trained on the engine, and the batch of the
@@ -127,8 +149,6 @@ class PPORollout:
     max_new_tokens: int = 64
     lr: float = 1e-6
     separate_critic: bool = True
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -180,21 +200,27 @@ class Recipe:
     rollout: PPORollout | GroupRollout | None = None
     group: Any = None
     reward_fn: str | None = None
+    disable_dropout: bool = True
     lora: Any = None
     reference_batch_size: int = 64
     source: str = "<recipe>"
+    lines: dict[str, int] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what ``OUTPUT/recipe.json`` records)."""
         from dataclasses import asdict
 
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lines"}
         for key in ("train", "ppo", "rollout", "group"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
         if out["lora"] is not None:
             out["lora"] = out["lora"].to_dict()
         return out
+
+    def where(self, key: str) -> str:
+        """``"file:line: key"`` for error messages about ``key`` (a dotted path)."""
+        return _where(self.source, self.lines, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,22 +274,147 @@ def _number_or(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Convert ``value`` to the type of ``default`` where that is unambiguous (str -> float)."""
-    if isinstance(default, bool) or default is None or value is None:
+# --------------------------------------------------------------------------------------------
+# Typed values: every key has the type its dataclass field or loss argument declares
+# --------------------------------------------------------------------------------------------
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          list: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _type_name(value: Any) -> str:
+    return f"{value!r} ({_KINDS.get(type(value), type(value).__name__)})"
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (``bool``, ``int``, ``float``, ``str``,
+    ``X | None``, ``tuple[float, float]``); numbers written as strings (``"5e-7"``, which YAML
+    1.1 reads as a string) are converted. A boolean must be a YAML boolean: ``"false"`` (a
+    string) is an error, not ``True``."""
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(value, inner[0], where) if len(inner) == 1 else value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {_type_name(value)}")
         return value
-    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(
-            value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise RecipeError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(default, int) and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise RecipeError(f"{where}: expected an integer, got {value!r}") from None
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = _number_or(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RecipeError(f"{where}: expected an integer, got {_type_name(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise RecipeError(f"{where}: expected a number, got {_type_name(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"{where}: expected a list of {len(args)} values, got "
+                              f"{_type_name(value)}")
+        return tuple(_typed(v, a, f"{where}[{i}]")
+                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
     return value
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+#: Weight dtypes a recipe may name (``rlcourse.models.load_model``); fp8 training is not
+#: supported by the trainers.
+_DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+#: Allowed values beyond the type, by dotted key (``train.`` keys apply to every method,
+#: ``loss.`` keys to every loss that has them): ``(test, what the value must be)``.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "max_length": (lambda v: v >= 2, "an integer >= 2"),
+    "reference_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "truncation": (lambda v: v in ("error", "left", "right"), "one of error, left, right"),
+    "dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
+    "train.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.max_steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "train.epochs": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.grad_accum_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.max_grad_norm": (lambda v: v is None or (_finite(v) and v > 0),
+                            "null or a finite number > 0"),
+    "train.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.schedule": (lambda v: v in ("cosine", "linear", "constant"),
+                       "one of cosine, linear, constant"),
+    "train.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "train.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.mixed_precision": (lambda v: v in ("no", "bf16", "fp16", "auto"),
+                              "one of no, bf16, fp16, auto"),
+    "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
+    "train.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
+                     "one of auto, cpu, cuda, mps"),
+    "loss.beta": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.tau": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.lam": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "loss.gamma": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "loss.alpha": (lambda v: _finite(v), "a finite number"),
+    "loss.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "loss.desirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.undesirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.reduction": (lambda v: v in ("token", "sequence"), "one of token, sequence"),
+    "rollout.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "rollout.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "rollout.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
+                       "one of auto, cpu, cuda, mps"),
+    "rollout.mixed_precision": (lambda v: v in ("no", "bf16", "fp16", "auto"),
+                                "one of no, bf16, fp16, auto"),
+    "rollout.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
+    "rollout.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
+    "group.advantage": (lambda v: v in ("grpo", "rloo", "dr_grpo"),
+                        "one of grpo, rloo, dr_grpo"),
+    "group.loss_type": (lambda v: v in ("grpo", "dapo", "dr_grpo"),
+                        "one of grpo, dapo, dr_grpo"),
+    "group.group_size": (lambda v: v >= 2, "an integer >= 2 (a group baseline needs siblings)"),
+    "group.n_prompts": (lambda v: v >= 1, "an integer >= 1"),
+    "group.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "group.clip_eps": (lambda v: v is None or (_finite(v) and v > 0),
+                       "null or a finite number > 0"),
+    "group.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "group.minibatch_size": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "group.max_grad_norm": (lambda v: v is None or (_finite(v) and v > 0),
+                            "null or a finite number > 0"),
+    "group.temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "ppo.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "ppo.ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "ppo.minibatch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "ppo.temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+}
+
+
+def _check_range(key: str, value: Any, where: str) -> None:
+    rule = _RANGES.get(key)
+    if rule is not None and not rule[0](value):
+        raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")
 
 
 def _where(source: str, lines: Mapping[str, int], key: str) -> str:
@@ -292,29 +443,29 @@ def _section(raw: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
 
 def _dataclass_section(cls: type, values: Mapping[str, Any], prefix: str, source: str,
                        lines: Mapping[str, int]) -> Any:
-    """Build dataclass ``cls`` from ``values``: unknown keys and bad numbers named by line."""
-    defaults = {f.name: f.default for f in fields(cls)}
-    _check_keys(values, list(defaults), prefix, source, lines, cls.__name__)
-    kwargs = {k: _coerce(v, defaults[k], _where(source, lines, f"{prefix}{k}"))
-              for k, v in values.items()}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    try:
-        return cls(**kwargs)
-    except ValueError as err:  # a check in __post_init__: its message starts with the field
-        first = str(err).split()[0] if str(err) else ""
-        key = f"{prefix}{first}" if first in defaults else prefix.rstrip(".")
-        raise RecipeError(f"{_where(source, lines, key)}: {err}") from None
+    """Build dataclass ``cls`` from ``values``: unknown keys, wrong types and values out of
+    range are named with file and line."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    _check_keys(values, [f.name for f in fields(cls)], prefix, source, lines, cls.__name__)
+    kwargs = {}
+    for k, v in values.items():
+        where = _where(source, lines, f"{prefix}{k}")
+        kwargs[k] = _typed(v, hints[k], where)
+        _check_range(f"{prefix}{k}", kwargs[k], where)
+    return cls(**kwargs)
 
 
-def _loss_defaults(method: str) -> dict[str, Any]:
-    """Keyword arguments (and defaults) of the loss function a method trains with."""
+def _loss_signature(method: str) -> dict[str, inspect.Parameter]:
+    """Keyword parameters (with defaults and types) of the loss function a method trains with."""
     from rlcourse.engine import sft_loss_fn
     from rlcourse.preference import LOSS_FNS
 
     fn = sft_loss_fn if method == "sft" else LOSS_FNS[method]
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
-            if k not in ("model", "batch")}
+    # num_tokens is the engine's to pass (the global batch's token count), not a recipe key.
+    return {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items()
+            if k not in ("model", "batch", "num_tokens")}
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
@@ -363,20 +514,16 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
                               f"command line, e.g. --{key.replace('_', '-')} PATH)")
-    truncation = raw.get("truncation", "error")
-    if truncation not in ("error", "left", "right"):
-        raise RecipeError(f"{_where(source, lines, 'truncation')}: must be error, left or right")
+    import typing
 
-    recipe = Recipe(
-        method=method, model=str(raw["model"]), output=str(raw["output"]),
-        data=raw.get("data"), prompts=raw.get("prompts"), reward_model=raw.get("reward_model"),
-        reference_model=raw.get("reference_model"), reward_fn=raw.get("reward_fn"),
-        max_length=int(_coerce(raw.get("max_length", 512), 512,
-                               _where(source, lines, "max_length"))),
-        truncation=truncation, dtype=raw.get("dtype"),
-        trust_remote_code=bool(raw.get("trust_remote_code", False)),
-        seed=int(raw.get("seed", 0)), source=source,
-    )
+    hints = typing.get_type_hints(Recipe)
+    top: dict[str, Any] = {}
+    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora", "group"}):
+        if key in raw:
+            where = _where(source, lines, key)
+            top[key] = _typed(raw[key], hints[key], where)
+            _check_range(key, top[key], where)
+    recipe = Recipe(method=method, source=source, lines=lines, **top)
     if method == "ppo":
         recipe.ppo = _dataclass_section(PPOConfig, _section(raw, "ppo", source), "ppo.",
                                         source, lines)
@@ -392,20 +539,23 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
     recipe.train = _dataclass_section(TrainConfig, train, "train.", source, lines)
+    if method == "kto" and recipe.train.batch_size < 2:
+        # KTO's reference point z0 is the batch mean of mismatched (prompt, completion) pairs;
+        # with one example it is that example's own partner, so the loss degenerates (TRL
+        # refuses it too).
+        raise RecipeError(f"{_where(source, lines, 'train.batch_size')}: KTO needs "
+                          f"batch_size >= 2 per process (its KL reference point is a batch "
+                          f"mean), got {recipe.train.batch_size}")
     recipe.lora = _lora_section(raw, source, lines)
-    if "reference_batch_size" in raw:
-        value = raw["reference_batch_size"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise RecipeError(f"{_where(source, lines, 'reference_batch_size')}: must be a "
-                              f"positive integer, got {value!r}")
-        recipe.reference_batch_size = value
     if method != "reward_model":
-        defaults = _loss_defaults(method)
+        params = _loss_signature(method)
         loss = _section(raw, "loss", source)
-        _check_keys(loss, list(defaults), "loss.", source, lines,
+        _check_keys(loss, list(params), "loss.", source, lines,
                     f"the {method} loss function")
-        recipe.loss = {k: _coerce(v, defaults[k], _where(source, lines, f"loss.{k}"))
-                       for k, v in loss.items()}
+        for k, v in loss.items():
+            where = _where(source, lines, f"loss.{k}")
+            recipe.loss[k] = _typed(v, params[k].annotation, where)
+            _check_range(f"loss.{k}", recipe.loss[k], where)
     return recipe
 
 
@@ -502,7 +652,8 @@ def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int])
 @dataclass
 class RecipeResult:
     """What :func:`run_recipe` returns: the trained model and tokenizer, the history rows and
-    the directory the model was saved to (``None`` when ``save=False``)."""
+    the directory the model was saved to (``None`` when ``save=False``). ``finished_before``:
+    the output folder already held this finished run, which was loaded, not trained again."""
 
     recipe: Recipe
     model: Any
@@ -510,11 +661,12 @@ class RecipeResult:
     history: list[dict[str, Any]]
     saved_to: Path | None
     summary: dict[str, Any] = field(default_factory=dict)
+    finished_before: bool = False
 
 
 def _read_data(recipe: Recipe) -> list[Any]:
     """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import load_preferences, load_sft, load_unpaired, read_jsonl
+    from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
 
     key = "prompts" if recipe.method in ONLINE_METHODS else "data"
     path = Path(getattr(recipe, key))
@@ -524,11 +676,19 @@ def _read_data(recipe: Recipe) -> list[Any]:
         return load_sft(path)
     if recipe.method == "kto":
         with open(path, encoding="utf-8") as fh:
-            first = next((json.loads(line) for line in fh if line.strip()), {})
-        return load_unpaired(path) if "label" in first else load_preferences(path)
+            line = next((line for line in fh if line.strip()), "{}")
+        try:
+            first = json.loads(line)
+        except json.JSONDecodeError:
+            first = {"label": None}  # load_unpaired names the line and the problem
+        paired = isinstance(first, dict) and "label" not in first
+        return load_preferences(path) if paired else load_unpaired(path)
     if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
         return load_preferences(path)
-    return [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    if not prompts:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return prompts
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -538,10 +698,165 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> RecipeResult:
+# --------------------------------------------------------------------------------------------
+# Guards before a run: how it was launched, what the output folder already holds, the model
+# --------------------------------------------------------------------------------------------
+#: Keys that do not change the trained model: a run may resume with other values of these.
+_NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train.eval_every",
+                 "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
+                 "train.device", "rollout.checkpoint_every", "rollout.keep_checkpoints",
+                 "rollout.device"}
+#: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
+_RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
+              "checkpoints", "tensorboard")
+
+
+def _launch_device(recipe: Recipe) -> str:
+    """The device setting to train with, after checking how the processes were launched.
+
+    ``torchrun``/``accelerate launch --multi_gpu`` set ``WORLD_SIZE``; without GPUs accelerate
+    would then run every process alone (each trains the whole data, all write ``model/``), so
+    on a machine without CUDA several processes train on the CPU over gloo, as with
+    ``train.device=cpu``. ``accelerate launch --cpu --num_processes N`` starts ONE process
+    (its simple launcher) and only leaves ``MASTER_PORT`` behind: that is refused.
+    """
+    import torch
+
+    settings = recipe.train if recipe.train is not None else recipe.rollout
+    device = getattr(settings, "device", "auto")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if ("WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"):
+        raise RecipeError(
+            "accelerate launch --cpu started one process although --num_processes asked for "
+            "more (accelerate's --cpu launcher runs a single process); for several CPU "
+            "processes run: torchrun --nproc_per_node N -m rlcourse.recipes RECIPE ... "
+            "train.device=cpu")
+    if world > 1 and device == "auto" and not torch.cuda.is_available():
+        if hasattr(settings, "device"):
+            settings.device = "cpu"
+        return "cpu"
+    return device
+
+
+def _file_digest(path: str | None) -> str | None:
+    import hashlib
+
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identity(recipe: Recipe) -> dict[str, Any]:
+    """What makes two runs the same run: every recipe key that changes the trained model
+    (dotted, e.g. ``train.lr``), plus the SHA-256 of each data file's content."""
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for k, v in obj.items():
+            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora",
+                                                      "group"):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+    walk(recipe.to_dict(), "")
+    for key in ("data", "prompts"):
+        if getattr(recipe, key, None):
+            flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
+    return {k: v for k, v in flat.items() if k not in _NOT_IDENTITY}
+
+
+def _check_output(recipe: Recipe, overwrite: bool) -> str:
+    """``"fresh"``, ``"resume"`` (a partial run of this same recipe) or ``"finished"``.
+
+    A folder holding a run of another recipe (other method, data, hyperparameters) is an error
+    that names the differing keys, unless ``overwrite``; a folder holding run files that this
+    module did not describe (no ``run.json``) is an error too: it cannot be told apart.
+    """
+    out = Path(recipe.output)
+    present = [n for n in _RUN_FILES if (out / n).exists()]
+    if overwrite or not present:
+        return "fresh"
+    info_path = out / "run.json"
+    if not info_path.is_file():
+        raise RecipeError(
+            f"{recipe.where('output')}: {out} already holds {', '.join(present)} but no "
+            "run.json saying which recipe wrote them; pass --overwrite to start afresh, or "
+            "choose another output")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    checkpoints = (Path(recipe.train.checkpoint_dir) if recipe.train.checkpoint_dir else None) \
+        if recipe.train is not None else out / "checkpoints"  # GRPO/RLOO/PPO: OUTPUT/checkpoints
+    if info.get("status") != "finished" and not (checkpoints and any(checkpoints.glob("step-*"))):
+        return "fresh"  # stopped before its first checkpoint: nothing to resume or to protect
+    before, now = info.get("identity", {}), _identity(recipe)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
+        raise RecipeError(
+            f"{recipe.where(differ[0] if differ[0] in recipe.lines else 'output')}: {out} holds "
+            f"a {info.get('status', 'partial')} run of a different recipe ({len(differ)} "
+            f"key(s) differ: {shown}{' ...' if len(differ) > 8 else ''}); resuming it would "
+            "mix two runs. Pass --overwrite to start afresh, or choose another output")
+    return "finished" if info.get("status") == "finished" else "resume"
+
+
+def _clear_output(out: Path) -> None:
+    """Remove what a previous run wrote into ``out`` (only the run's own files)."""
+    import shutil
+
+    for name in _RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _max_positions(model: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no such limit)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
+    """The saved model and history of a finished run (nothing is trained again)."""
+    from rlcourse.models import load_model
+
+    out = Path(recipe.output)
+    if state.is_main_process:
+        print(f"{out} already holds the finished run of this recipe (model in {out / 'model'});"
+              " nothing to train. Pass --overwrite to train it again.", file=sys.stderr)
+    model, tokenizer = None, None
+    # A full model is loaded back; a reward model or a LoRA adapter is left where it is.
+    if recipe.method != "reward_model" and (out / "model" / "config.json").is_file():
+        model, tokenizer = load_model(out / "model", device="cpu", dtype=recipe.dtype,
+                                      trust_remote_code=recipe.trust_remote_code)
+    history_file = out / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    saved = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() \
+        else {}
+    return RecipeResult(recipe, model, tokenizer, history, out / "model",
+                        saved.get("summary", {}), finished_before=True)
+
+
+def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
+               overwrite: bool = False) -> RecipeResult:
     """Load the model and data a recipe names, train, and save ``OUTPUT/model`` atomically.
 
-    Also writes ``OUTPUT/history.json`` (the engine's metric rows) and ``OUTPUT/recipe.json``.
+    Also writes ``OUTPUT/history.json`` (the engine's metric rows), ``OUTPUT/recipe.json`` and
+    ``OUTPUT/run.json`` (the run's identity: every key that changes the model and the data's
+    SHA-256; ``status`` running or finished). A rerun into the same OUTPUT resumes only when
+    the identity is the same; a different one is a :class:`RecipeError` naming the keys that
+    differ; a finished one is reported and not trained again. ``overwrite=True`` starts afresh.
     Every process of an ``accelerate launch`` runs this; the model goes to the process's own
     device (``accelerate.PartialState().device``), and only the main process writes files.
     """
@@ -549,34 +864,59 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> Reci
 
     from rlcourse.models import load_model
 
-    train_device = getattr(recipe.train or recipe.rollout, "device", "auto")
+    train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
     # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
     state = PartialState(cpu=train_device == "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world != state.num_processes:
+        raise RecipeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a "
+                          f"group of {state.num_processes} ({state.distributed_type}); each "
+                          "process would train alone. Set train.device to match the machine")
+    if recipe.method == "ppo" and state.num_processes > 1:
+        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
+                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
+                          "accelerate launch --num_processes")
+    out = Path(recipe.output)
+    status = _check_output(recipe, overwrite) if save else "fresh"
+    if status == "finished":
+        return _finished_result(recipe, state)
     device = str(state.device) if train_device == "auto" else train_device
     model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
                                   trust_remote_code=recipe.trust_remote_code)
+    positions = _max_positions(model)
+    key, length = (("rollout.max_new_tokens", recipe.rollout.max_new_tokens)
+                   if recipe.method in ONLINE_METHODS else ("max_length", recipe.max_length))
+    if positions is not None and length > positions:  # else an IndexError deep in the model
+        raise RecipeError(f"{recipe.where(key)}: {length} is longer than the model's "
+                          f"{positions} positions (max_position_embeddings of {recipe.model})")
+    rows = _read_data(recipe)
+    state.wait_for_everyone()  # every process has read OUTPUT before the main one changes it
+    if save and state.is_main_process:
+        if status == "fresh":
+            _clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "run.json", {"status": "running", "identity": _identity(recipe)})
+    state.wait_for_everyone()
     model.train()
     model, lora_model = _with_lora(recipe, model)
     if recipe.train is not None and not progress:
         recipe.train.progress = False
     summary: dict[str, Any] = {}
     if recipe.method == "ppo":
-        model, history = _run_ppo(recipe, model, tokenizer, state, progress)
+        model, history = _run_ppo(recipe, model, tokenizer, rows, progress)
     elif recipe.method in GROUP_METHODS:
-        model, history, summary = _run_group(recipe, model, tokenizer, progress)
+        model, history, summary = _run_group(recipe, model, tokenizer, rows, progress)
     else:
-        rows = _read_data(recipe)
         model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
     model.eval()
     summary["num_processes"] = state.num_processes
-    out = Path(recipe.output)
     saved = None
     if save and state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         model, saved = _save_trained(recipe, model, lora_model, tokenizer, out)
         _write_json(out / "history.json", history)
         _write_json(out / "recipe.json", {**recipe.to_dict(), "summary": summary})
+        _write_json(out / "run.json", {"status": "finished", "identity": _identity(recipe)})
     state.wait_for_everyone()
     return RecipeResult(recipe, model, tokenizer, history, saved, summary)
 
@@ -638,6 +978,7 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
     run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
                            reference_model=reference, max_length=recipe.max_length,
                            seed=recipe.seed, reference_batch_size=recipe.reference_batch_size,
+                           disable_dropout=recipe.disable_dropout,
                            **recipe.loss)
     return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
 
@@ -646,7 +987,8 @@ def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[A
     from rlcourse.reward_model import train_reward_model
 
     rm, history = train_reward_model(model, tokenizer, rows, recipe.train,
-                                     max_length=recipe.max_length, seed=recipe.seed)
+                                     max_length=recipe.max_length, seed=recipe.seed,
+                                     disable_dropout=recipe.disable_dropout)
     return rm, history.to_rows(), {"n_pairs": len(rows)}
 
 
@@ -654,16 +996,11 @@ _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
              **{m: _train_preference for m in PREFERENCE_METHODS}}
 
 
-def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, state: Any, progress: bool):
+def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool):
     """PPO with the four models of the slides: actor, critic, reward model, reference."""
     from rlcourse import ppo
     from rlcourse.models import RewardModel, ValueHeadModel
 
-    if state.num_processes > 1:
-        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
-                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
-                          "accelerate launch --num_processes")
-    prompts = _read_data(recipe)
     device = str(next(model.parameters()).device)
     reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                          trust_remote_code=recipe.trust_remote_code)
@@ -680,13 +1017,13 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, state: Any, progress: b
     return ppo.language_model(policy), history
 
 
-def _run_group(recipe: Recipe, model: Any, tokenizer: Any, progress: bool):
+def _run_group(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str],
+               progress: bool):
     """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
     function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
     from rlcourse import grpo, ppo
     from rlcourse.models import RewardModel, load_model
 
-    prompts = _read_data(recipe)
     device = str(next(model.parameters()).device)
     if recipe.reward_fn:
         fn = load_reward_fn(recipe.reward_fn, f"{recipe.source}: reward_fn")
@@ -725,13 +1062,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "e.g. train.lr=1e-4 loss.beta=0.5.")
     parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
-    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO 'prompts')")
+    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO and RLOO "
+                                       "'prompts')")
     parser.add_argument("--reward-model", help="PPO, GRPO, RLOO: reward model directory")
     parser.add_argument("--output", help="output directory (overrides 'output')")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved recipe, train nothing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if the output folder holds another run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
+    from rlcourse.data import DataError
+    from rlcourse.engine import NonFiniteError
+
     try:
         overrides = parse_overrides(args.overrides)
         for key in ("model", "output", "reward_model"):
@@ -747,10 +1090,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))
             return 0
-        result = run_recipe(recipe)
-    except (RecipeError, FileNotFoundError) as err:
+        result = run_recipe(recipe, overwrite=args.overwrite)
+    except (RecipeError, DataError, FileNotFoundError) as err:  # bad input: one line, code 2
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # training diverged: nothing saved, the checkpoints kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.finished_before:
+        return 0
     if result.saved_to is not None:
         print(f"saved the trained model to {result.saved_to}")
     return 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlcourse.data import pad_collate, tokenize_sft
-from rlcourse.engine import EpochSampler, History, TrainConfig, sft_loss_fn, train
+from rlcourse.engine import EpochSampler, History, NonFiniteError, TrainConfig, sft_loss_fn, train
 from rlcourse.models import RewardModel, build_model, build_tokenizer
 
 matplotlib.use("Agg")
@@ -281,3 +281,31 @@ def test_clear_errors_for_no_batches_and_nan_loss(tok, items):
 
     with pytest.raises(FloatingPointError, match="step 1"):
         train(_model(tok), nan_loss, items, _cfg())
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tok, items,
+                                                                             tmp_path):
+    """A loss that turns NaN at the third step: the error names the step and the checkpoint of
+    step 2 (written before) stays the newest; step 3's NaN never reaches weights or disk."""
+    calls = []
+
+    def nan_at_third(model, batch):
+        loss, m = sft_loss_fn(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), m
+
+    model = _model(tok)
+    with pytest.raises(NonFiniteError, match=r"loss is nan at optimizer step 3.*step-00000002"):
+        train(model, nan_at_third, items, _cfg(checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+    assert [p.name for p in sorted(tmp_path.glob("step-*"))] == ["step-00000001",
+                                                                 "step-00000002"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_infinite_lr_never_writes_a_nan_checkpoint(tok, items, tmp_path):
+    """lr = inf turns the weights to NaN in the first update while the first loss is finite:
+    without the weight check the step-1 checkpoint (and the final model) would be all NaN."""
+    with pytest.raises(NonFiniteError, match="non-finite weights .* optimizer step 1"):
+        train(_model(tok), sft_loss_fn, items,
+              _cfg(lr=float("inf"), checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+    assert not list(tmp_path.glob("step-*"))

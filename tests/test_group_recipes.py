@@ -167,7 +167,7 @@ def test_reward_sections_are_checked(tmp_path):
     with pytest.raises(recipes.RecipeError, match=rf"{path}:7: group.advantage: a rloo recipe"):
         recipes.load_recipe(path)
     path.write_text(base + "reward_model: rm\ngroup:\n  loss_type: token\n")
-    with pytest.raises(recipes.RecipeError, match=rf"{path}:7: group.loss_type: loss_type must"):
+    with pytest.raises(recipes.RecipeError, match=rf"{path}:7: group.loss_type: must be one of"):
         recipes.load_recipe(path)
     path.write_text(base + "reward_model: rm\ntrain:\n  lr: 1.0\n")
     with pytest.raises(recipes.RecipeError, match=rf"{path}:6: train: a rloo recipe takes"):
