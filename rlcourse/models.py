@@ -159,14 +159,18 @@ def encode_prompt_completion(
     truncation: str = "error",
     names: Sequence[str] | None = None,
     add_eos: bool = True,
+    formatted: Sequence[bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenise prompt/completion pairs into one padded batch.
 
     Each example is ``ids(format_prompt(prompt)) + ids(completion) + [eos]`` (prompt and
     completion are tokenised separately and concatenated, so no token straddles the boundary).
-    Returns ``input_ids`` and ``attention_mask`` [B, L], ``completion_mask`` [B, L] (1 on
-    completion tokens including EOS; 0 on prompt and padding), ``prompt_lengths`` and
-    ``completion_lengths`` [B] (real tokens, padding excluded) and ``truncated`` [B] (bool).
+    Where ``formatted[i]`` is true, prompt ``i`` was already rendered by a chat template and
+    completion ``i`` ends with the template's end of turn: ``ids(prompt) + ids(completion)``
+    (see :func:`rlcourse.data.render_conversation`). Returns ``input_ids`` and
+    ``attention_mask`` [B, L], ``completion_mask`` [B, L] (1 on completion tokens including
+    EOS; 0 on prompt and padding), ``prompt_lengths`` and ``completion_lengths`` [B] (real
+    tokens, padding excluded) and ``truncated`` [B] (bool).
 
     Examples longer than ``max_length``:
       - ``truncation="error"`` (default): ``ValueError`` naming the example (``names[i]``, e.g.
@@ -182,14 +186,18 @@ def encode_prompt_completion(
     if truncation not in ("error", "left", "right"):
         raise ValueError(f"truncation must be 'error', 'left' or 'right', got {truncation!r}")
     pad_id = _pad_id(tokenizer)
-    p_texts = [format_prompt(p, tokenizer) for p in prompts]
+    # formatted[i]: prompt i is already rendered by a chat template (it is used as is) and
+    # completion i carries the template's own end of turn (no EOS is appended).
+    formatted = list(formatted) if formatted is not None else [False] * len(prompts)
+    p_texts = [p if f else format_prompt(p, tokenizer) for p, f in zip(prompts, formatted,
+                                                                        strict=True)]
     p_ids = tokenizer(p_texts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if prompts else []
     rows: list[tuple[list[int], list[int]]] = []
     truncated: list[bool] = []
     where: list[str] = []
     for i, (p, c) in enumerate(zip(p_ids, c_ids, strict=True)):
-        c = list(c) + ([tokenizer.eos_token_id] if add_eos else [])
+        c = list(c) + ([tokenizer.eos_token_id] if add_eos and not formatted[i] else [])
         p = list(p)
         over = len(p) + len(c) - max_length
         name = names[i] if names is not None else f"example {i}"

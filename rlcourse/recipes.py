@@ -19,7 +19,7 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
 
     method: dpo                 # sft | reward_model | ppo | dpo | ipo | rdpo | kto | orpo | simpo
     model: path/to/model        # a local directory holding a causal LM and its tokenizer
-    data: path/to/data.jsonl
+    data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
     output: runs/dpo
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
