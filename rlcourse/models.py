@@ -692,6 +692,7 @@ def generate(
     batch_size: int = 512,
     progress: bool = False,
     chat: bool = True,
+    first_row: int = 0,
 ) -> Generation:
     """Sample a completion for every prompt (chat-formatted by :func:`format_prompt`).
 
@@ -703,7 +704,10 @@ def generate(
     without touching the global random state; sample ``i`` depends only on the seed and ``i``
     (not on ``batch_size``). Prompts are processed ``batch_size`` at a time. ``chat=False``
     continues the prompt text as given (no chat format; include ``<bos>`` yourself), for
-    sampling from a pretrained base model.
+    sampling from a pretrained base model. ``first_row``: these prompts are rows ``first_row,
+    first_row + 1, ...`` of a larger batch drawn with the same seed (each process of a
+    multi-process run draws its share of one global batch, with the samples one process would
+    draw).
     """
     prompts = list(prompts)
     if not prompts:
@@ -713,7 +717,8 @@ def generate(
         generator = torch.Generator()
         generator.manual_seed(seed)
     # u[i, t] decides prompt i's token t (see _inverse_cdf_sample).
-    uniforms = torch.rand((len(prompts), max_new_tokens), generator=generator, dtype=torch.float64)
+    uniforms = torch.rand((first_row + len(prompts), max_new_tokens), generator=generator,
+                          dtype=torch.float64)[first_row:]
     was_training = model.training
     model.eval()
     parts = []

@@ -59,6 +59,17 @@ def test_recipe_parses_into_the_trainers_config(path):
         assert isinstance(recipe.ppo, PPOConfig)
         assert isinstance(recipe.rollout, recipes.PPORollout)
         return
+    if recipe.method in recipes.GROUP_METHODS:
+        from rlcourse.grpo import GroupConfig
+
+        assert isinstance(recipe.group, GroupConfig) and recipe.train is None
+        assert isinstance(recipe.rollout, recipes.GroupRollout)
+        assert isinstance(recipe.rollout.lr, float) and recipe.rollout.mixed_precision == "no"
+        # the YAML names every field of both sections, so nothing hides behind a default
+        text = path.read_text()
+        for cls, name in ((GroupConfig, "group"), (recipes.GroupRollout, "rollout")):
+            assert all(f"  {f.name}:" in text for f in fields(cls)), name
+        return
     assert isinstance(recipe.train, TrainConfig)
     # Every number the YAML gives is a number (YAML 1.1 reads "5e-7" as a string).
     assert isinstance(recipe.train.lr, float) and recipe.train.lr > 0
