@@ -7,7 +7,8 @@ Formats (one JSON object per line, the same keys as Hugging Face TRL):
 - unpaired (KTO): ``{"prompt": str, "completion": str, "label": true|false}``
 - SFT: ``{"prompt": str, "completion": str}``
 
-Every error names the file, the line and the field. Rows come back as :class:`Record` objects
+Every error is a :class:`DataError` naming the file, the line and the field; an empty file (or one
+of blank lines only) is an error too. Rows come back as :class:`Record` objects
 (plain dicts that remember ``source`` and ``line``), so later steps such as tokenisation can
 still say which line of which file an over-long example came from.
 """
@@ -27,6 +28,7 @@ import torch
 from rlcourse.models import encode_prompt_completion
 
 __all__ = [
+    "DataError",
     "Record",
     "load_preferences",
     "load_sft",
@@ -38,6 +40,10 @@ __all__ = [
     "tokenize_unpaired",
     "write_jsonl",
 ]
+
+
+class DataError(ValueError):
+    """Bad data: the message starts with ``file:line:`` (or ``file:``) and says what is wrong."""
 
 
 class Record(dict):
@@ -89,7 +95,8 @@ def read_jsonl(
     as a mapping ``{key: type}`` they must have that type (``bool`` means JSON ``true``/``false``).
     ``nonempty`` keys must not be empty or whitespace-only. ``aliases`` maps an accepted
     spelling to the canonical key (``{"reject": "rejected"}``); the row is stored under the
-    canonical key. Every error is a ``ValueError`` that names the file, the line and the field.
+    canonical key. Every error is a :class:`DataError` (a ``ValueError``) that names the file,
+    the line and the field.
     """
     path = Path(path)
     types = dict(required) if isinstance(required, Mapping) else {k: str for k in required}
@@ -104,27 +111,35 @@ def read_jsonl(
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
                 msg = f"{where}: malformed JSON ({err.msg} at column {err.colno})"
-                raise ValueError(msg) from None
+                raise DataError(msg) from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for alias, key in aliases.items():
                 if alias in obj:
                     if key in obj:
-                        raise ValueError(f"{where}: both '{key}' and its alias '{alias}' given")
+                        raise DataError(f"{where}: both '{key}' and its alias '{alias}' given")
                     obj[key] = obj.pop(alias)
             for key, typ in types.items():
                 if key not in obj:
                     have = ", ".join(sorted(obj)) or "none"
-                    raise ValueError(f"{where}: missing field '{key}' (fields present: {have})")
+                    raise DataError(f"{where}: missing field '{key}' (fields present: {have})")
                 if not _check_type(obj[key], typ):
-                    raise ValueError(
+                    raise DataError(
                         f"{where}: field '{key}' must be {_TYPE_NAMES.get(typ, typ.__name__)}, "
                         f"got {type(obj[key]).__name__} {obj[key]!r:.40}"
                     )
             for key in nonempty:
                 if isinstance(obj.get(key), str) and not obj[key].strip():
-                    raise ValueError(f"{where}: field '{key}' is empty")
+                    raise DataError(f"{where}: field '{key}' is empty")
             rows.append(Record(obj, source=str(path), line=lineno))
+    return rows
+
+
+def _some(rows: list[Record], path: str | os.PathLike) -> list[Record]:
+    """``rows``, or a :class:`DataError` when the file held no row (empty or blank lines only):
+    training on nothing would otherwise fail far from the cause, or not at all."""
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return rows
 
 
@@ -134,10 +149,10 @@ def load_preferences(path: str | os.PathLike) -> list[Record]:
     ``chosen`` and ``rejected`` must be non-empty strings; the prompt may be empty. Pairs whose
     chosen and rejected texts are equal are kept, with one warning that counts them.
     """
-    rows = read_jsonl(
+    rows = _some(read_jsonl(
         path, ("prompt", "chosen", "rejected"), nonempty=("chosen", "rejected"),
         aliases={"reject": "rejected"},
-    )
+    ), path)
     same = [r.where for r in rows if r["chosen"].strip() == r["rejected"].strip()]
     if same:  # such a pair carries no preference: every pairwise loss has zero gradient on it
         shown = ", ".join(same[:5]) + (" ..." if len(same) > 5 else "")
@@ -149,14 +164,14 @@ def load_preferences(path: str | os.PathLike) -> list[Record]:
 def load_unpaired(path: str | os.PathLike) -> list[Record]:
     """Unpaired feedback (KTO): rows ``{"prompt", "completion", "label"}``, label a JSON bool
     (``true`` = desirable)."""
-    return read_jsonl(
+    return _some(read_jsonl(
         path, {"prompt": str, "completion": str, "label": bool}, nonempty=("completion",)
-    )
+    ), path)
 
 
 def load_sft(path: str | os.PathLike) -> list[Record]:
     """Supervised fine-tuning pairs: rows ``{"prompt", "completion"}``."""
-    return read_jsonl(path, ("prompt", "completion"), nonempty=("completion",))
+    return _some(read_jsonl(path, ("prompt", "completion"), nonempty=("completion",)), path)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -195,6 +210,19 @@ def _split(batch: dict[str, torch.Tensor], prefix: str = "") -> list[dict[str, t
     return out
 
 
+def _encode(tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any], max_length: int,
+            truncation: str, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """:func:`rlcourse.models.encode_prompt_completion`, its errors (an over-long row, named
+    ``file:line``) raised as :class:`DataError`."""
+    try:
+        return encode_prompt_completion(tokenizer, prompts, completions, max_length,
+                                        truncation=truncation, names=names)
+    except ValueError as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(str(err)) from None
+
+
 def tokenize_sft(
     tokenizer: Any,
     rows: Sequence[Mapping[str, Any]],
@@ -207,10 +235,8 @@ def tokenize_sft(
     ``file:line``, or with ``truncation="left"``/``"right"`` are cut with one counted warning.
     Batch them with :func:`pad_collate`."""
     names = [_where(r, i, source) for i, r in enumerate(rows)]
-    batch = encode_prompt_completion(
-        tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], max_length,
-        truncation=truncation, names=names,
-    )
+    batch = _encode(tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                    max_length, truncation, names)
     return _split(batch)
 
 
@@ -243,14 +269,10 @@ def tokenize_preferences(
     """
     names = [_where(r, i, source) for i, r in enumerate(rows)]
     prompts = [r["prompt"] for r in rows]
-    chosen = encode_prompt_completion(
-        tokenizer, prompts, [r["chosen"] for r in rows], max_length, truncation=truncation,
-        names=[f"{n} (chosen)" for n in names],
-    )
-    rejected = encode_prompt_completion(
-        tokenizer, prompts, [r["rejected"] for r in rows], max_length, truncation=truncation,
-        names=[f"{n} (rejected)" for n in names],
-    )
+    chosen = _encode(tokenizer, prompts, [r["chosen"] for r in rows], max_length, truncation,
+                     [f"{n} (chosen)" for n in names])
+    rejected = _encode(tokenizer, prompts, [r["rejected"] for r in rows], max_length, truncation,
+                       [f"{n} (rejected)" for n in names])
     return [
         {**c, **r}
         for c, r in zip(_split(chosen, "chosen_"), _split(rejected, "rejected_"), strict=True)

@@ -4,15 +4,22 @@ A method is a function ``loss_fn(model, batch) -> (loss, metrics)``; :func:`trai
 device and mixed precision (``accelerate``), seeded shuffling, gradient accumulation, clipping,
 AdamW with warm-up and decay, logging, evaluation, checkpoints and automatic resume.
 
-Gradient accumulation: ``accelerate`` divides each micro-batch loss by ``grad_accum_steps`` and
-sums the gradients, so the update equals one big batch exactly when ``loss_fn`` returns a MEAN
-OVER EXAMPLES of per-example losses (and micro-batches have equal size). A mean over tokens of
-the whole micro-batch (``sft_loss_fn(reduction="token")``) weights tokens differently when the
-micro-batches hold different numbers of tokens.
+Gradient accumulation and several processes: ``accelerate`` divides each micro-batch loss by
+``grad_accum_steps`` and sums the gradients, and DDP averages them over processes, so the
+update equals one big batch exactly when ``loss_fn`` returns a MEAN OVER EXAMPLES of
+per-example losses (and micro-batches have equal size). A mean over tokens needs the token
+count of the whole global batch: a ``loss_fn`` with a keyword ``num_tokens`` (as
+:func:`sft_loss_fn`) receives it, summed over the step's micro-batches and all processes
+(:func:`target_tokens`) and divided by ``grad_accum_steps * num_processes``.
+
+Logged metrics are means over the micro-batches of every process (reduced across processes),
+so a row does not depend on how the global batch is split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -33,7 +40,8 @@ import torch
 from rlcourse.data import pad_collate
 from rlcourse.models import atomic_directory_write, sequence_logprobs
 
-__all__ = ["EpochSampler", "History", "TrainConfig", "sft_loss_fn", "train"]
+__all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
+           "planned_indices", "sft_loss_fn", "target_tokens", "train"]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -47,7 +55,8 @@ class TrainConfig:
     ``schedule``: ``"cosine"``, ``"linear"`` or ``"constant"`` after ``warmup_steps`` of linear
     warm-up. ``mixed_precision``: ``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 on a GPU
     that supports it, else no). ``checkpoint_every=0`` disables checkpoints; ``eval_every=0``
-    evaluates only at the end.
+    evaluates only at the end. ``gradient_checkpointing``: keep only each decoder layer's input
+    and recompute the rest in the backward pass (identical gradients, about a third more compute).
     """
 
     lr: float = 1e-3
@@ -70,6 +79,9 @@ class TrainConfig:
     device: str = "auto"
     drop_last: bool = False
     progress: bool = True
+    #: Recompute each decoder layer in backward instead of storing its activations
+    #: (:func:`rlcourse.adapters.enable_gradient_checkpointing`): same gradients, less memory.
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -172,6 +184,35 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
+def planned_indices(n: int, config: TrainConfig, num_processes: int = 1) -> list[int]:
+    """The examples (indices into ``range(n)``) that :func:`train` will read, sorted.
+
+    :func:`train` walks epoch after epoch through the permutation of :class:`EpochSampler`; each
+    process reads ``ceil(B_e / P)`` micro-batches per epoch (``B_e = ceil(n / batch_size)``, or
+    ``floor`` with ``drop_last``; ``P`` processes, ``accelerate`` fills the last round from the
+    start of the epoch), and an optimizer step takes ``grad_accum_steps`` of them (the last of an
+    epoch may take fewer). Training stops after ``max_steps`` steps (or ``epochs`` epochs), so a
+    short run reads only the first ``(steps of the epoch) * grad_accum_steps * P * batch_size``
+    entries of the last epoch's permutation. Used to compute reference log-probs only for what
+    training reads (:func:`rlcourse.preference.train_preference`).
+    """
+    bs, accum = config.batch_size, config.grad_accum_steps
+    global_batches = n // bs if config.drop_last else math.ceil(n / bs)
+    per_process = math.ceil(global_batches / num_processes)
+    if per_process == 0:
+        return []
+    steps_per_epoch = max(1, math.ceil(per_process / accum))
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    sampler, used, step, epoch = EpochSampler(n, config.seed), set(), 0, 0
+    while step < total and len(used) < n:
+        sampler.set_epoch(epoch)
+        steps = min(steps_per_epoch, total - step)
+        batches = min(per_process, steps * accum) * num_processes
+        used.update(list(sampler)[: min(n, batches * bs)])
+        step, epoch = step + steps, epoch + 1
+    return sorted(used)
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints: model + optimizer + scheduler + RNG states + counters + history, written atomically
 # --------------------------------------------------------------------------------------------
@@ -237,6 +278,60 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[st
     return state
 
 
+@contextlib.contextmanager
+def dropout_disabled(model: torch.nn.Module, disable: bool = True) -> Iterator[int]:
+    """Within the block every dropout of ``model`` is off (restored afterwards); yields how many
+    dropout sites were switched off.
+
+    Preference losses compare the policy's log-probs with the reference's, which are computed
+    in eval mode (no dropout): with dropout on in training, ``pi_theta != pi_ref`` at step 0
+    although the weights are equal (GPT-2's first DPO loss is about 0.70 instead of
+    ``ln 2``). TRL's ``disable_dropout=True`` does the same. Covers ``nn.Dropout`` modules and
+    the ``attention_dropout`` probability that Llama-style attention keeps as a float (and, as
+    in TRL, the dropout of LoRA adapters).
+    """
+    changed: list[tuple[Any, str, float]] = []
+    if disable:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout) and module.p > 0:
+                changed.append((module, "p", module.p))
+            value = getattr(module, "attention_dropout", None)
+            if isinstance(value, float) and value > 0:
+                changed.append((module, "attention_dropout", value))
+        for module, attr, _ in changed:
+            setattr(module, attr, 0.0)
+    try:
+        yield len(changed)
+    finally:
+        for module, attr, value in changed:
+            setattr(module, attr, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Guards: a non-finite loss or weight stops the run before anything is written
+# --------------------------------------------------------------------------------------------
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/inf loss or weight; nothing from that point on was saved."""
+
+
+def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (one device sync in all)."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    return [n for (n, _), good in zip(named, ok.tolist(), strict=True) if not good]
+
+
+def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) -> None:
+    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    raise NonFiniteError(
+        f"{what} at optimizer step {step} (lr={config.lr:g}): training stopped and nothing "
+        f"from this point was saved; {kept}. Lower the lr, look for empty completions, or use "
+        "bf16 instead of fp16")
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -255,6 +350,51 @@ def _peak_mem_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _windows(loader: Any, size: int, skip: int) -> Iterator[tuple[int, list[Any]]]:
+    """The micro-batches of each optimizer step: ``(batches used so far in the epoch, window)``.
+
+    Windows hold ``size`` micro-batches (the last one of an epoch may hold fewer); the first
+    ``skip`` batches (already used before a resume) are passed over.
+    """
+    window: list[Any] = []
+    i = -1
+    for i, batch in enumerate(loader):
+        if i < skip:
+            continue
+        window.append(batch)
+        if len(window) == size:
+            yield i + 1, window
+            window = []
+    if window:
+        yield i + 1, window
+
+
+def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], tokens: int
+                    ) -> tuple[dict[str, float], int]:
+    """Each metric's mean over the micro-batches since the last row, over ALL processes, and
+    the tokens of all processes.
+
+    Every process runs the same number of micro-batches (accelerate's ``even_batches``), so
+    the mean of the processes' means weighs every micro-batch of the global batch equally, as
+    one process holding them all would.
+    """
+    keys = sorted(sums)
+    local = torch.stack([torch.stack(sums[k]).mean() for k in keys] +
+                        [torch.tensor(float(tokens))]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, "sum")
+        local[:-1] /= accelerator.num_processes
+    values = local.tolist()
+    return dict(zip(keys, values[:-1], strict=True)), int(values[-1])
+
+
+def _takes_num_tokens(loss_fn: Any) -> bool:
+    try:
+        return "num_tokens" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _make_accelerator(config: TrainConfig):
@@ -288,7 +428,8 @@ def train(
 
     Per optimizer step ``k`` (after ``grad_accum_steps`` micro-batches)::
 
-        g_k = sum_j grad L(batch_j) / grad_accum_steps      (accelerator.backward, accumulate)
+        g_k = sum_j grad L(batch_j) / grad_accum_steps      (accelerator.backward; processes:
+                                                             mean over processes, once per step)
         g_k <- g_k * min(1, max_grad_norm / ||g_k||)        (clip_grad_norm_)
         theta <- AdamW(theta, g_k, lr_k, weight_decay)      (no decay on 1-d params)
         lr_k = lr * k / warmup            for k < warmup_steps, then cosine/linear/constant
@@ -321,6 +462,10 @@ def train(
         # and a run resumed mid-epoch would see different random numbers in loss_fn.
         generator=torch.Generator().manual_seed(config.seed),
     )
+    if config.gradient_checkpointing:
+        from rlcourse.adapters import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # weight decay on matrices only, not on biases and norm gains
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
@@ -338,6 +483,7 @@ def train(
     name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
     scheduler = get_scheduler(name, optimizer, config.warmup_steps, total)
 
+    takes_num_tokens = _takes_num_tokens(loss_fn)
     history, step, epoch, skip = History(), 0, 0, 0
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     found = _checkpoints(ckpt_dir) if ckpt_dir else []
@@ -352,7 +498,17 @@ def train(
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
         accelerator.print(f"resuming from {found[-1]} (step {step})")
 
+    def check_weights() -> None:
+        bad = _nonfinite_weights(model)
+        # Collective, so that every process stops together (each may hold its own shard).
+        count = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device),
+                                   "sum")
+        if count.item() > 0:
+            names = f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
+            _stop_nonfinite(f"non-finite weights{names}", step, config, ckpt_dir)
+
     def checkpoint(batches_in_epoch: int) -> None:
+        check_weights()  # never write a NaN model: the last good checkpoint stays the newest
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "history": history.rows, "config": config.to_dict()}
         if accelerator.is_main_process:
@@ -380,33 +536,43 @@ def train(
             sampler.set_epoch(epoch)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
-            for i, batch in enumerate(loader):
-                if i < skip:  # resuming mid-epoch: these batches were already used
-                    continue
-                with accelerator.accumulate(model):
-                    loss, metrics = loss_fn(model, batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            model.parameters(), config.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad()
-                for k, v in {"loss": loss, **metrics}.items():
-                    sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
-                tokens += _count_tokens(batch)
-                if not accelerator.sync_gradients:
-                    continue
+            for end, window in _windows(loader, config.grad_accum_steps, skip):
+                extra = {}
+                if takes_num_tokens:  # the step's target tokens, over micro-batches and processes
+                    count = torch.tensor(float(sum(target_tokens(b) for b in window)),
+                                         device=accelerator.device)
+                    extra["num_tokens"] = accelerator.reduce(count, "sum") / (
+                        config.grad_accum_steps * accelerator.num_processes)
+                for j, batch in enumerate(window):
+                    # Gradients are averaged over processes only at the last micro-batch.
+                    last = j == len(window) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        loss, metrics = loss_fn(model, batch, **extra)
+                        accelerator.backward(loss)  # divides by grad_accum_steps
+                    for k, v in {"loss": loss, **metrics}.items():
+                        sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+                    tokens += _count_tokens(batch)
+                # A NaN/inf loss on any process stops every process together (one small
+                # all-reduce per step), before the update and before anything is written.
+                losses = torch.stack(sums["loss"][-len(window):])
+                finite = torch.isfinite(losses)
+                bad = torch.tensor(float(not finite.all()), device=accelerator.device)
+                if accelerator.reduce(bad, "sum").item() > 0:
+                    what = (f"the loss is {losses[~finite][0].item()}" if not finite.all()
+                            else "the loss is not finite on another process")
+                    _stop_nonfinite(what, step + 1, config, ckpt_dir)
+                grad_norm = accelerator.clip_grad_norm_(
+                    model.parameters(), config.max_grad_norm or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad()
                 if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step
                     scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % config.log_every == 0 or step == total:
                     dt = max(time.perf_counter() - t0, 1e-9)
-                    row = {k: torch.stack(v).mean().item() for k, v in sums.items()}
-                    if not math.isfinite(row["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {row['loss']} at step {step}: lower the lr, look for "
-                            "empty completions, or use bf16 instead of fp16")
+                    row, tokens = _reduce_metrics(accelerator, sums, tokens)
+                    check_weights()
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
                                 tokens_per_s=tokens / dt,
@@ -417,13 +583,14 @@ def train(
                     evaluate()
                 if ckpt_dir and (step == total or (config.checkpoint_every
                                                    and step % config.checkpoint_every == 0)):
-                    checkpoint(i + 1)
+                    checkpoint(end)
                 replies = [cb(step, history, model) for cb in callbacks or ()]
                 if any(r is True for r in replies) or step >= total:
                     stop = True
                     break
             else:  # the epoch ran to its end
                 epoch, skip = epoch + 1, 0
+        check_weights()  # the caller saves the model next
         if eval_fn is not None and evaluated_at != step:
             evaluate()
     finally:
@@ -433,25 +600,44 @@ def train(
     return history
 
 
-def sft_loss_fn(model: Any, batch: Mapping[str, torch.Tensor], reduction: str = "token"
+def target_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """The tokens :func:`sft_loss_fn` predicts in a batch: ``sum_{b,t>=1} m_bt`` with ``m`` the
+    ``completion_mask`` (or, without one, the ``attention_mask``); the first token of a row is
+    never a target."""
+    mask = batch.get("completion_mask", batch["attention_mask"])
+    return int(mask[:, 1:].sum().item())
+
+
+def sft_loss_fn(model: Any, batch: Mapping[str, torch.Tensor], reduction: str = "token",
+                num_tokens: torch.Tensor | float | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supervised fine-tuning loss: negative log-likelihood of the completion tokens.
 
-    ``reduction="token"``: ``L = -sum_{b,t} m_bt log pi(y_bt | ...) / sum_{b,t} m_bt`` (every
-    completion token of the batch weighs the same, the usual choice);
+    ``reduction="token"``: ``L = -sum_{b,t} m_bt log pi(y_bt | ...) / N`` (every completion
+    token weighs the same, the usual choice), where ``N = sum_{b,t} m_bt`` is this batch's
+    target tokens, or ``num_tokens`` when given;
     ``reduction="sequence"``: ``L = mean_b [ -sum_t m_bt log pi / sum_t m_bt ]`` (a mean over
     examples, which makes gradient accumulation exactly equal to one large batch).
     Without a ``completion_mask`` every real token is a target (plain language modelling).
+
+    :func:`train` passes ``num_tokens = (target tokens of the optimizer step, summed over its
+    micro-batches and processes) / (grad_accum_steps * num_processes)``: after accelerate's
+    division by ``grad_accum_steps`` and DDP's mean over processes, the gradient is that of
+    ``-sum(token log-probs of the global batch) / (its target tokens)``, what one process
+    with the whole batch computes. ``nll_per_token`` uses the same denominator, so its mean
+    over micro-batches and processes is the global batch's per-token NLL; ``ppl`` is the
+    perplexity of this micro-batch alone.
     """
     mask = batch.get("completion_mask", batch["attention_mask"])
     lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
                            reduce="none")
     m = mask[:, 1:].to(lp.dtype)
+    denom = m.sum().clamp(min=1.0) if num_tokens is None else num_tokens
     if reduction == "token":
-        loss = -lp.sum() / m.sum().clamp(min=1.0)
+        loss = -lp.sum() / denom
     elif reduction == "sequence":
         loss = (-lp.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
     else:
         raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
-    nll_token = (-lp.sum() / m.sum().clamp(min=1.0)).detach()
-    return loss, {"nll_per_token": nll_token, "ppl": torch.exp(nll_token)}
+    own = (-lp.sum() / m.sum().clamp(min=1.0)).detach()  # this micro-batch's per-token NLL
+    return loss, {"nll_per_token": (-lp.sum() / denom).detach(), "ppl": torch.exp(own)}

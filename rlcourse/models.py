@@ -886,6 +886,18 @@ class RewardModel(_HeadModel):
     HEAD_FILE = "reward_head.safetensors"
     KIND = "reward"
 
+    def __init__(self, model: Any, seed: int | None = 0) -> None:
+        super().__init__(model, seed)
+        # The LM head never takes part in a reward. Untied from the input embeddings, it would
+        # be a trainable parameter without a gradient: DDP then waits for its gradient forever
+        # ("Expected to have finished reduction...") and AdamW skips it anyway. Freezing it
+        # changes nothing in one process and lets several processes train without
+        # find_unused_parameters (an extra graph traversal every step).
+        out = getattr(model, "get_output_embeddings", lambda: None)()
+        emb = getattr(model, "get_input_embeddings", lambda: None)()
+        if out is not None and (emb is None or out.weight is not emb.weight):
+            out.requires_grad_(False)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _, h = self._hidden(input_ids, attention_mask, logits=False)
         idx = last_token_index(attention_mask)

@@ -3,17 +3,35 @@
     python -m rlcourse.notebooks execute            # re-run every chapter in full mode, in place
     python -m rlcourse.notebooks execute --quick book/02_markov_processes.ipynb
 
+    python -m rlcourse.notebooks check              # the output checks over the committed chapters
+
 Uses ``nbclient`` (the engine behind ``jupyter nbconvert --execute``). Widget state is stored
-in the notebook so the HTML book can show widgets without a kernel.
+in the notebook so the HTML book can show widgets without a kernel, and a progress bar's text
+fallback is rewritten to its final state (:func:`settle_progress_bars`).
+
+The checks a committed chapter must pass (``tests/test_notebook_outputs.py``):
+
+- :func:`output_problems`: no warning or fallback message in an output, no stray
+  ``<function ...>`` repr, no progress bar frozen at 0 %;
+- :func:`dropped_displays`: no ``show_source(...)``/``display``-type call whose result is
+  thrown away (not the last expression of its cell);
+- :func:`mode_independent_mismatches`: the cells tagged ``mode-independent`` (parameter counts,
+  exact oracle values, a first loss of ln 2: what quick and full mode both compute) print the
+  same text in a fresh quick-mode run as in the committed notebook, so an output left over from
+  an older library fails the quick-mode test.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import html
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rlcourse.config import REPO_ROOT
 
@@ -117,9 +135,206 @@ def execute_notebook(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+    settle_progress_bars(notebook)
     if write:
         nbformat.write(notebook, path)
     return notebook
+
+
+WIDGET_STATE_MIME = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+#: Cells whose printed text must not depend on quick/full mode (see the module docstring).
+MODE_INDEPENDENT_TAG = "mode-independent"
+#: Cells that show a warning on purpose (e.g. a validator's message); exempt from the scan.
+EXPECTED_WARNING_TAG = "expected-warning"
+
+
+def _widget_states(notebook: Any) -> dict[str, Any]:
+    return (notebook.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE_MIME, {})
+            .get("state", {}))
+
+
+def _tqdm_text(model_id: str, states: dict[str, Any]) -> str | None:
+    """The text of a tqdm notebook bar (an HBox of HTML, FloatProgress, HTML) in its saved state.
+
+    ``"train: 100% 80/80 [00:13<00:00, 5.58it/s]"``; ``None`` for any other widget.
+    """
+    box = states.get(model_id, {})
+    children = box.get("state", {}).get("children", [])
+    if box.get("model_name") != "HBoxModel" or len(children) != 3:
+        return None
+    parts = [states.get(c.removeprefix("IPY_MODEL_"), {}) for c in children]
+    if [p.get("model_name") for p in parts] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    left, bar, right = (p.get("state", {}) for p in parts)
+    width, total, value = 10, bar.get("max") or 0, bar.get("value") or 0
+    filled = int(width * value / total) if total else 0
+    bar_text = "█" * filled + " " * (width - filled)
+    text = f"{left.get('value', '')}|{bar_text}|{right.get('value', '')}"
+    return html.unescape(text).replace("\u2007", " ")
+
+
+def settle_progress_bars(notebook: Any) -> int:
+    """Rewrite the ``text/plain`` fallback of each tqdm bar to the bar's final (saved) state.
+
+    Why: the fallback is the text of the bar when it was first drawn (``0%``); a reader without
+    the widgets manager (a text view, a renderer that skips widgets) saw a bar frozen at 0 %.
+    The saved widget state holds the final state. Returns the number of bars rewritten.
+    """
+    states, changed = _widget_states(notebook), 0
+    for cell in notebook.get("cells", []):
+        for out in cell.get("outputs", []):
+            view = out.get("data", {}).get(WIDGET_VIEW_MIME)
+            if not view:
+                continue
+            text = _tqdm_text(view.get("model_id", ""), states)
+            if text is not None:
+                out["data"]["text/plain"] = text
+                changed += 1
+    return changed
+
+
+def _text(out: Any) -> str:
+    """A stream's text, or a result's ``text/plain`` and ``text/markdown`` joined."""
+    if out.get("output_type") == "stream":
+        value = out.get("text", "")
+        return "".join(value) if isinstance(value, list) else value
+    data = out.get("data", {})
+    texts = [data.get(k, "") for k in ("text/plain", "text/markdown")]
+    return "".join("".join(t) if isinstance(t, list) else t for t in texts)
+
+
+_WARNING_WORDS = re.compile(r"warn|deprecat", re.IGNORECASE)
+_FALLBACK_WORDS = re.compile(
+    r"no shipped|untrained model|falling back|fall back to|fallback|not found|using a random",
+    re.IGNORECASE,
+)
+_FUNCTION_REPR = re.compile(r"<(?:function|bound method|built-in function|lambda)\b[^>]*>"
+                            r"|<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_FROZEN_BAR = re.compile(r"(?<!\d)0%\|")
+
+
+def _code_cells(notebook: Any) -> list[tuple[int, Any]]:
+    """``(number among code cells, 1-based; cell)`` for every code cell."""
+    code = [c for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+    return list(enumerate(code, 1))
+
+
+def _tags(cell: Any) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def output_problems(notebook: Any, name: str = "notebook") -> list[str]:
+    """Outputs a reader must not see: ``"NAME: code cell N: what"`` for each.
+
+    A warning on stderr (or any output saying ``Warning``), a fallback message (``no shipped
+    ...``, ``untrained model``, ``falling back``), a stray repr such as ``<function f at
+    0x...>``, a progress bar whose text still reads ``0%``. A cell tagged ``expected-warning``
+    may warn (a chapter that demonstrates a validator's message).
+    """
+    problems = []
+    for number, cell in _code_cells(notebook):
+        allowed = EXPECTED_WARNING_TAG in _tags(cell)
+        for out in cell.get("outputs", []):
+            text = _text(out)
+            first = text.strip().splitlines()[0][:100] if text.strip() else ""
+            if not allowed and _WARNING_WORDS.search(text) and (
+                    out.get("name") == "stderr" or re.search(r"\bwarning\b", text, re.I)):
+                problems.append(f"{name}: code cell {number}: a warning in the output: {first}")
+            if not allowed and _FALLBACK_WORDS.search(text):
+                problems.append(f"{name}: code cell {number}: a fallback message: {first}")
+            match = _FUNCTION_REPR.search(text)
+            if match:
+                problems.append(f"{name}: code cell {number}: a stray repr {match.group(0)[:80]}"
+                                " (end the cell with a statement, or assign the result)")
+            if _FROZEN_BAR.search(text):
+                problems.append(f"{name}: code cell {number}: a progress bar frozen at 0 %")
+    return problems
+
+
+#: Calls whose value is what the reader should see (an ``IPython.display`` object).
+DISPLAY_CALLS = frozenset({"show_source", "Markdown", "HTML", "Code", "Latex", "Math"})
+
+
+def _call_name(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Call):
+        func = node.func
+        if isinstance(func, ast.Name):
+            return func.id
+        if isinstance(func, ast.Attribute):
+            return func.attr
+    return None
+
+
+def _parse_cell(source: str) -> ast.Module | None:
+    # IPython magics and shell escapes are not Python: blank them, keeping line numbers.
+    lines = ["" if line.lstrip().startswith(("%", "!")) else line
+             for line in source.splitlines()]
+    try:
+        return ast.parse("\n".join(lines))
+    except SyntaxError:
+        return None
+
+
+def dropped_displays(notebook: Any, name: str = "notebook") -> list[str]:
+    """Calls such as ``show_source(f)`` whose result never reaches the reader.
+
+    IPython displays only the value of a cell's *last* expression statement; the same call
+    anywhere else (earlier in the cell, inside a loop or an ``if``) builds a display object and
+    drops it. Wrap it in ``display(...)`` or make it the last statement.
+    """
+    problems = []
+    for number, cell in _code_cells(notebook):
+        source = cell.get("source", "")
+        tree = _parse_cell("".join(source) if isinstance(source, list) else source)
+        if tree is None:
+            continue
+        last = tree.body[-1] if tree.body else None
+        if isinstance(last, ast.Expr) and source.rstrip().endswith(";"):
+            last = None  # a trailing semicolon suppresses the display
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Expr) and node is not last
+                    and _call_name(node.value) in DISPLAY_CALLS):
+                problems.append(f"{name}: code cell {number} line {node.lineno}: the result of "
+                                f"{_call_name(node.value)}(...) is dropped (not the cell's last "
+                                "expression): wrap it in display(...) or move it last")
+    return problems
+
+
+def tagged_texts(notebook: Any, tag: str = MODE_INDEPENDENT_TAG) -> dict[int, str]:
+    """``{code cell number: its text outputs joined}`` for the cells tagged ``tag``."""
+    return {number: "".join(_text(o) for o in cell.get("outputs", [])
+                            if o.get("output_type") in ("stream", "execute_result"))
+            for number, cell in _code_cells(notebook) if tag in _tags(cell)}
+
+
+def mode_independent_mismatches(committed: Any, executed: Any, name: str = "notebook"
+                                ) -> list[str]:
+    """Cells tagged ``mode-independent`` whose fresh output differs from the committed one.
+
+    ``committed`` is the notebook as stored (full mode), ``executed`` a fresh run (quick mode):
+    the tagged cells compute what does not depend on the mode, so a difference means the
+    committed outputs come from an older library or an older chapter.
+    """
+    old, new = tagged_texts(committed), tagged_texts(executed)
+    problems = []
+    for number in sorted(set(old) | set(new)):
+        a, b = old.get(number), new.get(number)
+        if a != b:
+            diff = next(((x, y) for x, y in zip((a or "").splitlines(), (b or "").splitlines(),
+                                                strict=False) if x != y), (a, b))
+            problems.append(f"{name}: code cell {number} (tagged {MODE_INDEPENDENT_TAG}) prints "
+                            f"differently now:\n  committed: {str(diff[0])[:160]}\n"
+                            f"  fresh run: {str(diff[1])[:160]}")
+    return problems
+
+
+def check_committed(path: Path) -> list[str]:
+    """:func:`output_problems` and :func:`dropped_displays` of the notebook at ``path``."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    return output_problems(notebook, path.name) + dropped_displays(notebook, path.name)
 
 
 def _failing_cell(notebook) -> tuple[int, str]:
@@ -141,7 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebooks", nargs="*", type=Path)
     run.add_argument("--quick", action="store_true", help="quick mode (RLCOURSE_QUICK=1)")
     run.add_argument("--no-write", action="store_true", help="execute without saving outputs")
+    scan = sub.add_parser("check", help="scan committed chapters for warnings, stray reprs, "
+                                        "frozen progress bars and dropped displays")
+    scan.add_argument("notebooks", nargs="*", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "check":
+        problems = [p for path in (args.notebooks or chapters()) for p in check_committed(path)]
+        print("\n".join(problems) or "no problems")
+        return 1 if problems else 0
     paths = args.notebooks or chapters()
     failures = 0
     for path in paths:

@@ -23,6 +23,7 @@ import copy
 import gc
 import inspect
 import math
+import os
 import resource
 import sys
 import time
@@ -36,8 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlcourse.data import Record, pad_collate, tokenize_preferences, tokenize_unpaired
-from rlcourse.engine import train
+from rlcourse.adapters import adapters_disabled, is_lora
+from rlcourse.data import DataError, Record, pad_collate, tokenize_preferences, tokenize_unpaired
+from rlcourse.engine import TrainConfig, dropout_disabled, planned_indices, train
 from rlcourse.losses import (
     OBJECTIVES,
     dpo_loss,
@@ -188,7 +190,7 @@ def tokenize_kto(
     for i, r in enumerate(rows):
         if not isinstance(r["label"], (bool, np.bool_)):
             where = r.where if isinstance(r, Record) else f"row {i}"
-            raise ValueError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
+            raise DataError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
     items = tokenize_unpaired(tokenizer, rows, max_length, truncation=truncation)
     prompts = [r["prompt"] for r in rows]
     partners = mismatched_partners(prompts, seed)
@@ -267,6 +269,7 @@ def precompute_reference_logps(
     batch_size: int = 64,
     pad_id: int = 0,
     progress: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Score every completion of ``items`` with the frozen reference model, once.
 
@@ -274,11 +277,26 @@ def precompute_reference_logps(
     ``reference_logps``/``reference_kl_logps`` (KTO), 0-d float32 tensors: summed log-probs
     over completion tokens. After this the reference model can be deleted: training then holds
     a single model (DPO's memory is the policy alone, not policy plus reference). ``pad_id`` is
-    only what padding positions hold; they are masked out.
+    only what padding positions hold; they are masked out. ``indices``: score only these items
+    (those a short run will read, :func:`rlcourse.engine.planned_indices`); the others get NaN,
+    so that using one by mistake stops training instead of training on a wrong reference.
     """
     items = list(items)
     if not items:
         return []
+    if indices is not None:
+        chosen = sorted(set(int(i) for i in indices))
+        scored = precompute_reference_logps(reference_model, [items[i] for i in chosen],
+                                            batch_size, pad_id, progress)
+        out = [dict(it) for it in items]
+        if scored:
+            keys = [k for k in scored[0] if k.startswith("reference_")]
+            nan = torch.tensor(float("nan"))
+            for it in out:
+                it.update({k: nan for k in keys})
+            for i, it in zip(chosen, scored, strict=True):
+                out[i] = it
+        return out
     paired = "chosen_input_ids" in items[0]
     prefixes = ("chosen_", "rejected_") if paired else ("", "kl_")
     names = (
@@ -352,7 +370,12 @@ def _reference(batch: Mapping[str, Tensor], key: str, device: torch.device) -> T
             f"batch has no {key!r}: run precompute_reference_logps(reference_model, dataset) "
             "before training a method that needs a reference model"
         )
-    return batch[key].to(device=device, dtype=torch.float32)
+    ref = batch[key].to(device=device, dtype=torch.float32)
+    if torch.isnan(ref).any():
+        raise RuntimeError(
+            f"{key} is NaN for an example of this batch: its reference log-prob was not computed "
+            "(precompute_reference_logps(..., indices=...) skipped it)")
+    return ref
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,6 +599,7 @@ def train_preference(
     seed: int = 0,
     reference_batch_size: int = 64,
     engine_kwargs: dict[str, Any] | None = None,
+    disable_dropout: bool = True,
     **hyperparameters: Any,
 ) -> PreferenceRun:
     """Train ``model`` in place with preference method ``method`` on ``data``.
@@ -588,6 +612,10 @@ def train_preference(
     Methods with a reference model use ``reference_model`` or, by default, a frozen copy of
     ``model`` as it is now (the SFT model); its log-probs are computed once and the copy is
     released before the first step.
+
+    ``disable_dropout`` (default, as TRL): the policy trains with its dropout off
+    (:func:`rlcourse.engine.dropout_disabled`), so that it is scored the way the reference was
+    (in eval mode) and the first DPO loss is exactly ``ln 2``; ``False`` keeps the dropout.
     """
     method = method.lower()
     objective = OBJECTIVES[method]
@@ -597,13 +625,21 @@ def train_preference(
     # 1. Tokenise once.
     items = prepare_items(method, data, tokenizer, max_length=max_length, seed=seed)
 
-    # 2. Reference log-probs once, then release the reference model.
+    # 2. Reference log-probs once, of the examples training will read, then release the
+    #    reference model. Under LoRA the reference is the policy with its adapters switched off.
     reference_seconds = 0.0
     if objective.needs_reference and not has_reference(items):
         start = time.perf_counter()
-        reference = reference_model if reference_model is not None else copy.deepcopy(model)
-        items = precompute_reference_logps(reference, items, reference_batch_size, pad_id)
-        del reference
+        indices = _planned(len(items), config)
+        if reference_model is None and is_lora(model):
+            with adapters_disabled(model):
+                items = precompute_reference_logps(model, items, reference_batch_size, pad_id,
+                                                   indices=indices)
+        else:
+            reference = reference_model if reference_model is not None else copy.deepcopy(model)
+            items = precompute_reference_logps(reference, items, reference_batch_size, pad_id,
+                                               indices=indices)
+            del reference
         reference_model = None
         gc.collect()
         reference_seconds = time.perf_counter() - start
@@ -616,7 +652,8 @@ def train_preference(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    history = train(model, loss_fn, items, config, **(engine_kwargs or {}))
+    with dropout_disabled(model, disable_dropout):
+        history = train(model, loss_fn, items, config, **(engine_kwargs or {}))
     train_seconds = time.perf_counter() - start
 
     # 4. Costs: tokens forwarded per second (chosen + rejected, all epochs), peak memory.
@@ -636,6 +673,17 @@ def train_preference(
         peak_memory_bytes=peak,
         memory_kind=kind,
     )
+
+
+def _planned(n: int, config: Any) -> list[int] | None:
+    """The indices training will read (all of them when that cannot be known)."""
+    if not isinstance(config, TrainConfig):
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        processes = torch.distributed.get_world_size()
+    else:  # torchrun and accelerate launch set it before the process group exists
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return planned_indices(n, config, processes)
 
 
 def kto_balanced_weight(n_desirable: int, n_undesirable: int, target: float = 1.0) -> float:

@@ -24,10 +24,28 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
     dtype: null                 # weights at load: null (fp32 + mixed_precision), bf16, auto
-    trust_remote_code: false
+    trust_remote_code: false    # a YAML boolean: "false" (quoted) is an error, not true
     reference_model: null       # a separate reference; default: a frozen copy of `model`
+    reference_batch_size: 64    # sequences per forward of the reference-log-prob pass
+    disable_dropout: true       # preference methods and reward_model: train with dropout off
     loss: {beta: 0.1}
-    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto, ...}
+    train: {lr: 5.0e-7, batch_size: 8, grad_accum_steps: 4, mixed_precision: auto,
+            gradient_checkpointing: false, ...}
+    lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, merge: false}
+
+``lora`` (any method but PPO; :mod:`rlcourse.adapters`): train low-rank adapters of the frozen
+model; the reference of DPO/IPO/R-DPO/KTO is then the model with its adapters disabled (no
+second copy). ``OUTPUT/model`` holds the adapter and the tokenizer; ``merge: true`` also writes
+``OUTPUT/merged``, a full model for ``AutoModelForCausalLM.from_pretrained``.
+
+Every value is checked against the type its trainer declares (booleans are YAML ``true``/
+``false``, integers are integers, ``dtype`` is one of null, auto, fp32, bf16, fp16) and against
+its range (``lr``, ``beta``, ``tau`` > 0, ``label_smoothing`` in [0, 0.5), KTO's
+``batch_size`` >= 2, ...): a bad one is a :class:`RecipeError` naming the file, the line and the
+key. ``max_length`` must fit the model's position embeddings. Data errors (an empty file, a
+malformed row, an over-long example) reach the command line as one line ``file:line: what``
+with exit code 2; a run whose loss or weights turn NaN/inf stops with exit code 1, saving
+nothing from that point (the last good checkpoint stays).
 
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
@@ -36,11 +54,19 @@ PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
 again after a crash and training continues from the newest checkpoint, exactly where it stopped
 (the engine restores optimiser, scheduler, RNG states and the position in the epoch).
+``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, and
+the SHA-256 of the data): a rerun with another method, data or hyperparameter into the same
+OUTPUT is an error naming the keys that differ, a rerun of a finished run says so and trains
+nothing, and ``--overwrite`` starts afresh (removing only the files a run writes).
 
 Several GPUs: every process runs this same module; :func:`rlcourse.engine.train` lets
 ``accelerate`` shard the batches (the global batch is ``batch_size * grad_accum_steps *
 num_processes``), each process puts its model on its own device, and only the main process
-writes files. Each process computes the reference log-probs of the whole dataset once.
+writes files. Each process computes the reference log-probs once, of the examples training
+reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
+Launched by ``torchrun`` on a machine without GPUs, the processes train together on the CPU
+(gloo), as with ``train.device=cpu``; ``accelerate launch --cpu --num_processes N`` (which
+starts one process) is refused with the command that works.
 """
 
 from __future__ import annotations
@@ -49,6 +75,7 @@ import argparse
 import copy
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -80,9 +107,19 @@ _METHOD_KEYS = {
     "reward_model": {"data"},
     "ppo": {"prompts", "reward_model", "ppo", "rollout"},
     # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
-    **{m: {"data", "loss", "reference_model"} for m in ("dpo", "ipo", "rdpo", "kto")},
-    **{m: {"data", "loss"} for m in ("orpo", "simpo")},
+    **{m: {"data", "loss", "reference_model", "disable_dropout"}
+       for m in ("dpo", "ipo", "rdpo", "kto")},
+    **{m: {"data", "loss", "disable_dropout"} for m in ("orpo", "simpo")},
 }
+_METHOD_KEYS["reward_model"] |= {"disable_dropout"}
+
+
+# Memory (rlcourse.adapters): LoRA for every method trained on the engine, and the batch of the
+# reference-log-prob pass for the methods that have one.
+for _m in ("sft", "reward_model", *PREFERENCE_METHODS):
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"lora"}
+for _m in ("dpo", "ipo", "rdpo", "kto"):
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"reference_batch_size"}
 
 
 class RecipeError(ValueError):
@@ -130,17 +167,27 @@ class Recipe:
     train: Any = None
     ppo: Any = None
     rollout: PPORollout | None = None
+    disable_dropout: bool = True
+    lora: Any = None
+    reference_batch_size: int = 64
     source: str = "<recipe>"
+    lines: dict[str, int] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what ``OUTPUT/recipe.json`` records)."""
         from dataclasses import asdict
 
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lines"}
         for key in ("train", "ppo", "rollout"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
+        if out["lora"] is not None:
+            out["lora"] = out["lora"].to_dict()
         return out
+
+    def where(self, key: str) -> str:
+        """``"file:line: key"`` for error messages about ``key`` (a dotted path)."""
+        return _where(self.source, self.lines, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,22 +241,126 @@ def _number_or(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
-    """Convert ``value`` to the type of ``default`` where that is unambiguous (str -> float)."""
-    if isinstance(default, bool) or default is None or value is None:
+# --------------------------------------------------------------------------------------------
+# Typed values: every key has the type its dataclass field or loss argument declares
+# --------------------------------------------------------------------------------------------
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+          list: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _type_name(value: Any) -> str:
+    return f"{value!r} ({_KINDS.get(type(value), type(value).__name__)})"
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the type ``hint`` (``bool``, ``int``, ``float``, ``str``,
+    ``X | None``, ``tuple[float, float]``); numbers written as strings (``"5e-7"``, which YAML
+    1.1 reads as a string) are converted. A boolean must be a YAML boolean: ``"false"`` (a
+    string) is an error, not ``True``."""
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _typed(value, inner[0], where) if len(inner) == 1 else value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {_type_name(value)}")
         return value
-    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(
-            value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise RecipeError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(default, int) and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise RecipeError(f"{where}: expected an integer, got {value!r}") from None
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = _number_or(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RecipeError(f"{where}: expected an integer, got {_type_name(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise RecipeError(f"{where}: expected a number, got {_type_name(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise RecipeError(f"{where}: expected a list of {len(args)} values, got "
+                              f"{_type_name(value)}")
+        return tuple(_typed(v, a, f"{where}[{i}]")
+                     for i, (v, a) in enumerate(zip(value, args, strict=True)))
     return value
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+#: Weight dtypes a recipe may name (``rlcourse.models.load_model``); fp8 training is not
+#: supported by the trainers.
+_DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+#: Allowed values beyond the type, by dotted key (``train.`` keys apply to every method,
+#: ``loss.`` keys to every loss that has them): ``(test, what the value must be)``.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "max_length": (lambda v: v >= 2, "an integer >= 2"),
+    "reference_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "truncation": (lambda v: v in ("error", "left", "right"), "one of error, left, right"),
+    "dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
+    "train.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.max_steps": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "train.epochs": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "train.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "train.grad_accum_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.max_grad_norm": (lambda v: v is None or (_finite(v) and v > 0),
+                            "null or a finite number > 0"),
+    "train.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "train.schedule": (lambda v: v in ("cosine", "linear", "constant"),
+                       "one of cosine, linear, constant"),
+    "train.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "train.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.mixed_precision": (lambda v: v in ("no", "bf16", "fp16", "auto"),
+                              "one of no, bf16, fp16, auto"),
+    "train.log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
+    "train.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
+                     "one of auto, cpu, cuda, mps"),
+    "loss.beta": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.tau": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.lam": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "loss.gamma": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "loss.alpha": (lambda v: _finite(v), "a finite number"),
+    "loss.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "loss.desirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.undesirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "loss.reduction": (lambda v: v in ("token", "sequence"), "one of token, sequence"),
+    "rollout.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "ppo.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "ppo.ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "ppo.minibatch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "ppo.temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+}
+
+
+def _check_range(key: str, value: Any, where: str) -> None:
+    rule = _RANGES.get(key)
+    if rule is not None and not rule[0](value):
+        raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")
 
 
 def _where(source: str, lines: Mapping[str, int], key: str) -> str:
@@ -238,23 +389,27 @@ def _section(raw: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
 
 def _dataclass_section(cls: type, values: Mapping[str, Any], prefix: str, source: str,
                        lines: Mapping[str, int]) -> Any:
-    """Build dataclass ``cls`` from ``values``: unknown keys and bad numbers named by line."""
-    defaults = {f.name: f.default for f in fields(cls)}
-    _check_keys(values, list(defaults), prefix, source, lines, cls.__name__)
-    kwargs = {k: _coerce(v, defaults[k], _where(source, lines, f"{prefix}{k}"))
-              for k, v in values.items()}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
+    """Build dataclass ``cls`` from ``values``: unknown keys, wrong types and values out of
+    range are named with file and line."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    _check_keys(values, [f.name for f in fields(cls)], prefix, source, lines, cls.__name__)
+    kwargs = {}
+    for k, v in values.items():
+        where = _where(source, lines, f"{prefix}{k}")
+        kwargs[k] = _typed(v, hints[k], where)
+        _check_range(f"{prefix}{k}", kwargs[k], where)
     return cls(**kwargs)
 
 
-def _loss_defaults(method: str) -> dict[str, Any]:
-    """Keyword arguments (and defaults) of the loss function a method trains with."""
+def _loss_signature(method: str) -> dict[str, inspect.Parameter]:
+    """Keyword parameters (with defaults and types) of the loss function a method trains with."""
     from rlcourse.engine import sft_loss_fn
     from rlcourse.preference import LOSS_FNS
 
     fn = sft_loss_fn if method == "sft" else LOSS_FNS[method]
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+    return {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items()
             if k not in ("model", "batch")}
 
 
@@ -304,20 +459,16 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
                               f"command line, e.g. --{key.replace('_', '-')} PATH)")
-    truncation = raw.get("truncation", "error")
-    if truncation not in ("error", "left", "right"):
-        raise RecipeError(f"{_where(source, lines, 'truncation')}: must be error, left or right")
+    import typing
 
-    recipe = Recipe(
-        method=method, model=str(raw["model"]), output=str(raw["output"]),
-        data=raw.get("data"), prompts=raw.get("prompts"), reward_model=raw.get("reward_model"),
-        reference_model=raw.get("reference_model"),
-        max_length=int(_coerce(raw.get("max_length", 512), 512,
-                               _where(source, lines, "max_length"))),
-        truncation=truncation, dtype=raw.get("dtype"),
-        trust_remote_code=bool(raw.get("trust_remote_code", False)),
-        seed=int(raw.get("seed", 0)), source=source,
-    )
+    hints = typing.get_type_hints(Recipe)
+    top: dict[str, Any] = {}
+    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora"}):
+        if key in raw:
+            where = _where(source, lines, key)
+            top[key] = _typed(raw[key], hints[key], where)
+            _check_range(key, top[key], where)
+    recipe = Recipe(method=method, source=source, lines=lines, **top)
     if method == "ppo":
         recipe.ppo = _dataclass_section(PPOConfig, _section(raw, "ppo", source), "ppo.",
                                         source, lines)
@@ -331,14 +482,41 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
     recipe.train = _dataclass_section(TrainConfig, train, "train.", source, lines)
+    if method == "kto" and recipe.train.batch_size < 2:
+        # KTO's reference point z0 is the batch mean of mismatched (prompt, completion) pairs;
+        # with one example it is that example's own partner, so the loss degenerates (TRL
+        # refuses it too).
+        raise RecipeError(f"{_where(source, lines, 'train.batch_size')}: KTO needs "
+                          f"batch_size >= 2 per process (its KL reference point is a batch "
+                          f"mean), got {recipe.train.batch_size}")
+    recipe.lora = _lora_section(raw, source, lines)
     if method != "reward_model":
-        defaults = _loss_defaults(method)
+        params = _loss_signature(method)
         loss = _section(raw, "loss", source)
-        _check_keys(loss, list(defaults), "loss.", source, lines,
+        _check_keys(loss, list(params), "loss.", source, lines,
                     f"the {method} loss function")
-        recipe.loss = {k: _coerce(v, defaults[k], _where(source, lines, f"loss.{k}"))
-                       for k, v in loss.items()}
+        for k, v in loss.items():
+            where = _where(source, lines, f"loss.{k}")
+            recipe.loss[k] = _typed(v, params[k].annotation, where)
+            _check_range(f"loss.{k}", recipe.loss[k], where)
     return recipe
+
+
+def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
+    """The ``lora:`` section as :class:`rlcourse.adapters.LoraSettings` (``None`` if absent)."""
+    from rlcourse.adapters import LoraSettings
+
+    if raw.get("lora") is None:
+        return None
+    section = _section(raw, "lora", source)
+    _check_keys(section, LoraSettings.field_names(), "lora.", source, lines, "the lora section")
+    for key, value in section.items():
+        try:  # validate one key at a time, so that the error names it
+            LoraSettings(**{key: _number_or(value)})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{_where(source, lines, f'lora.{key}')}: {err}") from None
+        section[key] = _number_or(value)
+    return LoraSettings(**section)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +525,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 @dataclass
 class RecipeResult:
     """What :func:`run_recipe` returns: the trained model and tokenizer, the history rows and
-    the directory the model was saved to (``None`` when ``save=False``)."""
+    the directory the model was saved to (``None`` when ``save=False``). ``finished_before``:
+    the output folder already held this finished run, which was loaded, not trained again."""
 
     recipe: Recipe
     model: Any
@@ -355,11 +534,12 @@ class RecipeResult:
     history: list[dict[str, Any]]
     saved_to: Path | None
     summary: dict[str, Any] = field(default_factory=dict)
+    finished_before: bool = False
 
 
 def _read_data(recipe: Recipe) -> list[Any]:
     """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import load_preferences, load_sft, load_unpaired, read_jsonl
+    from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
 
     key = "prompts" if recipe.method == "ppo" else "data"
     path = Path(getattr(recipe, key))
@@ -369,11 +549,19 @@ def _read_data(recipe: Recipe) -> list[Any]:
         return load_sft(path)
     if recipe.method == "kto":
         with open(path, encoding="utf-8") as fh:
-            first = next((json.loads(line) for line in fh if line.strip()), {})
-        return load_unpaired(path) if "label" in first else load_preferences(path)
+            line = next((line for line in fh if line.strip()), "{}")
+        try:
+            first = json.loads(line)
+        except json.JSONDecodeError:
+            first = {"label": None}  # load_unpaired names the line and the problem
+        paired = isinstance(first, dict) and "label" not in first
+        return load_preferences(path) if paired else load_unpaired(path)
     if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
         return load_preferences(path)
-    return [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    if not prompts:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return prompts
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -383,44 +571,255 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True) -> RecipeResult:
+# --------------------------------------------------------------------------------------------
+# Guards before a run: how it was launched, what the output folder already holds, the model
+# --------------------------------------------------------------------------------------------
+#: Keys that do not change the trained model: a run may resume with other values of these.
+_NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train.eval_every",
+                 "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
+                 "train.device"}
+#: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
+_RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
+              "checkpoints", "tensorboard")
+
+
+def _launch_device(recipe: Recipe) -> str:
+    """The device setting to train with, after checking how the processes were launched.
+
+    ``torchrun``/``accelerate launch --multi_gpu`` set ``WORLD_SIZE``; without GPUs accelerate
+    would then run every process alone (each trains the whole data, all write ``model/``), so
+    on a machine without CUDA several processes train on the CPU over gloo, as with
+    ``train.device=cpu``. ``accelerate launch --cpu --num_processes N`` starts ONE process
+    (its simple launcher) and only leaves ``MASTER_PORT`` behind: that is refused.
+    """
+    import torch
+
+    device = getattr(recipe.train, "device", "auto") if recipe.train is not None else "auto"
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if ("WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"):
+        raise RecipeError(
+            "accelerate launch --cpu started one process although --num_processes asked for "
+            "more (accelerate's --cpu launcher runs a single process); for several CPU "
+            "processes run: torchrun --nproc_per_node N -m rlcourse.recipes RECIPE ... "
+            "train.device=cpu")
+    if world > 1 and device == "auto" and not torch.cuda.is_available():
+        if recipe.train is not None:
+            recipe.train.device = "cpu"
+        return "cpu"
+    return device
+
+
+def _file_digest(path: str | None) -> str | None:
+    import hashlib
+
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identity(recipe: Recipe) -> dict[str, Any]:
+    """What makes two runs the same run: every recipe key that changes the trained model
+    (dotted, e.g. ``train.lr``), plus the SHA-256 of each data file's content."""
+    flat: dict[str, Any] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        for k, v in obj.items():
+            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora"):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+
+    walk(recipe.to_dict(), "")
+    for key in ("data", "prompts"):
+        if getattr(recipe, key, None):
+            flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
+    return {k: v for k, v in flat.items() if k not in _NOT_IDENTITY}
+
+
+def _check_output(recipe: Recipe, overwrite: bool) -> str:
+    """``"fresh"``, ``"resume"`` (a partial run of this same recipe) or ``"finished"``.
+
+    A folder holding a run of another recipe (other method, data, hyperparameters) is an error
+    that names the differing keys, unless ``overwrite``; a folder holding run files that this
+    module did not describe (no ``run.json``) is an error too: it cannot be told apart.
+    """
+    out = Path(recipe.output)
+    present = [n for n in _RUN_FILES if (out / n).exists()]
+    if overwrite or not present:
+        return "fresh"
+    info_path = out / "run.json"
+    if not info_path.is_file():
+        raise RecipeError(
+            f"{recipe.where('output')}: {out} already holds {', '.join(present)} but no "
+            "run.json saying which recipe wrote them; pass --overwrite to start afresh, or "
+            "choose another output")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    checkpoints = Path(recipe.train.checkpoint_dir) if recipe.train is not None and \
+        recipe.train.checkpoint_dir else None
+    if info.get("status") != "finished" and not (checkpoints and any(checkpoints.glob("step-*"))):
+        return "fresh"  # stopped before its first checkpoint: nothing to resume or to protect
+    before, now = info.get("identity", {}), _identity(recipe)
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
+        raise RecipeError(
+            f"{recipe.where(differ[0] if differ[0] in recipe.lines else 'output')}: {out} holds "
+            f"a {info.get('status', 'partial')} run of a different recipe ({len(differ)} "
+            f"key(s) differ: {shown}{' ...' if len(differ) > 8 else ''}); resuming it would "
+            "mix two runs. Pass --overwrite to start afresh, or choose another output")
+    return "finished" if info.get("status") == "finished" else "resume"
+
+
+def _clear_output(out: Path) -> None:
+    """Remove what a previous run wrote into ``out`` (only the run's own files)."""
+    import shutil
+
+    for name in _RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _max_positions(model: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no such limit)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
+    """The saved model and history of a finished run (nothing is trained again)."""
+    from rlcourse.models import load_model
+
+    out = Path(recipe.output)
+    if state.is_main_process:
+        print(f"{out} already holds the finished run of this recipe (model in {out / 'model'});"
+              " nothing to train. Pass --overwrite to train it again.", file=sys.stderr)
+    model, tokenizer = None, None
+    # A full model is loaded back; a reward model or a LoRA adapter is left where it is.
+    if recipe.method != "reward_model" and (out / "model" / "config.json").is_file():
+        model, tokenizer = load_model(out / "model", device="cpu", dtype=recipe.dtype,
+                                      trust_remote_code=recipe.trust_remote_code)
+    history_file = out / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    saved = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").is_file() \
+        else {}
+    return RecipeResult(recipe, model, tokenizer, history, out / "model",
+                        saved.get("summary", {}), finished_before=True)
+
+
+def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
+               overwrite: bool = False) -> RecipeResult:
     """Load the model and data a recipe names, train, and save ``OUTPUT/model`` atomically.
 
-    Also writes ``OUTPUT/history.json`` (the engine's metric rows) and ``OUTPUT/recipe.json``.
+    Also writes ``OUTPUT/history.json`` (the engine's metric rows), ``OUTPUT/recipe.json`` and
+    ``OUTPUT/run.json`` (the run's identity: every key that changes the model and the data's
+    SHA-256; ``status`` running or finished). A rerun into the same OUTPUT resumes only when
+    the identity is the same; a different one is a :class:`RecipeError` naming the keys that
+    differ; a finished one is reported and not trained again. ``overwrite=True`` starts afresh.
     Every process of an ``accelerate launch`` runs this; the model goes to the process's own
     device (``accelerate.PartialState().device``), and only the main process writes files.
     """
     from accelerate import PartialState
 
-    from rlcourse.models import load_model, save_model
+    from rlcourse.models import load_model
 
-    train_device = getattr(recipe.train, "device", "auto")
+    train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
     # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
     state = PartialState(cpu=train_device == "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world != state.num_processes:
+        raise RecipeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a "
+                          f"group of {state.num_processes} ({state.distributed_type}); each "
+                          "process would train alone. Set train.device to match the machine")
+    if recipe.method == "ppo" and state.num_processes > 1:
+        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
+                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
+                          "accelerate launch --num_processes")
+    out = Path(recipe.output)
+    status = _check_output(recipe, overwrite) if save else "fresh"
+    if status == "finished":
+        return _finished_result(recipe, state)
     device = str(state.device) if train_device == "auto" else train_device
     model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
                                   trust_remote_code=recipe.trust_remote_code)
+    positions = _max_positions(model)
+    key, length = (("rollout.max_new_tokens", recipe.rollout.max_new_tokens)
+                   if recipe.method == "ppo" else ("max_length", recipe.max_length))
+    if positions is not None and length > positions:  # else an IndexError deep in the model
+        raise RecipeError(f"{recipe.where(key)}: {length} is longer than the model's "
+                          f"{positions} positions (max_position_embeddings of {recipe.model})")
+    rows = _read_data(recipe)
+    state.wait_for_everyone()  # every process has read OUTPUT before the main one changes it
+    if save and state.is_main_process:
+        if status == "fresh":
+            _clear_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "run.json", {"status": "running", "identity": _identity(recipe)})
+    state.wait_for_everyone()
     model.train()
+    model, lora_model = _with_lora(recipe, model)
     if recipe.train is not None and not progress:
         recipe.train.progress = False
     summary: dict[str, Any] = {}
     if recipe.method == "ppo":
-        model, history = _run_ppo(recipe, model, tokenizer, state, progress)
+        model, history = _run_ppo(recipe, model, tokenizer, rows, progress)
     else:
-        rows = _read_data(recipe)
         model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
     model.eval()
     summary["num_processes"] = state.num_processes
-    out = Path(recipe.output)
     saved = None
     if save and state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        saved = save_model(model, tokenizer, out / "model")
+        model, saved = _save_trained(recipe, model, lora_model, tokenizer, out)
         _write_json(out / "history.json", history)
         _write_json(out / "recipe.json", {**recipe.to_dict(), "summary": summary})
+        _write_json(out / "run.json", {"status": "finished", "identity": _identity(recipe)})
     state.wait_for_everyone()
     return RecipeResult(recipe, model, tokenizer, history, saved, summary)
+
+
+def _with_lora(recipe: Recipe, model: Any) -> tuple[Any, Any]:
+    """``(model to train, peft model or None)``: with a ``lora`` section every base weight is
+    frozen and adapters are trained. A reward model wraps the adapted backbone itself (its head
+    stays fully trained)."""
+    if recipe.lora is None:
+        return model, None
+    from rlcourse.adapters import apply_lora
+
+    lora_model = apply_lora(model, recipe.lora, seed=recipe.seed)
+    if recipe.method == "reward_model":
+        return lora_model.get_base_model(), lora_model
+    return lora_model, lora_model
+
+
+def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, out: Path
+                  ) -> tuple[Any, Path]:
+    """Save ``OUTPUT/model``: the full model, or under LoRA the adapter (``adapter_config.json``,
+    ``adapter_model.safetensors``) and the tokenizer; with ``lora.merge`` also ``OUTPUT/merged``,
+    the adapters folded into the weights (plain ``from_pretrained``). A reward model under LoRA
+    is always saved merged (its loader reads a full backbone)."""
+    from rlcourse.adapters import is_lora, merge_lora
+    from rlcourse.models import save_model
+
+    if lora_model is not None and recipe.method == "reward_model":
+        merge_lora(lora_model)  # in place: model.model is a plain transformers model again
+        return model, save_model(model, tokenizer, out / "model")
+    saved = save_model(model, tokenizer, out / "model")
+    if recipe.lora is not None and recipe.lora.merge and is_lora(model):
+        model = merge_lora(model)
+        save_model(model, tokenizer, out / "merged")
+    return model, saved
 
 
 def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
@@ -446,7 +845,9 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
                                   dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
                            reference_model=reference, max_length=recipe.max_length,
-                           seed=recipe.seed, **recipe.loss)
+                           seed=recipe.seed, reference_batch_size=recipe.reference_batch_size,
+                           disable_dropout=recipe.disable_dropout,
+                           **recipe.loss)
     return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
 
 
@@ -454,7 +855,8 @@ def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[A
     from rlcourse.reward_model import train_reward_model
 
     rm, history = train_reward_model(model, tokenizer, rows, recipe.train,
-                                     max_length=recipe.max_length, seed=recipe.seed)
+                                     max_length=recipe.max_length, seed=recipe.seed,
+                                     disable_dropout=recipe.disable_dropout)
     return rm, history.to_rows(), {"n_pairs": len(rows)}
 
 
@@ -462,16 +864,11 @@ _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
              **{m: _train_preference for m in PREFERENCE_METHODS}}
 
 
-def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, state: Any, progress: bool):
+def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool):
     """PPO with the four models of the slides: actor, critic, reward model, reference."""
     from rlcourse import ppo
     from rlcourse.models import RewardModel, ValueHeadModel
 
-    if state.num_processes > 1:
-        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
-                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
-                          "accelerate launch --num_processes")
-    prompts = _read_data(recipe)
     device = str(next(model.parameters()).device)
     reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                          trust_remote_code=recipe.trust_remote_code)
@@ -504,8 +901,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", help="output directory (overrides 'output')")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved recipe, train nothing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh even if the output folder holds another run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
+    from rlcourse.data import DataError
+    from rlcourse.engine import NonFiniteError
+
     try:
         overrides = parse_overrides(args.overrides)
         for key in ("model", "output", "reward_model"):
@@ -521,10 +923,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))
             return 0
-        result = run_recipe(recipe)
-    except (RecipeError, FileNotFoundError) as err:
+        result = run_recipe(recipe, overwrite=args.overwrite)
+    except (RecipeError, DataError, FileNotFoundError) as err:  # bad input: one line, code 2
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # training diverged: nothing saved, the checkpoints kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if result.finished_before:
+        return 0
     if result.saved_to is not None:
         print(f"saved the trained model to {result.saved_to}")
     return 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlcourse.data import pad_collate, tokenize_sft
-from rlcourse.engine import EpochSampler, History, TrainConfig, sft_loss_fn, train
+from rlcourse.engine import EpochSampler, History, NonFiniteError, TrainConfig, sft_loss_fn, train
 from rlcourse.models import RewardModel, build_model, build_tokenizer
 
 matplotlib.use("Agg")
@@ -109,6 +109,24 @@ def test_grad_accumulation_1x8_equals_8x1(tok, items):
     train(small, loss, items[:16], _cfg(batch_size=1, grad_accum_steps=8, max_steps=2))
     for k, v in _params(big).items():
         assert torch.allclose(dict(small.named_parameters())[k], v, atol=1e-5), k
+
+
+def test_token_mean_with_accumulation_equals_one_big_batch(tok, items):
+    # The default SFT loss is a mean over all completion tokens of the optimizer step. Items of
+    # unequal length make micro-batch token means differ from it: the engine must hand
+    # sft_loss_fn the step's token count, summed over its micro-batches.
+    big = _model(tok)
+    h_big = train(big, sft_loss_fn, items[:16], _cfg(batch_size=8, grad_accum_steps=1,
+                                                     max_steps=2))
+    small = _model(tok)
+    h_small = train(small, sft_loss_fn, items[:16], _cfg(batch_size=2, grad_accum_steps=4,
+                                                         max_steps=2))
+    for k, v in _params(big).items():
+        torch.testing.assert_close(dict(small.named_parameters())[k], v, rtol=0, atol=1e-5)
+    # the logged loss (mean over micro-batches) is the big batch's token mean too
+    assert h_small.series("loss")[1] == pytest.approx(h_big.series("loss")[1], abs=1e-6)
+    assert h_small.series("nll_per_token")[1] == pytest.approx(h_big.series("loss")[1],
+                                                               abs=1e-6)
 
 
 def test_one_step_equals_plain_pytorch(tok, items):
@@ -263,3 +281,31 @@ def test_clear_errors_for_no_batches_and_nan_loss(tok, items):
 
     with pytest.raises(FloatingPointError, match="step 1"):
         train(_model(tok), nan_loss, items, _cfg())
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tok, items,
+                                                                             tmp_path):
+    """A loss that turns NaN at the third step: the error names the step and the checkpoint of
+    step 2 (written before) stays the newest; step 3's NaN never reaches weights or disk."""
+    calls = []
+
+    def nan_at_third(model, batch):
+        loss, m = sft_loss_fn(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), m
+
+    model = _model(tok)
+    with pytest.raises(NonFiniteError, match=r"loss is nan at optimizer step 3.*step-00000002"):
+        train(model, nan_at_third, items, _cfg(checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+    assert [p.name for p in sorted(tmp_path.glob("step-*"))] == ["step-00000001",
+                                                                 "step-00000002"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_infinite_lr_never_writes_a_nan_checkpoint(tok, items, tmp_path):
+    """lr = inf turns the weights to NaN in the first update while the first loss is finite:
+    without the weight check the step-1 checkpoint (and the final model) would be all NaN."""
+    with pytest.raises(NonFiniteError, match="non-finite weights .* optimizer step 1"):
+        train(_model(tok), sft_loss_fn, items,
+              _cfg(lr=float("inf"), checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+    assert not list(tmp_path.glob("step-*"))

@@ -5,8 +5,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from rlcourse import exercises
+from rlcourse import exercises, losses
 from rlcourse.exercises import Case, Exercise, run_check
 from rlcourse.exercises.cli import check_notebook, main
 
@@ -116,3 +117,66 @@ def test_registered_exercise_accepts_reference_and_rejects_wrong_answers(exercis
     for wrong, why in exercise.wrong_answers:
         result = run_check(exercise.name, wrong)
         assert result.status in {"failed", "error"}, f"{exercise.name} accepted: {why}"
+
+
+# ---- the mistakes the chapters warn about, written out here (not taken from the registry) -----
+def _klr_count_index(lp, ref, score, mask, kl, clip):
+    """Score at index mask.sum(-1) - 1: right only for masks that start at column 0."""
+    r = -kl * (lp - ref) * mask
+    rows = torch.arange(r.shape[0])
+    r[rows, (mask.sum(-1) - 1).long()] += score.clamp(-clip, clip)
+    return r
+
+
+def _rm_count_index(token_scores, attention_mask):
+    """The reward model read at attention_mask.sum() - 1: wrong with left padding."""
+    last = (attention_mask.sum(-1) - 1).long()
+    return token_scores[torch.arange(token_scores.shape[0]), last]
+
+
+def _discount_off_by_one(rewards, gamma):
+    """G_t = sum_k gamma^(k+1) R_{t+k+1}: chapter 2's 'bug in return code'."""
+    r = np.asarray(rewards, dtype=float)
+    return np.array([sum(gamma ** (k + 1) * x for k, x in enumerate(r[t:])) for t in range(len(r))])
+
+
+NAMED_PITFALLS = [
+    # chapter 8, "Padding side": the score on the last real response token, not at a count
+    ("kl_shaped_rewards", _klr_count_index),
+    # chapter 10, section 4: log(1 - e^x) as it reads fails near x = 0 in float32
+    ("orpo_log_odds", lambda m: m - torch.log1p(-torch.exp(m))),
+    # chapter 10, "Mean, not sum": the odds of summed log-probs
+    ("orpo_loss", lambda pc, pr, lc, lr, lam: -pc / lc - lam * torch.nn.functional.logsigmoid(
+        losses.orpo_log_odds(pc) - losses.orpo_log_odds(pr))),
+    # chapter 7, "Read at the last real token": left, right and two-sided padding
+    ("reward_at_last_token", _rm_count_index),
+    # chapter 12, "|y| counts the EOS token"
+    ("simpo_reward", lambda logps, lengths, beta: beta * logps / (lengths - 1)),
+    # chapter 12, "Two conventions for gamma": gamma/beta passed where gamma is meant
+    ("simpo_loss", lambda pc, pr, lc, lr, beta, gamma: -torch.nn.functional.logsigmoid(
+        beta * (pc / lc - pr / lr) - beta * gamma)),
+    # chapter 2: R_{t+1} multiplied by gamma instead of gamma^0
+    ("discounted_returns", _discount_off_by_one),
+    # chapter 8, "Sum or mean": padding must be masked in every mean
+    ("ppo_clip_loss", lambda lp, old, adv, mask, eps: torch.maximum(
+        -adv * torch.exp(lp - old),
+        -adv * torch.exp(lp - old).clamp(1 - eps, 1 + eps)).mean()),
+    # chapter 7: log(sigmoid(x)) underflows; logsigmoid does not
+    ("bradley_terry_loss", lambda w, r: -torch.log(torch.sigmoid(w - r)).mean()),
+]
+
+
+@pytest.mark.parametrize("name,wrong", NAMED_PITFALLS, ids=[n for n, _ in NAMED_PITFALLS])
+def test_check_rejects_the_mistake_its_chapter_warns_about(name, wrong):
+    result = run_check(name, wrong)
+    assert result.status in {"failed", "error"}, f"{name} accepted the chapter's named pitfall"
+
+
+def test_kl_shaped_rewards_has_masks_that_start_after_the_prompt():
+    cases = exercises.get("kl_shaped_rewards").cases(np.random.default_rng(0))
+    assert any(bool((c.args[3][:, 0] == 0).any() & (c.args[3].sum(-1) > 0).any()) for c in cases)
+
+
+def test_orpo_log_odds_accepts_the_log1mexp_answer_in_float32():
+    # the answer the chapter teaches (expm1 near 0) passes, so the float32 cases are fair
+    assert run_check("orpo_log_odds", lambda m: m - torch.log(-torch.expm1(m))).passed

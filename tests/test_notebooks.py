@@ -1,7 +1,8 @@
 """Every chapter of the book executes top to bottom in quick mode.
 
 A failure names the notebook and the cell (see ``rlcourse.notebooks.NotebookError``). The
-committed notebooks must also carry outputs of a full run and no error outputs.
+committed notebooks must also carry outputs of a full run and no error outputs, and the cells
+tagged ``mode-independent`` must print in the quick run what the committed notebook shows.
 """
 
 import json
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from rlcourse.notebooks import chapters, execute_notebook
+from rlcourse.notebooks import chapters, execute_notebook, mode_independent_mismatches
 
 CHAPTERS = chapters()
 
@@ -25,9 +26,14 @@ def test_chapter_executes_in_quick_mode(path):
     # Single-threaded kernels: the suite runs notebooks two at a time on two cores.
     # A quick-mode chapter takes well under a minute; a cell still running after 4 minutes is a
     # hang, and failing then (naming the cell) beats waiting for the 10-minute default.
-    execute_notebook(path, quick=True, cell_timeout=240,
-                     extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    executed = execute_notebook(path, quick=True, cell_timeout=240,
+                                extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     print(f"{path.name} executed in {time.perf_counter() - start:.1f} s")
+    # Cells tagged mode-independent print the same in quick mode as in the committed (full)
+    # run; a difference means the committed outputs are stale (see rlcourse.notebooks).
+    committed = json.loads(path.read_text(encoding="utf-8"))
+    problems = mode_independent_mismatches(committed, executed, path.name)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])

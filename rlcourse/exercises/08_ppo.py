@@ -32,6 +32,16 @@ def _kl_reward(logprobs, ref_logprobs, score, mask, kl_coef, clip_score):
     return rl.kl_shaped_rewards(logprobs, ref_logprobs, score, mask, kl_coef, clip_score)
 
 
+def _prompt_masks(rng: np.random.Generator, B: int, T: int) -> torch.Tensor:
+    """Response masks as PPO builds them over prompt + response: zeros over the prompt (length
+    1 .. T-2), then the response block, then right padding."""
+    m = np.zeros((B, T))
+    for b in range(B):
+        start = int(rng.integers(1, T - 1))
+        m[b, start:int(rng.integers(start + 1, T + 1))] = 1
+    return _t(m)
+
+
 def _klr_cases(rng: np.random.Generator) -> list[Case]:
     cases = [Case((_t([[-1.0, -2.0, -3.0]]), _t([[-1.5, -2.0, -2.0]]), _t([2.0]),
                    _t([[1, 1, 1]]), 0.1, 5.0), label="hand example: [-0.05, 0, 2.1]")]
@@ -39,6 +49,13 @@ def _klr_cases(rng: np.random.Generator) -> list[Case]:
         cases.append(Case((_t(-rng.exponential(size=(B, T))), _t(-rng.exponential(size=(B, T))),
                            _t(rng.normal(size=B) * 6), _masks(rng, B, T), 0.2, 5.0),
                           label=f"{B} responses of different lengths, scores beyond the clip"))
+    cases.append(Case((_t([[-0.3, -1.0, -2.0, -3.0, -0.1]]), _t([[-0.2, -1.5, -2.0, -2.0, -0.4]]),
+                       _t([2.0]), _t([[0, 1, 1, 1, 0]]), 0.1, 5.0),
+                      label="hand example after a one-token prompt: [0, -0.05, 0, 2.1, 0]"))
+    B, T = 4, 8
+    cases.append(Case((_t(-rng.exponential(size=(B, T))), _t(-rng.exponential(size=(B, T))),
+                       _t(rng.normal(size=B) * 3), _prompt_masks(rng, B, T), 0.2, 5.0),
+                      label="masks that start after the prompt, as in PPO"))
     return cases
 
 
@@ -49,6 +66,13 @@ def _klr_wrong_sign(lp, ref, score, mask, kl, clip):
 def _klr_last_column(lp, ref, score, mask, kl, clip):
     r = -kl * (lp - ref) * mask
     r[:, -1] += score.clamp(-clip, clip)
+    return r
+
+
+def _klr_count_index(lp, ref, score, mask, kl, clip):
+    r = -kl * (lp - ref) * mask
+    last = (mask.sum(-1) - 1).long()
+    r[torch.arange(r.shape[0]), last] += score.clamp(-clip, clip)
     return r
 
 
@@ -66,6 +90,8 @@ register(Exercise(
     wrong_answers=[
         (_klr_wrong_sign, "log(pi_ref/pi) instead of log(pi/pi_ref): the penalty becomes a bonus"),
         (_klr_last_column, "added the score in the last column, which may be padding"),
+        (_klr_count_index, "mask.sum(-1) - 1 is the last response token only when the mask starts "
+                           "at column 0; PPO's masks start after the prompt"),
         (_klr_no_clip, "forgot to clip the score"),
     ],
 ))

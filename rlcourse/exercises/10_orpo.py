@@ -50,6 +50,8 @@ def _log_odds_cases(rng: np.random.Generator) -> list[Case]:
         Case((_t(-rng.uniform(0.05, 3.0, 8)),), label="mean log-probs in [-3, -0.05]"),
         Case((_t([-np.log(2.0)]),), label="p = 1/2: log odds 0"),
         Case((_t([-1e-6, -20.0]),), label="near certain, near impossible"),
+        Case((torch.tensor([-1e-8, -1e-6, -1e-4, -1e-3, -0.5], dtype=torch.float32),),
+             label="float32, answers the model is almost sure of (mean log-prob near 0)"),
     ]
 
 
@@ -65,6 +67,9 @@ register(Exercise(
         (lambda m: m + torch.log(-torch.expm1(m)), "added log(1 - p) instead of subtracting it"),
         (lambda m: torch.log(torch.exp(m) / (1 - torch.exp(m)) + 1e-3),
          "fudged with an epsilon inside the log"),
+        (lambda m: m - torch.log1p(-torch.exp(m)),
+         "log1p(-exp(m)) as it reads: near m = 0 exp(m) rounds to 1 (float32: within about 3e-8) "
+         "and the log odds become inf; use log(-expm1(m)) there (log1mexp)"),
     ],
 ))
 
@@ -91,6 +96,10 @@ def _orpo_summed(pc, pr, lc, lr, lam):
     return -pc - lam * F.logsigmoid(losses.orpo_log_odds(pc / lc) - losses.orpo_log_odds(pr / lr))
 
 
+def _orpo_summed_odds(pc, pr, lc, lr, lam):
+    return -pc / lc - lam * F.logsigmoid(losses.orpo_log_odds(pc) - losses.orpo_log_odds(pr))
+
+
 def _orpo_no_nll(pc, pr, lc, lr, lam):
     return -lam * F.logsigmoid(losses.orpo_log_odds(pc / lc) - losses.orpo_log_odds(pr / lr))
 
@@ -106,5 +115,7 @@ register(Exercise(
         (_orpo_logp_ratio, "log p instead of log odds inside the sigmoid"),
         (_orpo_summed, "NLL of the summed log-prob: the SFT term is per token"),
         (_orpo_no_nll, "forgot the SFT (NLL) term"),
+        (_orpo_summed_odds, "summed log-probs in the odds: every p is about 0, every odds about "
+                            "p, and ORPO turns into a length-biased log-ratio (use the mean)"),
     ],
 ))

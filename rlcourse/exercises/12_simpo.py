@@ -42,6 +42,8 @@ register(Exercise(
         (lambda logps, lengths, beta: logps / lengths, "forgot beta"),
         (lambda logps, lengths, beta: beta * logps, "forgot to divide by the length"),
         (lambda logps, lengths, beta: beta * logps / (lengths + 1), "divided by |y| + 1"),
+        (lambda logps, lengths, beta: beta * logps / (lengths - 1),
+         "left the EOS token out of |y|: the lengths given already count it"),
     ],
 ))
 
