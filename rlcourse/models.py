@@ -159,14 +159,18 @@ def encode_prompt_completion(
     truncation: str = "error",
     names: Sequence[str] | None = None,
     add_eos: bool = True,
+    formatted: Sequence[bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenise prompt/completion pairs into one padded batch.
 
     Each example is ``ids(format_prompt(prompt)) + ids(completion) + [eos]`` (prompt and
     completion are tokenised separately and concatenated, so no token straddles the boundary).
-    Returns ``input_ids`` and ``attention_mask`` [B, L], ``completion_mask`` [B, L] (1 on
-    completion tokens including EOS; 0 on prompt and padding), ``prompt_lengths`` and
-    ``completion_lengths`` [B] (real tokens, padding excluded) and ``truncated`` [B] (bool).
+    Where ``formatted[i]`` is true, prompt ``i`` was already rendered by a chat template and
+    completion ``i`` ends with the template's end of turn: ``ids(prompt) + ids(completion)``
+    (see :func:`rlcourse.data.render_conversation`). Returns ``input_ids`` and
+    ``attention_mask`` [B, L], ``completion_mask`` [B, L] (1 on completion tokens including
+    EOS; 0 on prompt and padding), ``prompt_lengths`` and ``completion_lengths`` [B] (real
+    tokens, padding excluded) and ``truncated`` [B] (bool).
 
     Examples longer than ``max_length``:
       - ``truncation="error"`` (default): ``ValueError`` naming the example (``names[i]``, e.g.
@@ -182,14 +186,18 @@ def encode_prompt_completion(
     if truncation not in ("error", "left", "right"):
         raise ValueError(f"truncation must be 'error', 'left' or 'right', got {truncation!r}")
     pad_id = _pad_id(tokenizer)
-    p_texts = [format_prompt(p, tokenizer) for p in prompts]
+    # formatted[i]: prompt i is already rendered by a chat template (it is used as is) and
+    # completion i carries the template's own end of turn (no EOS is appended).
+    formatted = list(formatted) if formatted is not None else [False] * len(prompts)
+    p_texts = [p if f else format_prompt(p, tokenizer) for p, f in zip(prompts, formatted,
+                                                                        strict=True)]
     p_ids = tokenizer(p_texts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if prompts else []
     rows: list[tuple[list[int], list[int]]] = []
     truncated: list[bool] = []
     where: list[str] = []
     for i, (p, c) in enumerate(zip(p_ids, c_ids, strict=True)):
-        c = list(c) + ([tokenizer.eos_token_id] if add_eos else [])
+        c = list(c) + ([tokenizer.eos_token_id] if add_eos and not formatted[i] else [])
         p = list(p)
         over = len(p) + len(c) - max_length
         name = names[i] if names is not None else f"example {i}"
@@ -684,6 +692,7 @@ def generate(
     batch_size: int = 512,
     progress: bool = False,
     chat: bool = True,
+    first_row: int = 0,
 ) -> Generation:
     """Sample a completion for every prompt (chat-formatted by :func:`format_prompt`).
 
@@ -695,7 +704,10 @@ def generate(
     without touching the global random state; sample ``i`` depends only on the seed and ``i``
     (not on ``batch_size``). Prompts are processed ``batch_size`` at a time. ``chat=False``
     continues the prompt text as given (no chat format; include ``<bos>`` yourself), for
-    sampling from a pretrained base model.
+    sampling from a pretrained base model. ``first_row``: these prompts are rows ``first_row,
+    first_row + 1, ...`` of a larger batch drawn with the same seed (each process of a
+    multi-process run draws its share of one global batch, with the samples one process would
+    draw).
     """
     prompts = list(prompts)
     if not prompts:
@@ -705,7 +717,8 @@ def generate(
         generator = torch.Generator()
         generator.manual_seed(seed)
     # u[i, t] decides prompt i's token t (see _inverse_cdf_sample).
-    uniforms = torch.rand((len(prompts), max_new_tokens), generator=generator, dtype=torch.float64)
+    uniforms = torch.rand((first_row + len(prompts), max_new_tokens), generator=generator,
+                          dtype=torch.float64)[first_row:]
     was_training = model.training
     model.eval()
     parts = []

@@ -38,7 +38,14 @@ import torch
 from torch import Tensor
 
 from rlcourse.adapters import adapters_disabled, is_lora
-from rlcourse.data import DataError, Record, pad_collate, tokenize_preferences, tokenize_unpaired
+from rlcourse.data import (
+    DataError,
+    Record,
+    pad_collate,
+    render_rows,
+    tokenize_preferences,
+    tokenize_unpaired,
+)
 from rlcourse.engine import TrainConfig, dropout_disabled, planned_indices, train
 from rlcourse.losses import (
     OBJECTIVES,
@@ -192,15 +199,15 @@ def tokenize_kto(
             where = r.where if isinstance(r, Record) else f"row {i}"
             raise DataError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
     items = tokenize_unpaired(tokenizer, rows, max_length, truncation=truncation)
-    prompts = [r["prompt"] for r in rows]
-    partners = mismatched_partners(prompts, seed)
+    partners = mismatched_partners([r["prompt"] for r in rows], seed)
+    prompts, completions, formatted = render_rows(tokenizer, rows, "completion")
     # A mismatched pair can be longer than either example; it only feeds an average, so it is
     # cut at the end rather than refused.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kl = encode_prompt_completion(
-            tokenizer, prompts, [rows[j]["completion"] for j in partners], max_length,
-            truncation="right" if truncation == "error" else truncation,
+            tokenizer, prompts, [completions[j] for j in partners], max_length,
+            truncation="right" if truncation == "error" else truncation, formatted=formatted,
         )
     for i, item in enumerate(items):
         n = int(kl["attention_mask"][i].sum())

@@ -19,7 +19,7 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
 
     method: dpo                 # sft | reward_model | ppo | dpo | ipo | rdpo | kto | orpo | simpo
     model: path/to/model        # a local directory holding a causal LM and its tokenizer
-    data: path/to/data.jsonl
+    data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
     output: runs/dpo
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
@@ -86,18 +86,24 @@ from typing import Any
 
 __all__ = [
     "METHODS",
+    "GroupRollout",
     "PPORollout",
     "Recipe",
     "RecipeError",
     "load_recipe",
+    "load_reward_fn",
     "main",
     "parse_overrides",
     "run_recipe",
 ]
 
 #: Every method a recipe can name.
-METHODS = ("sft", "reward_model", "ppo", "dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+METHODS = ("sft", "reward_model", "ppo", "grpo", "rloo", "dpo", "ipo", "rdpo", "kto", "orpo",
+           "simpo")
 PREFERENCE_METHODS = ("dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+#: Methods that sample from the policy: they read ``prompts`` and have a ``rollout`` section.
+ONLINE_METHODS = ("ppo", "grpo", "rloo")
+GROUP_METHODS = ("grpo", "rloo")
 
 #: Top-level keys: common to every method, then those of one method only.
 _COMMON_KEYS = {"method", "model", "output", "max_length", "truncation", "dtype",
@@ -106,6 +112,8 @@ _METHOD_KEYS = {
     "sft": {"data", "loss"},
     "reward_model": {"data"},
     "ppo": {"prompts", "reward_model", "ppo", "rollout"},
+    **{m: {"prompts", "reward_model", "reward_fn", "reference_model", "group", "rollout"}
+       for m in GROUP_METHODS},
     # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
     **{m: {"data", "loss", "reference_model", "disable_dropout"}
        for m in ("dpo", "ipo", "rdpo", "kto")},
@@ -144,6 +152,29 @@ class PPORollout:
 
 
 @dataclass
+class GroupRollout:
+    """The ``rollout`` section of a GRPO or RLOO recipe (:func:`rlcourse.grpo.train_group_lm`).
+
+    ``steps`` updates, each on ``group.n_prompts`` prompts x ``group.group_size`` answers of at
+    most ``max_new_tokens`` tokens; AdamW at ``lr`` with ``weight_decay``. ``device``:
+    ``auto`` (a GPU per process if there is one) or ``cpu`` (several processes talk over gloo);
+    ``mixed_precision``: ``no``, ``bf16``, ``fp16`` or ``auto``. Every ``checkpoint_every`` steps
+    (0: only at the end) the policy, optimizer, RNG states and step go to
+    ``OUTPUT/checkpoints`` (the newest ``keep_checkpoints`` kept); rerunning the same command
+    resumes.
+    """
+
+    steps: int = 100
+    max_new_tokens: int = 64
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+
+
+@dataclass
 class Recipe:
     """A validated recipe: where things are, and the trainer's configuration.
 
@@ -166,7 +197,9 @@ class Recipe:
     loss: dict[str, Any] = field(default_factory=dict)
     train: Any = None
     ppo: Any = None
-    rollout: PPORollout | None = None
+    rollout: PPORollout | GroupRollout | None = None
+    group: Any = None
+    reward_fn: str | None = None
     disable_dropout: bool = True
     lora: Any = None
     reference_batch_size: int = 64
@@ -178,7 +211,7 @@ class Recipe:
         from dataclasses import asdict
 
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lines"}
-        for key in ("train", "ppo", "rollout"):
+        for key in ("train", "ppo", "rollout", "group"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
         if out["lora"] is not None:
@@ -350,6 +383,27 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "rollout.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "rollout.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
+                       "one of auto, cpu, cuda, mps"),
+    "rollout.mixed_precision": (lambda v: v in ("no", "bf16", "fp16", "auto"),
+                                "one of no, bf16, fp16, auto"),
+    "rollout.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
+    "rollout.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
+    "group.advantage": (lambda v: v in ("grpo", "rloo", "dr_grpo"),
+                        "one of grpo, rloo, dr_grpo"),
+    "group.loss_type": (lambda v: v in ("grpo", "dapo", "dr_grpo"),
+                        "one of grpo, dapo, dr_grpo"),
+    "group.group_size": (lambda v: v >= 2, "an integer >= 2 (a group baseline needs siblings)"),
+    "group.n_prompts": (lambda v: v >= 1, "an integer >= 1"),
+    "group.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "group.clip_eps": (lambda v: v is None or (_finite(v) and v > 0),
+                       "null or a finite number > 0"),
+    "group.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "group.minibatch_size": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "group.max_grad_norm": (lambda v: v is None or (_finite(v) and v > 0),
+                            "null or a finite number > 0"),
+    "group.temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "ppo.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "ppo.ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.minibatch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -409,8 +463,9 @@ def _loss_signature(method: str) -> dict[str, inspect.Parameter]:
     from rlcourse.preference import LOSS_FNS
 
     fn = sft_loss_fn if method == "sft" else LOSS_FNS[method]
+    # num_tokens is the engine's to pass (the global batch's token count), not a recipe key.
     return {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items()
-            if k not in ("model", "batch")}
+            if k not in ("model", "batch", "num_tokens")}
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
@@ -454,8 +509,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
                           f"{', '.join(METHODS)}, got {raw.get('method')!r}")
     known = _COMMON_KEYS | _METHOD_KEYS[method]
     _check_keys(raw, sorted(known), "", source, lines, f"a {method} recipe")
-    for key in ("model", "output", *(("prompts", "reward_model") if method == "ppo"
-                                     else ("data",))):
+    needed = {"ppo": ("prompts", "reward_model"), "grpo": ("prompts",), "rloo": ("prompts",)}
+    for key in ("model", "output", *needed.get(method, ("data",))):
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
                               f"command line, e.g. --{key.replace('_', '-')} PATH)")
@@ -463,7 +518,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
     hints = typing.get_type_hints(Recipe)
     top: dict[str, Any] = {}
-    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora"}):
+    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora", "group"}):
         if key in raw:
             where = _where(source, lines, key)
             top[key] = _typed(raw[key], hints[key], where)
@@ -478,6 +533,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             raise RecipeError(f"{_where(source, lines, 'train')}: a PPO recipe takes its "
                               "settings from the 'ppo' and 'rollout' sections")
         return recipe
+    if method in GROUP_METHODS:
+        return _group_sections(recipe, raw, lines)
     train = _section(raw, "train", source)
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
@@ -500,6 +557,76 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             recipe.loss[k] = _typed(v, params[k].annotation, where)
             _check_range(f"loss.{k}", recipe.loss[k], where)
     return recipe
+
+
+def _group_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, int]
+                    ) -> Recipe:
+    """GRPO / RLOO: the reward (a model directory or a function), ``group`` and ``rollout``."""
+    from rlcourse.grpo import GroupConfig
+
+    source, method = recipe.source, recipe.method
+    if bool(recipe.reward_model) == bool(recipe.reward_fn):
+        key = "reward_fn" if recipe.reward_fn else "reward_model"
+        raise RecipeError(f"{_where(source, lines, key)}: give exactly one of reward_model (a "
+                          "reward model directory) and reward_fn (a Python function "
+                          "'module:function')")
+    if recipe.reward_fn:
+        load_reward_fn(recipe.reward_fn, _where(source, lines, "reward_fn"))
+    if "train" in raw:
+        raise RecipeError(f"{_where(source, lines, 'train')}: a {method} recipe takes its "
+                          "settings from the 'group' and 'rollout' sections")
+    group = _section(raw, "group", source)
+    advantage = group.setdefault("advantage", method)
+    allowed = ("grpo", "dr_grpo") if method == "grpo" else ("rloo",)
+    if advantage not in allowed:
+        raise RecipeError(f"{_where(source, lines, 'group.advantage')}: a {method} recipe "
+                          f"takes advantage {' or '.join(allowed)}, got {advantage!r}")
+    recipe.group = _dataclass_section(GroupConfig, group, "group.", source, lines)
+    recipe.rollout = _dataclass_section(GroupRollout, _section(raw, "rollout", source),
+                                        "rollout.", source, lines)
+    return recipe
+
+
+def load_reward_fn(spec: Any, where: str = "reward_fn") -> Any:
+    """The function a recipe's ``reward_fn: module:function`` names, imported.
+
+    ``module`` is a dotted module name (importable from the working directory or the Python
+    path) or a path to a ``.py`` file. The function is called as ``fn(prompts, completions)``
+    with two lists of strings and returns one float per completion. Any problem is a
+    :class:`RecipeError` that starts with ``where`` (the file, line and key).
+    """
+    import importlib
+    import importlib.util
+
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise RecipeError(f"{where}: expected 'module:function' (e.g. my_verifiers:exact_match "
+                          f"or path/to/verifiers.py:exact_match), got {spec!r}")
+    module_name, fn_name = (part.strip() for part in spec.split(":"))
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise RecipeError(f"{where}: {path}: no such file")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does: the working directory
+            module = importlib.import_module(module_name)
+    except RecipeError:
+        raise
+    except ModuleNotFoundError as err:
+        raise RecipeError(f"{where}: cannot import module {module_name!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- any error while importing the user's module
+        raise RecipeError(f"{where}: importing {module_name!r} failed: "
+                          f"{type(err).__name__}: {err}") from None
+    if not hasattr(module, fn_name):
+        raise RecipeError(f"{where}: module {module_name!r} has no function {fn_name!r}")
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise RecipeError(f"{where}: {module_name}:{fn_name} is not callable")
+    return fn
 
 
 def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
@@ -541,7 +668,7 @@ def _read_data(recipe: Recipe) -> list[Any]:
     """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
     from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
 
-    key = "prompts" if recipe.method == "ppo" else "data"
+    key = "prompts" if recipe.method in ONLINE_METHODS else "data"
     path = Path(getattr(recipe, key))
     if not path.is_file():
         raise RecipeError(f"{recipe.source}: {key}: {path}: no such file")
@@ -577,7 +704,8 @@ def _write_json(path: Path, obj: Any) -> None:
 #: Keys that do not change the trained model: a run may resume with other values of these.
 _NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train.eval_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
-                 "train.device"}
+                 "train.device", "rollout.checkpoint_every", "rollout.keep_checkpoints",
+                 "rollout.device"}
 #: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
 _RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
               "checkpoints", "tensorboard")
@@ -594,7 +722,8 @@ def _launch_device(recipe: Recipe) -> str:
     """
     import torch
 
-    device = getattr(recipe.train, "device", "auto") if recipe.train is not None else "auto"
+    settings = recipe.train if recipe.train is not None else recipe.rollout
+    device = getattr(settings, "device", "auto")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if ("WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ
             and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"):
@@ -604,8 +733,8 @@ def _launch_device(recipe: Recipe) -> str:
             "processes run: torchrun --nproc_per_node N -m rlcourse.recipes RECIPE ... "
             "train.device=cpu")
     if world > 1 and device == "auto" and not torch.cuda.is_available():
-        if recipe.train is not None:
-            recipe.train.device = "cpu"
+        if hasattr(settings, "device"):
+            settings.device = "cpu"
         return "cpu"
     return device
 
@@ -629,7 +758,8 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
 
     def walk(obj: Any, prefix: str) -> None:
         for k, v in obj.items():
-            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora"):
+            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora",
+                                                      "group"):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
@@ -659,8 +789,8 @@ def _check_output(recipe: Recipe, overwrite: bool) -> str:
             "run.json saying which recipe wrote them; pass --overwrite to start afresh, or "
             "choose another output")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    checkpoints = Path(recipe.train.checkpoint_dir) if recipe.train is not None and \
-        recipe.train.checkpoint_dir else None
+    checkpoints = (Path(recipe.train.checkpoint_dir) if recipe.train.checkpoint_dir else None) \
+        if recipe.train is not None else out / "checkpoints"  # GRPO/RLOO/PPO: OUTPUT/checkpoints
     if info.get("status") != "finished" and not (checkpoints and any(checkpoints.glob("step-*"))):
         return "fresh"  # stopped before its first checkpoint: nothing to resume or to protect
     before, now = info.get("identity", {}), _identity(recipe)
@@ -756,7 +886,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
                                   trust_remote_code=recipe.trust_remote_code)
     positions = _max_positions(model)
     key, length = (("rollout.max_new_tokens", recipe.rollout.max_new_tokens)
-                   if recipe.method == "ppo" else ("max_length", recipe.max_length))
+                   if recipe.method in ONLINE_METHODS else ("max_length", recipe.max_length))
     if positions is not None and length > positions:  # else an IndexError deep in the model
         raise RecipeError(f"{recipe.where(key)}: {length} is longer than the model's "
                           f"{positions} positions (max_position_embeddings of {recipe.model})")
@@ -775,6 +905,8 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     summary: dict[str, Any] = {}
     if recipe.method == "ppo":
         model, history = _run_ppo(recipe, model, tokenizer, rows, progress)
+    elif recipe.method in GROUP_METHODS:
+        model, history, summary = _run_group(recipe, model, tokenizer, rows, progress)
     else:
         model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
     model.eval()
@@ -885,6 +1017,40 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
     return ppo.language_model(policy), history
 
 
+def _run_group(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str],
+               progress: bool):
+    """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
+    function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
+    from rlcourse import grpo, ppo
+    from rlcourse.models import RewardModel, load_model
+
+    device = str(next(model.parameters()).device)
+    if recipe.reward_fn:
+        fn = load_reward_fn(recipe.reward_fn, f"{recipe.source}: reward_fn")
+    else:
+        from rlcourse.online import reward_model_scorer
+
+        rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
+                                         trust_remote_code=recipe.trust_remote_code)
+        fn = reward_model_scorer(rm, tokenizer)
+    reference = None
+    if recipe.group.kl_coef:
+        if recipe.reference_model:
+            reference, _ = load_model(recipe.reference_model, device=device, dtype=recipe.dtype,
+                                      trust_remote_code=recipe.trust_remote_code)
+            reference = ppo.freeze(reference)
+        else:
+            reference = ppo.freeze(model)
+    r = recipe.rollout
+    history = grpo.train_group_lm(
+        model, tokenizer, prompts, fn, recipe.group, r.steps, lr=r.lr,
+        max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
+        checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
+        keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
+        weight_decay=r.weight_decay, progress=progress)
+    return model, history, {"n_prompts_in_file": len(prompts)}
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -896,8 +1062,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "e.g. train.lr=1e-4 loss.beta=0.5.")
     parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
-    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO 'prompts')")
-    parser.add_argument("--reward-model", help="PPO: reward model directory")
+    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO and RLOO "
+                                       "'prompts')")
+    parser.add_argument("--reward-model", help="PPO, GRPO, RLOO: reward model directory")
     parser.add_argument("--output", help="output directory (overrides 'output')")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved recipe, train nothing")
@@ -918,7 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             method = (yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}).get(
                 "method", "")
-            overrides["prompts" if str(method).lower() == "ppo" else "data"] = args.data
+            overrides["prompts" if str(method).lower() in ONLINE_METHODS else "data"] = args.data
         recipe = load_recipe(args.recipe, overrides)
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))

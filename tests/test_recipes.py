@@ -59,6 +59,17 @@ def test_recipe_parses_into_the_trainers_config(path):
         assert isinstance(recipe.ppo, PPOConfig)
         assert isinstance(recipe.rollout, recipes.PPORollout)
         return
+    if recipe.method in recipes.GROUP_METHODS:
+        from rlcourse.grpo import GroupConfig
+
+        assert isinstance(recipe.group, GroupConfig) and recipe.train is None
+        assert isinstance(recipe.rollout, recipes.GroupRollout)
+        assert isinstance(recipe.rollout.lr, float) and recipe.rollout.mixed_precision == "no"
+        # the YAML names every field of both sections, so nothing hides behind a default
+        text = path.read_text()
+        for cls, name in ((GroupConfig, "group"), (recipes.GroupRollout, "rollout")):
+            assert all(f"  {f.name}:" in text for f in fields(cls)), name
+        return
     assert isinstance(recipe.train, TrainConfig)
     # Every number the YAML gives is a number (YAML 1.1 reads "5e-7" as a string).
     assert isinstance(recipe.train.lr, float) and recipe.train.lr > 0
@@ -485,3 +496,34 @@ def test_launch_without_gpus_trains_on_cpu_and_a_lost_cpu_launch_is_refused(monk
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     with pytest.raises(recipes.RecipeError, match="started one process"):
         recipes._launch_device(recipe)
+
+
+def _conversational(row: dict) -> dict:
+    """TRL's conversational form of a plain row: the prompt a user turn, each text an
+    assistant turn."""
+    out = {"prompt": [{"role": "user", "content": row["prompt"]}]}
+    for key in ("chosen", "rejected", "completion"):
+        if key in row:
+            out[key] = [{"role": "assistant", "content": row[key]}]
+    return {**out, **({"label": row["label"]} if "label" in row else {})}
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "rdpo", "kto", "orpo", "simpo",
+                                    "reward_model"])
+def test_conversational_data_trains_as_its_plain_text(workdir, tmp_path, method):
+    """The same rows as lists of messages (rendered by the tokenizer's chat template) give the
+    same losses, step by step, as the plain-text rows."""
+    from rlcourse.data import read_jsonl
+
+    plain = workdir / DATA.get(method, "pairs.jsonl")
+    conv = tmp_path / "conv.jsonl"
+    write_jsonl(conv, [_conversational(dict(r)) for r in read_jsonl(plain)])
+    losses = []
+    for data in (plain, conv):
+        out = tmp_path / data.stem
+        assert recipes.main([str(REPO_ROOT / "recipes" / f"{method}.yaml"), "--model",
+                             str(workdir / "model"), "--data", str(data), "--output", str(out),
+                             *TINY]) == 0
+        losses.append([r["loss"] for r in json.loads((out / "history.json").read_text())
+                       if "loss" in r])
+    assert len(losses[0]) == 2 and losses[1] == losses[0]
