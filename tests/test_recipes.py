@@ -527,3 +527,54 @@ def test_conversational_data_trains_as_its_plain_text(workdir, tmp_path, method)
         losses.append([r["loss"] for r in json.loads((out / "history.json").read_text())
                        if "loss" in r])
     assert len(losses[0]) == 2 and losses[1] == losses[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Watching a run
+# --------------------------------------------------------------------------------------------
+def test_eval_data_is_evaluated_and_history_jsonl_written(workdir, tmp_path):
+    """``eval_data`` + ``train.eval_every``: the DPO loss on held-out pairs joins each row. Oracle
+    at the last step: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over the
+    pairs, with the saved model as pi and the starting model as reference."""
+    from rlcourse.models import encode_prompt_completion, sequence_logprobs
+
+    held_out = tmp_path / "eval.jsonl"
+    write_jsonl(held_out, PAIRS[:3])
+    out = tmp_path / "o"
+    assert _run(workdir, "dpo", out, f"eval_data={held_out}", "train.eval_every=1") == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [("eval_loss" in r and "eval_rewards/accuracies" in r) for r in history] == [True,
+                                                                                       True]
+    assert [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()] \
+        == history
+
+    def logps(model, tok, key):
+        enc = encode_prompt_completion(tok, [p["prompt"] for p in PAIRS[:3]],
+                                       [p[key] for p in PAIRS[:3]], 32)
+        with torch.no_grad():
+            return sequence_logprobs(model, enc["input_ids"], enc["attention_mask"],
+                                     enc["completion_mask"], reduce="sum").double()
+
+    policy, tok = load_model(out / "model", device="cpu")
+    reference, _ = load_model(workdir / "model", device="cpu")
+    beta = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml").loss["beta"]
+    h = (logps(policy, tok, "chosen") - logps(reference, tok, "chosen")) - (
+        logps(policy, tok, "rejected") - logps(reference, tok, "rejected"))
+    expected = float(torch.mean(-torch.log(torch.sigmoid(beta * h))))
+    assert history[-1]["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    summary = json.loads((out / "recipe.json").read_text())["summary"]
+    assert summary["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("method", ["sft", "reward_model", "kto"])
+def test_eval_data_for_other_methods(workdir, tmp_path, method):
+    out = tmp_path / "o"
+    data = workdir / DATA.get(method, "pairs.jsonl")
+    assert _run(workdir, method, out, f"eval_data={data}", "train.eval_every=2") == 0
+    history = json.loads((out / "history.json").read_text())
+    assert ["eval_loss" in r for r in history] == [False, True]
+
+
+def test_eval_every_without_eval_data_is_refused():
+    with pytest.raises(recipes.RecipeError, match="train.eval_every: evaluates the eval_data"):
+        recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"train.eval_every": 10})
