@@ -10,14 +10,16 @@ A recipe is thin wiring, not a trainer: it reads the YAML (:func:`load_recipe`),
 causal LM with :func:`rlcourse.models.load_model`, reads the JSONL data with
 :mod:`rlcourse.data`, and calls the functions the book teaches: :func:`rlcourse.engine.train`
 with :func:`rlcourse.engine.sft_loss_fn` (SFT), :func:`rlcourse.preference.train_preference`
-(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`, and
-:func:`rlcourse.ppo.train_ppo`. The trained model is saved atomically to ``OUTPUT/model``.
+(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`,
+:func:`rlcourse.ppo.train_ppo` and :func:`rlcourse.grpo.train_group_lm` (GRPO, RLOO). The
+trained model is saved atomically to ``OUTPUT/model``.
 
 A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfig` fields,
 ``loss`` the keyword arguments of the method's loss function, e.g. ``beta`` of
 :func:`rlcourse.preference.dpo_loss_fn`)::
 
-    method: dpo                 # sft | reward_model | ppo | dpo | ipo | rdpo | kto | orpo | simpo
+    method: dpo                 # sft | reward_model | ppo | grpo | rloo | dpo | ipo | rdpo | kto
+                                # | orpo | simpo
     model: path/to/model        # a local directory holding a causal LM and its tokenizer
     data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
     eval_data: null             # held-out rows: loss and metrics every train.eval_every steps
@@ -58,11 +60,35 @@ tokens over the wall time of the training steps only (see the book's glossary).
 
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
-``rollout`` section (:class:`PPORollout`); it runs in one process and does not resume.
+``rollout`` section (:class:`PPORollout`); it runs in one process.
+
+GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
+``prompts`` too, and no ``train`` section::
+
+    reward_model: runs/rm/model # the reward: a reward model directory, OR
+    reward_fn: my_verifiers:exact_match   # a function 'module:function' or 'file.py:function',
+                                # fn(prompts: list[str], completions: list[str]) -> floats
+    reference_model: null       # used when group.kl_coef > 0; default: a frozen copy of model
+    group: {advantage: grpo, loss_type: grpo, group_size: 8, n_prompts: 16, kl_coef: 0.04,
+            clip_eps: 0.2, epochs: 1, minibatch_size: null, max_grad_norm: 1.0,
+            temperature: 1.0}   # rlcourse.grpo.GroupConfig
+    rollout: {steps: 200, max_new_tokens: 128, lr: 1.0e-6, weight_decay: 0.0, device: auto,
+              mixed_precision: "no", checkpoint_every: 10, keep_checkpoints: 2}  # GroupRollout
+
+``group.advantage``: ``grpo`` ((r - mean) / std) or ``dr_grpo`` (r - mean) for GRPO, ``rloo``
+(r - mean of the other K-1) for RLOO. ``group.loss_type``: ``grpo`` (mean over each answer's
+tokens, then over answers), ``dapo`` (mean over all tokens of the batch, counted over every
+process) or ``dr_grpo`` (sum over tokens / (answers x max_new_tokens)). ``reward_fn`` is
+imported when the recipe is read: a string that is not ``module:function``, a module that
+cannot be imported, a missing or non-callable name are errors naming file, line and key.
+Each of N processes answers ``n_prompts / N`` prompts of every step (the same samples one
+process would draw), and checkpoints go to ``OUTPUT/checkpoints``.
 
 Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
 again after a crash and training continues from the newest checkpoint, exactly where it stopped
-(the engine restores optimiser, scheduler, RNG states and the position in the epoch).
+(the engine restores optimiser, scheduler, RNG states and the position in the epoch; GRPO and
+RLOO restore policy, optimizer, RNG states and step, and draw each step's samples from the
+seed and the step alone).
 ``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, and
 the SHA-256 of the data): a rerun with another method, data or hyperparameter into the same
 OUTPUT is an error naming the keys that differ, a rerun of a finished run says so and trains
@@ -75,7 +101,12 @@ writes files. Each process computes the reference log-probs once, of the example
 reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
 Launched by ``torchrun`` on a machine without GPUs, the processes train together on the CPU
 (gloo), as with ``train.device=cpu``; ``accelerate launch --cpu --num_processes N`` (which
-starts one process) is refused with the command that works.
+starts one process) is refused with the command that works. Several processes give what one
+process with the global batch gives (tested with 2 CPU processes: SFT's token mean, the reward
+model, DPO, GRPO); logged metrics are averaged over processes. FSDP or DeepSpeed asked for by an
+``accelerate`` config is refused (:func:`_refuse_sharding` says why): on CPU accelerate runs DDP
+instead, and the saving is not shard-aware; on GPUs use DDP with ``lora`` and
+``train.gradient_checkpointing``.
 """
 
 from __future__ import annotations
@@ -852,6 +883,27 @@ def _max_positions(model: Any) -> int | None:
     return None
 
 
+def _refuse_sharding(recipe: Recipe) -> None:
+    """FSDP (and DeepSpeed) asked for by an ``accelerate`` config are refused, not ignored.
+
+    On CPU, accelerate (1.16) turns FSDP on only for accelerator devices (``MULTI_GPU``,
+    ``MULTI_XPU``, ...), never for ``MULTI_CPU``: an FSDP config with ``use_cpu: true`` runs
+    plain DDP, and without it every process would train alone. On GPUs the recipes' checkpoints
+    and ``OUTPUT/model`` are written by the main process from its unwrapped model, which under
+    FSDP holds only its own shard of each weight. Either way the user would not get what the
+    config says, so the run stops here.
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise RecipeError(
+                f"{recipe.source}: the accelerate config asks for {name} ({var}=true), which "
+                "the recipes do not support: on CPU accelerate ignores FSDP and runs DDP, and "
+                "the checkpoints and OUTPUT/model are written from the main process's "
+                "unwrapped model (under sharding, only its shard). Use data parallelism "
+                "(accelerate launch --multi_gpu, or torchrun) and fit a large model with "
+                "lora: and train.gradient_checkpointing: true")
+
+
 def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
     """The saved model and history of a finished run (nothing is trained again)."""
     from rlcourse.models import load_model
@@ -892,6 +944,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
     # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
+    _refuse_sharding(recipe)
     state = PartialState(cpu=train_device == "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world != state.num_processes:
