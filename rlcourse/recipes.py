@@ -821,6 +821,9 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
 
     walk(recipe.to_dict(), "")
+    for key in ("model", "data", "prompts", "reward_model", "reference_model"):
+        if isinstance(flat.get(key), str):  # ./m and m are the same model
+            flat[key] = os.path.abspath(flat[key])
     for key in ("data", "prompts"):
         if getattr(recipe, key, None):
             flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
