@@ -720,7 +720,14 @@ class RecipeResult:
 def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
     """The JSONL rows of ``key`` (default ``data``; PPO ``prompts``; or ``eval_data``) in the
     format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
+    from rlcourse.data import (
+        TEXT,
+        DataError,
+        load_preferences,
+        load_sft,
+        load_unpaired,
+        read_jsonl,
+    )
 
     key = key or ("prompts" if recipe.method in ONLINE_METHODS else "data")
     path = Path(getattr(recipe, key))
@@ -739,7 +746,7 @@ def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
         return load_preferences(path) if paired else load_unpaired(path)
     if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
         return load_preferences(path)
-    prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": TEXT})]
     if not prompts:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return prompts

@@ -626,3 +626,35 @@ def test_eval_data_for_other_methods(workdir, tmp_path, method):
 def test_eval_every_without_eval_data_is_refused():
     with pytest.raises(recipes.RecipeError, match="train.eval_every: evaluates the eval_data"):
         recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"train.eval_every": 10})
+
+
+def test_ppo_prompts_as_messages_train_as_plain_prompts(workdir, tmp_path):
+    """PPO's prompts in TRL's conversational form (a user message each) are rendered by the chat
+    template, which for the project's tokenizer is the plain prompt's format: same history."""
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    write_jsonl(tmp_path / "conv.jsonl",
+                [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in PAIRS])
+    histories = []
+    for name in ("plain", "conv"):
+        assert recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model",
+                             str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                             "--data", str(tmp_path / f"{name}.jsonl"), "--output",
+                             str(tmp_path / name), "rollout.steps=2", "rollout.batch_size=4",
+                             "rollout.max_new_tokens=4", "rollout.lr=1e-2",
+                             "ppo.minibatch_size=2", "ppo.ppo_epochs=1"]) == 0
+        histories.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert len(histories[0]) == 2 and histories[1] == histories[0]
+
+
+def test_kto_with_one_example_is_a_one_line_data_error(workdir, tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    write_jsonl(data, [{"prompt": "hi", "completion": "rain is wet .", "label": True}])
+    assert recipes.main([str(REPO_ROOT / "recipes" / "kto.yaml"), "--model",
+                         str(workdir / "model"), "--data", str(data), "--output",
+                         str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data}: KTO's reference point") and "\n" not in err
