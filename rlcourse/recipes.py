@@ -60,7 +60,8 @@ tokens over the wall time of the training steps only (see the book's glossary).
 
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
-``rollout`` section (:class:`PPORollout`); it runs in one process.
+``rollout`` section (:class:`PPORollout`); it runs in one process and resumes from
+``OUTPUT/checkpoints`` like the other recipes.
 
 GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
 ``prompts`` too, and no ``train`` section::
@@ -183,7 +184,9 @@ class PPORollout:
     ``steps`` PPO iterations of ``batch_size`` prompts, each answered with at most
     ``max_new_tokens`` tokens; Adam at learning rate ``lr``. ``separate_critic``: actor and
     critic as two networks (DeepSpeed-Chat, the slides' four models) instead of one backbone
-    with a value head.
+    with a value head. Every ``checkpoint_every`` steps (0: only at the end) actor, critic,
+    Adam, RNG states, KL coefficient and step go to ``OUTPUT/checkpoints`` (the newest
+    ``keep_checkpoints`` kept); rerunning the same command resumes.
     """
 
     steps: int = 100
@@ -191,6 +194,8 @@ class PPORollout:
     max_new_tokens: int = 64
     lr: float = 1e-6
     separate_critic: bool = True
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -1122,7 +1127,10 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
     sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
                              temperature=recipe.ppo.temperature)
     history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
-                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress)
+                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
+                            checkpoint_dir=Path(recipe.output) / "checkpoints",
+                            checkpoint_every=r.checkpoint_every,
+                            keep_checkpoints=r.keep_checkpoints)
     return ppo.language_model(policy), history
 
 

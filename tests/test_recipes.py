@@ -307,6 +307,54 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, monkeypatch):
+    """PPO on the engine's checkpoints: killed during step 3 of 4 and rerun, it must end with
+    the actor and history of the run that was never stopped (adaptive KL, so the coefficient
+    is state too)."""
+    from rlcourse import ppo
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+
+    def run(out: str) -> int:
+        return recipes.main([
+            str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+            "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "prompts.jsonl"),
+            "--output", str(tmp_path / out), "rollout.steps=4", "rollout.batch_size=4",
+            "rollout.max_new_tokens=4", "rollout.lr=1e-2", "ppo.minibatch_size=2",
+            "ppo.ppo_epochs=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.01",
+            "rollout.checkpoint_every=1"])
+
+    assert run("whole") == 0
+    real_step, calls = ppo.ppo_step, []
+
+    def killed_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_step", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run("crashed")
+    assert not (tmp_path / "crashed" / "model").exists()
+    calls.clear()
+    monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    assert run("crashed") == 0  # the same command again
+    assert len(calls) == 2  # it resumed after step 2, it did not start again
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
+                                                                       "model")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = {p: json.loads((tmp_path / p / "history.json").read_text())
+            for p in ("whole", "crashed")}
+    assert [r["step"] for r in rows["crashed"]] == [0, 1, 2, 3]
+    assert [r["kl_coef"] for r in rows["crashed"]] == [r["kl_coef"] for r in rows["whole"]]
+    assert len({r["kl_coef"] for r in rows["whole"]}) > 1  # the controller did move
+
+
 # --------------------------------------------------------------------------------------------
 # Guards against silently wrong results (each test fails without its guard)
 # --------------------------------------------------------------------------------------------
