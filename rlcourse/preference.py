@@ -204,6 +204,10 @@ def tokenize_kto(
         if not isinstance(r["label"], (bool, np.bool_)):
             where = r.where if isinstance(r, Record) else f"row {i}"
             raise DataError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
+    if len(rows) < 2:
+        source = rows[0].source if isinstance(rows[0], Record) and rows[0].source else "data"
+        raise DataError(f"{source}: KTO's reference point pairs each example with another "
+                        "one's completion, so it needs at least 2 examples; got 1")
     items = tokenize_unpaired(tokenizer, rows, max_length, truncation=truncation)
     partners = mismatched_partners([r["prompt"] for r in rows], seed)
     prompts, completions, formatted = render_rows(tokenizer, rows, "completion")

@@ -60,7 +60,8 @@ tokens over the wall time of the training steps only (see the book's glossary).
 
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
-``rollout`` section (:class:`PPORollout`); it runs in one process.
+``rollout`` section (:class:`PPORollout`); it runs in one process and resumes from
+``OUTPUT/checkpoints`` like the other recipes.
 
 GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
 ``prompts`` too, and no ``train`` section::
@@ -183,7 +184,9 @@ class PPORollout:
     ``steps`` PPO iterations of ``batch_size`` prompts, each answered with at most
     ``max_new_tokens`` tokens; Adam at learning rate ``lr``. ``separate_critic``: actor and
     critic as two networks (DeepSpeed-Chat, the slides' four models) instead of one backbone
-    with a value head.
+    with a value head. Every ``checkpoint_every`` steps (0: only at the end) actor, critic,
+    Adam, RNG states, KL coefficient and step go to ``OUTPUT/checkpoints`` (the newest
+    ``keep_checkpoints`` kept); rerunning the same command resumes.
     """
 
     steps: int = 100
@@ -191,6 +194,8 @@ class PPORollout:
     max_new_tokens: int = 64
     lr: float = 1e-6
     separate_critic: bool = True
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -715,7 +720,14 @@ class RecipeResult:
 def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
     """The JSONL rows of ``key`` (default ``data``; PPO ``prompts``; or ``eval_data``) in the
     format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
+    from rlcourse.data import (
+        TEXT,
+        DataError,
+        load_preferences,
+        load_sft,
+        load_unpaired,
+        read_jsonl,
+    )
 
     key = key or ("prompts" if recipe.method in ONLINE_METHODS else "data")
     path = Path(getattr(recipe, key))
@@ -734,7 +746,7 @@ def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
         return load_preferences(path) if paired else load_unpaired(path)
     if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
         return load_preferences(path)
-    prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": TEXT})]
     if not prompts:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return prompts
@@ -814,6 +826,9 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
 
     walk(recipe.to_dict(), "")
+    for key in ("model", "data", "prompts", "reward_model", "reference_model"):
+        if isinstance(flat.get(key), str):  # ./m and m are the same model
+            flat[key] = os.path.abspath(flat[key])
     for key in ("data", "prompts"):
         if getattr(recipe, key, None):
             flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
@@ -1112,7 +1127,10 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
     sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
                              temperature=recipe.ppo.temperature)
     history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
-                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress)
+                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
+                            checkpoint_dir=Path(recipe.output) / "checkpoints",
+                            checkpoint_every=r.checkpoint_every,
+                            keep_checkpoints=r.keep_checkpoints)
     return ppo.language_model(policy), history
 
 

@@ -307,6 +307,54 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, monkeypatch):
+    """PPO on the engine's checkpoints: killed during step 3 of 4 and rerun, it must end with
+    the actor and history of the run that was never stopped (adaptive KL, so the coefficient
+    is state too)."""
+    from rlcourse import ppo
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+
+    def run(out: str) -> int:
+        return recipes.main([
+            str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+            "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "prompts.jsonl"),
+            "--output", str(tmp_path / out), "rollout.steps=4", "rollout.batch_size=4",
+            "rollout.max_new_tokens=4", "rollout.lr=1e-2", "ppo.minibatch_size=2",
+            "ppo.ppo_epochs=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.01",
+            "rollout.checkpoint_every=1"])
+
+    assert run("whole") == 0
+    real_step, calls = ppo.ppo_step, []
+
+    def killed_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_step", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run("crashed")
+    assert not (tmp_path / "crashed" / "model").exists()
+    calls.clear()
+    monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    assert run("crashed") == 0  # the same command again
+    assert len(calls) == 2  # it resumed after step 2, it did not start again
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
+                                                                       "model")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = {p: json.loads((tmp_path / p / "history.json").read_text())
+            for p in ("whole", "crashed")}
+    assert [r["step"] for r in rows["crashed"]] == [0, 1, 2, 3]
+    assert [r["kl_coef"] for r in rows["crashed"]] == [r["kl_coef"] for r in rows["whole"]]
+    assert len({r["kl_coef"] for r in rows["whole"]}) > 1  # the controller did move
+
+
 # --------------------------------------------------------------------------------------------
 # Guards against silently wrong results (each test fails without its guard)
 # --------------------------------------------------------------------------------------------
@@ -578,3 +626,35 @@ def test_eval_data_for_other_methods(workdir, tmp_path, method):
 def test_eval_every_without_eval_data_is_refused():
     with pytest.raises(recipes.RecipeError, match="train.eval_every: evaluates the eval_data"):
         recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"train.eval_every": 10})
+
+
+def test_ppo_prompts_as_messages_train_as_plain_prompts(workdir, tmp_path):
+    """PPO's prompts in TRL's conversational form (a user message each) are rendered by the chat
+    template, which for the project's tokenizer is the plain prompt's format: same history."""
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    write_jsonl(tmp_path / "conv.jsonl",
+                [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in PAIRS])
+    histories = []
+    for name in ("plain", "conv"):
+        assert recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model",
+                             str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                             "--data", str(tmp_path / f"{name}.jsonl"), "--output",
+                             str(tmp_path / name), "rollout.steps=2", "rollout.batch_size=4",
+                             "rollout.max_new_tokens=4", "rollout.lr=1e-2",
+                             "ppo.minibatch_size=2", "ppo.ppo_epochs=1"]) == 0
+        histories.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert len(histories[0]) == 2 and histories[1] == histories[0]
+
+
+def test_kto_with_one_example_is_a_one_line_data_error(workdir, tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    write_jsonl(data, [{"prompt": "hi", "completion": "rain is wet .", "label": True}])
+    assert recipes.main([str(REPO_ROOT / "recipes" / "kto.yaml"), "--model",
+                         str(workdir / "model"), "--data", str(data), "--output",
+                         str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data}: KTO's reference point") and "\n" not in err
