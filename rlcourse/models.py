@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,14 +119,21 @@ def build_tokenizer(words: Iterable[str], chat_template: bool = True):
     return tok
 
 
-def format_prompt(prompt: str, tokenizer: Any = None) -> str:
+def format_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any = None) -> str:
     """The chat-style prompt text: ``"<bos> <user> {prompt} <assistant>"``.
 
     With a ``tokenizer`` that has a chat template (a real model's, or ours), the text comes from
     ``tokenizer.apply_chat_template`` with ``add_generation_prompt=True`` instead, so the same
     code formats prompts for any model. The completion that follows ends with the EOS token
-    (see :func:`format_completion`).
+    (see :func:`format_completion`). A ``prompt`` given as a list of ``{role, content}``
+    messages (TRL's conversational form) is rendered by the chat template as it stands.
     """
+    if isinstance(prompt, (list, tuple)):  # TRL's conversational form: a list of messages
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("a prompt given as a list of messages needs a tokenizer with a "
+                             "chat template")
+        return tokenizer.apply_chat_template(list(prompt), tokenize=False,
+                                             add_generation_prompt=True)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         if tokenizer.chat_template == CHAT_TEMPLATE:
             return f"<bos> <user> {prompt} <assistant>"

@@ -10,16 +10,19 @@ A recipe is thin wiring, not a trainer: it reads the YAML (:func:`load_recipe`),
 causal LM with :func:`rlcourse.models.load_model`, reads the JSONL data with
 :mod:`rlcourse.data`, and calls the functions the book teaches: :func:`rlcourse.engine.train`
 with :func:`rlcourse.engine.sft_loss_fn` (SFT), :func:`rlcourse.preference.train_preference`
-(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`, and
-:func:`rlcourse.ppo.train_ppo`. The trained model is saved atomically to ``OUTPUT/model``.
+(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`,
+:func:`rlcourse.ppo.train_ppo` and :func:`rlcourse.grpo.train_group_lm` (GRPO, RLOO). The
+trained model is saved atomically to ``OUTPUT/model``.
 
 A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfig` fields,
 ``loss`` the keyword arguments of the method's loss function, e.g. ``beta`` of
 :func:`rlcourse.preference.dpo_loss_fn`)::
 
-    method: dpo                 # sft | reward_model | ppo | dpo | ipo | rdpo | kto | orpo | simpo
+    method: dpo                 # sft | reward_model | ppo | grpo | rloo | dpo | ipo | rdpo | kto
+                                # | orpo | simpo
     model: path/to/model        # a local directory holding a causal LM and its tokenizer
     data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
+    eval_data: null             # held-out rows: loss and metrics every train.eval_every steps
     output: runs/dpo
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
@@ -47,13 +50,46 @@ malformed row, an over-long example) reach the command line as one line ``file:l
 with exit code 2; a run whose loss or weights turn NaN/inf stops with exit code 1, saving
 nothing from that point (the last good checkpoint stays).
 
+Watching a run: ``OUTPUT/history.jsonl`` gets one row per log step as training goes (flushed,
+rewritten from the checkpoint when a run resumes, so no step appears twice); with ``eval_data``
+the rows of every ``train.eval_every``-th step and of the last step also hold ``eval_loss`` and
+the method's metrics on it (``eval_rewards/accuracies``, ...); ``train.report_to: tensorboard``
+writes them to ``OUTPUT/tensorboard`` too (``train.logging_dir`` defaults to OUTPUT).
+``tokens_per_s`` (rows) and ``tokens_per_second`` (``recipe.json``'s summary) count non-padding
+tokens over the wall time of the training steps only (see the book's glossary).
+
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
-``rollout`` section (:class:`PPORollout`); it runs in one process and does not resume.
+``rollout`` section (:class:`PPORollout`); it runs in one process and resumes from
+``OUTPUT/checkpoints`` like the other recipes.
+
+GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
+``prompts`` too, and no ``train`` section::
+
+    reward_model: runs/rm/model # the reward: a reward model directory, OR
+    reward_fn: my_verifiers:exact_match   # a function 'module:function' or 'file.py:function',
+                                # fn(prompts: list[str], completions: list[str]) -> floats
+    reference_model: null       # used when group.kl_coef > 0; default: a frozen copy of model
+    group: {advantage: grpo, loss_type: grpo, group_size: 8, n_prompts: 16, kl_coef: 0.04,
+            clip_eps: 0.2, epochs: 1, minibatch_size: null, max_grad_norm: 1.0,
+            temperature: 1.0}   # rlcourse.grpo.GroupConfig
+    rollout: {steps: 200, max_new_tokens: 128, lr: 1.0e-6, weight_decay: 0.0, device: auto,
+              mixed_precision: "no", checkpoint_every: 10, keep_checkpoints: 2}  # GroupRollout
+
+``group.advantage``: ``grpo`` ((r - mean) / std) or ``dr_grpo`` (r - mean) for GRPO, ``rloo``
+(r - mean of the other K-1) for RLOO. ``group.loss_type``: ``grpo`` (mean over each answer's
+tokens, then over answers), ``dapo`` (mean over all tokens of the batch, counted over every
+process) or ``dr_grpo`` (sum over tokens / (answers x max_new_tokens)). ``reward_fn`` is
+imported when the recipe is read: a string that is not ``module:function``, a module that
+cannot be imported, a missing or non-callable name are errors naming file, line and key.
+Each of N processes answers ``n_prompts / N`` prompts of every step (the same samples one
+process would draw), and checkpoints go to ``OUTPUT/checkpoints``.
 
 Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
 again after a crash and training continues from the newest checkpoint, exactly where it stopped
-(the engine restores optimiser, scheduler, RNG states and the position in the epoch).
+(the engine restores optimiser, scheduler, RNG states and the position in the epoch; GRPO and
+RLOO restore policy, optimizer, RNG states and step, and draw each step's samples from the
+seed and the step alone).
 ``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, and
 the SHA-256 of the data): a rerun with another method, data or hyperparameter into the same
 OUTPUT is an error naming the keys that differ, a rerun of a finished run says so and trains
@@ -66,7 +102,12 @@ writes files. Each process computes the reference log-probs once, of the example
 reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
 Launched by ``torchrun`` on a machine without GPUs, the processes train together on the CPU
 (gloo), as with ``train.device=cpu``; ``accelerate launch --cpu --num_processes N`` (which
-starts one process) is refused with the command that works.
+starts one process) is refused with the command that works. Several processes give what one
+process with the global batch gives (tested with 2 CPU processes: SFT's token mean, the reward
+model, DPO, GRPO); logged metrics are averaged over processes. FSDP or DeepSpeed asked for by an
+``accelerate`` config is refused (:func:`_refuse_sharding` says why): on CPU accelerate runs DDP
+instead, and the saving is not shard-aware; on GPUs use DDP with ``lora`` and
+``train.gradient_checkpointing``.
 """
 
 from __future__ import annotations
@@ -120,6 +161,8 @@ _METHOD_KEYS = {
     **{m: {"data", "loss", "disable_dropout"} for m in ("orpo", "simpo")},
 }
 _METHOD_KEYS["reward_model"] |= {"disable_dropout"}
+for _m in ("sft", "reward_model", *PREFERENCE_METHODS):  # a held-out set, evaluated as it trains
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"eval_data"}
 
 
 # Memory (rlcourse.adapters): LoRA for every method trained on the engine, and the batch of the
@@ -141,7 +184,9 @@ class PPORollout:
     ``steps`` PPO iterations of ``batch_size`` prompts, each answered with at most
     ``max_new_tokens`` tokens; Adam at learning rate ``lr``. ``separate_critic``: actor and
     critic as two networks (DeepSpeed-Chat, the slides' four models) instead of one backbone
-    with a value head.
+    with a value head. Every ``checkpoint_every`` steps (0: only at the end) actor, critic,
+    Adam, RNG states, KL coefficient and step go to ``OUTPUT/checkpoints`` (the newest
+    ``keep_checkpoints`` kept); rerunning the same command resumes.
     """
 
     steps: int = 100
@@ -149,6 +194,8 @@ class PPORollout:
     max_new_tokens: int = 64
     lr: float = 1e-6
     separate_critic: bool = True
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -186,6 +233,7 @@ class Recipe:
     model: str
     output: str
     data: str | None = None
+    eval_data: str | None = None
     prompts: str | None = None
     reward_model: str | None = None
     reference_model: str | None = None
@@ -251,7 +299,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=1e-4", "loss.beta=0.5"]`` -> ``{"train.lr": 1e-4, "loss.beta": 0.5}``.
 
     Values are read as YAML (``true``, ``null``, numbers, ``[0.9, 0.95]``); numbers written
-    ``1e-4`` become floats although YAML 1.1 would keep them as strings.
+    ``1e-4`` become floats although YAML 1.1 would keep them as strings, and ``no``/``yes``/
+    ``on``/``off`` stay strings (only ``true``/``false`` are booleans).
     """
     import yaml
 
@@ -260,7 +309,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"command line: override {item!r} is not of the form key=value")
-        out[key.strip()] = _number_or(yaml.safe_load(text) if text.strip() else None)
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no
+        out[key.strip()] = _number_or(value)
     return out
 
 
@@ -325,7 +377,9 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}")
+            hint_ = " (YAML reads unquoted no, yes, on, off as booleans: quote it)" \
+                if isinstance(value, bool) else ""
+            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}{hint_}")
         return value
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -370,6 +424,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
     "train.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
                      "one of auto, cpu, cuda, mps"),
+    "train.report_to": (lambda v: v in ("none", "tensorboard"), "one of none, tensorboard"),
     "loss.beta": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.tau": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.lam": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
@@ -538,7 +593,11 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     train = _section(raw, "train", source)
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
+    train.setdefault("logging_dir", str(recipe.output))
     recipe.train = _dataclass_section(TrainConfig, train, "train.", source, lines)
+    if recipe.train.eval_every and not recipe.eval_data:
+        raise RecipeError(f"{_where(source, lines, 'train.eval_every')}: evaluates the "
+                          "eval_data set, and the recipe gives none (add eval_data: FILE)")
     if method == "kto" and recipe.train.batch_size < 2:
         # KTO's reference point z0 is the batch mean of mismatched (prompt, completion) pairs;
         # with one example it is that example's own partner, so the loss degenerates (TRL
@@ -664,14 +723,22 @@ class RecipeResult:
     finished_before: bool = False
 
 
-def _read_data(recipe: Recipe) -> list[Any]:
-    """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
+def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
+    """The JSONL rows of ``key`` (default ``data``; PPO ``prompts``; or ``eval_data``) in the
+    format the method reads (KTO: unpaired rows, or pairs to split)."""
+    from rlcourse.data import (
+        TEXT,
+        DataError,
+        load_preferences,
+        load_sft,
+        load_unpaired,
+        read_jsonl,
+    )
 
-    key = "prompts" if recipe.method in ONLINE_METHODS else "data"
+    key = key or ("prompts" if recipe.method in ONLINE_METHODS else "data")
     path = Path(getattr(recipe, key))
     if not path.is_file():
-        raise RecipeError(f"{recipe.source}: {key}: {path}: no such file")
+        raise RecipeError(f"{recipe.where(key)}: {path}: no such file")
     if recipe.method == "sft":
         return load_sft(path)
     if recipe.method == "kto":
@@ -685,7 +752,7 @@ def _read_data(recipe: Recipe) -> list[Any]:
         return load_preferences(path) if paired else load_unpaired(path)
     if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
         return load_preferences(path)
-    prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": TEXT})]
     if not prompts:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return prompts
@@ -704,8 +771,8 @@ def _write_json(path: Path, obj: Any) -> None:
 #: Keys that do not change the trained model: a run may resume with other values of these.
 _NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train.eval_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
-                 "train.device", "rollout.checkpoint_every", "rollout.keep_checkpoints",
-                 "rollout.device"}
+                 "train.device", "train.logging_dir", "train.report_to", "eval_data",
+                 "rollout.checkpoint_every", "rollout.keep_checkpoints", "rollout.device"}
 #: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
 _RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
               "checkpoints", "tensorboard")
@@ -765,6 +832,9 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
 
     walk(recipe.to_dict(), "")
+    for key in ("model", "data", "prompts", "reward_model", "reference_model"):
+        if isinstance(flat.get(key), str):  # ./m and m are the same model
+            flat[key] = os.path.abspath(flat[key])
     for key in ("data", "prompts"):
         if getattr(recipe, key, None):
             flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
@@ -827,6 +897,27 @@ def _max_positions(model: Any) -> int | None:
     return None
 
 
+def _refuse_sharding(recipe: Recipe) -> None:
+    """FSDP (and DeepSpeed) asked for by an ``accelerate`` config are refused, not ignored.
+
+    On CPU, accelerate (1.16) turns FSDP on only for accelerator devices (``MULTI_GPU``,
+    ``MULTI_XPU``, ...), never for ``MULTI_CPU``: an FSDP config with ``use_cpu: true`` runs
+    plain DDP, and without it every process would train alone. On GPUs the recipes' checkpoints
+    and ``OUTPUT/model`` are written by the main process from its unwrapped model, which under
+    FSDP holds only its own shard of each weight. Either way the user would not get what the
+    config says, so the run stops here.
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise RecipeError(
+                f"{recipe.source}: the accelerate config asks for {name} ({var}=true), which "
+                "the recipes do not support: on CPU accelerate ignores FSDP and runs DDP, and "
+                "the checkpoints and OUTPUT/model are written from the main process's "
+                "unwrapped model (under sharding, only its shard). Use data parallelism "
+                "(accelerate launch --multi_gpu, or torchrun) and fit a large model with "
+                "lora: and train.gradient_checkpointing: true")
+
+
 def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
     """The saved model and history of a finished run (nothing is trained again)."""
     from rlcourse.models import load_model
@@ -867,6 +958,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
     # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
+    _refuse_sharding(recipe)
     state = PartialState(cpu=train_device == "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world != state.num_processes:
@@ -891,6 +983,7 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         raise RecipeError(f"{recipe.where(key)}: {length} is longer than the model's "
                           f"{positions} positions (max_position_embeddings of {recipe.model})")
     rows = _read_data(recipe)
+    eval_rows = _read_data(recipe, "eval_data") if recipe.eval_data else None
     state.wait_for_everyone()  # every process has read OUTPUT before the main one changes it
     if save and state.is_main_process:
         if status == "fresh":
@@ -908,7 +1001,8 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     elif recipe.method in GROUP_METHODS:
         model, history, summary = _run_group(recipe, model, tokenizer, rows, progress)
     else:
-        model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
+        model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows,
+                                                           eval_rows)
     model.eval()
     summary["num_processes"] = state.num_processes
     saved = None
@@ -954,23 +1048,41 @@ def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, o
     return model, saved
 
 
-def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
+               eval_rows: list[Any] | None = None):
     from rlcourse.data import pad_collate, tokenize_sft
-    from rlcourse.engine import sft_loss_fn, train
+    from rlcourse.engine import loss_eval_fn, sft_loss_fn, train
 
     items = tokenize_sft(tokenizer, rows, recipe.max_length, truncation=recipe.truncation)
-    pad_id = tokenizer.pad_token_id or 0
-    history = train(model, partial(sft_loss_fn, **recipe.loss), items, recipe.train,
-                    collate_fn=partial(pad_collate, pad_id=pad_id))
-    return model, history.to_rows(), {"n_examples": len(items)}
+    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
+    loss_fn = partial(sft_loss_fn, **recipe.loss)
+    eval_fn = None
+    if eval_rows is not None:
+        eval_items = tokenize_sft(tokenizer, eval_rows, recipe.max_length,
+                                  truncation=recipe.truncation)
+        eval_fn = loss_eval_fn(loss_fn, eval_items, recipe.train.batch_size, collate)
+    history = train(model, loss_fn, items, recipe.train, eval_fn=eval_fn, collate_fn=collate)
+    return model, history.to_rows(), {"n_examples": len(items), **_throughput(history)}
 
 
-def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+def _throughput(history: Any) -> dict[str, float]:
+    """``tokens_per_second`` of the run: the engine's non-padding tokens over the wall time of
+    its training steps (evaluation, checkpoints and logging excluded)."""
+    t = history.totals
+    return {"tokens_per_second": round(t["tokens"] / t["step_seconds"], 1)} \
+        if t.get("step_seconds") else {}
+
+
+def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
+                      eval_rows: list[Any] | None = None):
     from rlcourse.models import load_model
     from rlcourse.preference import prepare_items, train_preference
 
     items = prepare_items(recipe.method, rows, tokenizer, max_length=recipe.max_length,
                           seed=recipe.seed, truncation=recipe.truncation)
+    eval_items = None if eval_rows is None else prepare_items(
+        recipe.method, eval_rows, tokenizer, max_length=recipe.max_length, seed=recipe.seed,
+        truncation=recipe.truncation)
     reference = None
     if recipe.reference_model:
         reference, _ = load_model(recipe.reference_model, device=str(model.device),
@@ -978,18 +1090,26 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
     run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
                            reference_model=reference, max_length=recipe.max_length,
                            seed=recipe.seed, reference_batch_size=recipe.reference_batch_size,
-                           disable_dropout=recipe.disable_dropout,
+                           disable_dropout=recipe.disable_dropout, eval_data=eval_items,
                            **recipe.loss)
     return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
 
 
-def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
-    from rlcourse.reward_model import train_reward_model
+def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
+                        eval_rows: list[Any] | None = None):
+    from rlcourse.data import tokenize_preferences
+    from rlcourse.engine import loss_eval_fn
+    from rlcourse.reward_model import reward_loss_fn, train_reward_model
 
+    eval_fn = None
+    if eval_rows is not None:
+        eval_items = tokenize_preferences(tokenizer, eval_rows, recipe.max_length,
+                                          truncation="right")
+        eval_fn = loss_eval_fn(reward_loss_fn, eval_items, recipe.train.batch_size)
     rm, history = train_reward_model(model, tokenizer, rows, recipe.train,
                                      max_length=recipe.max_length, seed=recipe.seed,
-                                     disable_dropout=recipe.disable_dropout)
-    return rm, history.to_rows(), {"n_pairs": len(rows)}
+                                     eval_fn=eval_fn, disable_dropout=recipe.disable_dropout)
+    return rm, history.to_rows(), {"n_pairs": len(rows), **_throughput(history)}
 
 
 _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
@@ -1013,7 +1133,10 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
     sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
                              temperature=recipe.ppo.temperature)
     history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
-                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress)
+                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
+                            checkpoint_dir=Path(recipe.output) / "checkpoints",
+                            checkpoint_every=r.checkpoint_every,
+                            keep_checkpoints=r.keep_checkpoints)
     return ppo.language_model(policy), history
 
 

@@ -110,7 +110,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_p
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == [
         "step-00000001", "step-00000002"]
     monkeypatch.setattr(verifier, "CRASH_AT", None)
+    monkeypatch.setattr(verifier, "calls", 0)
     assert _run(workdir, "grpo", tmp_path / "crashed", *extra) == 0  # the same command again
+    assert verifier.calls == 2  # it resumed after step 2 (scored steps 3 and 4 only)
     whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
                                                                        "model")
     for k in whole:
