@@ -89,6 +89,14 @@ class TrainConfig:
     logging_dir: str | None = None
     report_to: str = "none"
 
+    def __post_init__(self) -> None:
+        # A YAML string "false" is truthy: a boolean must be a boolean (recipes check every
+        # type with file and line; this catches TrainConfig.from_yaml and direct use).
+        for f in fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"TrainConfig.{f.name} must be true or false, got "
+                                f"{getattr(self, f.name)!r}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         """Build from a mapping; unknown keys are an error that lists the known ones."""

@@ -415,3 +415,10 @@ def test_loss_eval_fn_is_the_mean_over_examples(tok, items):
     per_example = [loss(model, pad_collate([it]))[0].item() for it in items[:7]]
     got = loss_eval_fn(loss, items[:7], batch_size=3)(model)
     assert got["eval_loss"] == pytest.approx(sum(per_example) / 7, abs=1e-6)
+
+
+def test_train_config_booleans_must_be_booleans(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1.0e-3\ndrop_last: 'false'\n")  # a string: truthy, would drop batches
+    with pytest.raises(ValueError, match=r"c.yaml: TrainConfig.drop_last must be true or false"):
+        TrainConfig.from_yaml(p)

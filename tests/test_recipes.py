@@ -386,6 +386,22 @@ def test_values_of_the_wrong_type_or_range_name_file_line_and_key(tmp_path, text
     assert str(err.value).startswith(f"{path}:{line}: {key}: {what}"), str(err.value)
 
 
+def test_yaml_yes_no_on_the_command_line_stay_strings():
+    # YAML 1.1 reads no/yes/on/off as booleans: train.mixed_precision=no would be False.
+    got = recipes.parse_overrides(["train.mixed_precision=no", "train.drop_last=true",
+                                   "disable_dropout=off"])
+    assert got == {"train.mixed_precision": "no", "train.drop_last": True,
+                   "disable_dropout": "off"}
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml",
+                                 {"train.mixed_precision": "no"})
+    assert recipe.train.mixed_precision == "no"
+    with pytest.raises(recipes.RecipeError, match="disable_dropout: expected true or false"):
+        recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"disable_dropout": "off"})
+    with pytest.raises(recipes.RecipeError, match="quote it"):
+        recipes.load_recipe(text="method: sft\nmodel: m\ndata: d\noutput: o\ntrain:\n"
+                                 "  mixed_precision: no\n")
+
+
 def test_real_booleans_and_numbers_pass_and_keep_their_type(tmp_path):
     text = ("method: dpo\nmodel: m\ndata: d\noutput: o\ntrust_remote_code: false\n"
             "disable_dropout: false\nmax_length: 1e3\ntrain:\n  lr: 5e-7\n  drop_last: true\n"
