@@ -238,7 +238,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     if device.endswith("auto") and torch.cuda.is_available():
         pytest.skip("checks the machine without GPUs")
     common = ["train.max_steps=2", "train.grad_accum_steps=1", "train.lr=1e-2",
-              "train.warmup_steps=0", "train.progress=false", device, "max_length=32"]
+              "train.warmup_steps=0", "train.progress=false", device, "max_length=32",
+              f"eval_data={workdir / 'pairs.jsonl'}", "train.eval_every=1"]
     args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
             "--data", str(workdir / "pairs.jsonl")]
     assert recipes.main([*args, "--output", str(tmp_path / "one"), *common,
@@ -255,6 +256,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    # Evaluation and the history file as well: each process evaluates the whole eval set.
+    rows = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
+    assert [r["eval_loss"] for r in rows[1]] == pytest.approx([r["eval_loss"] for r in rows[0]],
+                                                              abs=1e-6)
+    lines = (tmp_path / "two" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
 @pytest.mark.slow
