@@ -163,6 +163,9 @@ NAMED_PITFALLS = [
         -adv * torch.exp(lp - old).clamp(1 - eps, 1 + eps)).mean()),
     # chapter 7: log(sigmoid(x)) underflows; logsigmoid does not
     ("bradley_terry_loss", lambda w, r: -torch.log(torch.sigmoid(w - r)).mean()),
+    # chapter 6, "The ceiling": a win rate of 0.65 is not 0.65 out of 1
+    ("share_of_gain", lambda a, b, best: (float(np.mean(
+        np.where(np.asarray(a) > b, 1.0, np.where(np.asarray(a) < b, 0.0, 0.5)))) - 0.5) / 0.5),
 ]
 
 
