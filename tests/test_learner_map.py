@@ -1,0 +1,68 @@
+"""The learner's map on the landing page is current, and every slide points at a real section."""
+
+import json
+
+import pytest
+
+from rlcourse.teaching import learner_map as lm
+
+
+def test_intro_carries_the_current_map():
+    intro = (lm.BOOK_DIR / "intro.md").read_text(encoding="utf-8")
+    assert lm.START in intro and lm.END in intro, "intro.md has no learner's map"
+    block = intro[intro.index(lm.START): intro.index(lm.END) + len(lm.END)]
+    assert block == lm.render(), ("book/intro.md's learner's map is stale: run "
+                                  "python -m rlcourse.teaching.learner_map --write")
+
+
+@pytest.mark.parametrize("slide", lm.SLIDES, ids=[f"{s.chapter}:{s.section[:30]}"
+                                                  for s in lm.SLIDES])
+def test_every_slide_points_at_a_section_of_its_chapter(slide):
+    path = lm.BOOK_DIR / f"{slide.chapter}.ipynb"
+    assert path.exists(), f"slide {slide.title!r}: no chapter {slide.chapter}"
+    assert lm.find_section(json.loads(path.read_text()), slide.section), (
+        f"slide {slide.title!r}: {slide.chapter} has no heading {slide.section!r}")
+
+
+def test_every_chapter_has_prerequisites_and_a_measured_quick_time():
+    runtimes = lm.quick_runtimes()["chapters"]
+    for stem in lm.chapter_stems():
+        assert stem in lm.PREREQUISITES, f"{stem}: no prerequisites in learner_map"
+        assert all(n < int(stem[:2]) for n in lm.PREREQUISITES[stem][0]), stem
+        assert runtimes.get(stem, {}).get("quick_seconds"), (
+            f"{stem}: no quick-mode time; run benchmarks/chapter_runtimes.py book/{stem}.ipynb")
+
+
+def _notebook(cells):
+    return {"cells": cells}
+
+
+def _code(start, end):
+    return {"cell_type": "code", "source": "x = 1",
+            "metadata": {"execution": {"iopub.execute_input": start, "shell.execute_reply": end}}}
+
+
+def test_full_run_time_is_the_span_of_the_execution_timestamps():
+    nb = _notebook([_code("2026-01-01T10:00:00.0Z", "2026-01-01T10:00:05.0Z"),
+                    {"cell_type": "markdown", "source": "# T\n\none two three", "metadata": {}},
+                    _code("2026-01-01T10:00:05.5Z", "2026-01-01T10:02:05.5Z")])
+    assert lm.full_run_seconds(nb) == pytest.approx(125.5)
+    # a code cell without timestamps (added after the run): no time rather than a wrong one
+    nb["cells"].append({"cell_type": "code", "source": "y = 2", "metadata": {}})
+    assert lm.full_run_seconds(nb) is None
+
+
+def test_find_section_counts_cells_and_code_cells():
+    nb = _notebook([{"cell_type": "markdown", "source": "# Title", "metadata": {}},
+                    _code("2026-01-01T10:00:00Z", "2026-01-01T10:00:01Z"),
+                    {"cell_type": "markdown", "source": "text\n## 2. Here", "metadata": {}},
+                    _code("2026-01-01T10:00:01Z", "2026-01-01T10:00:02Z")])
+    assert lm.find_section(nb, "## 2. Here") == (3, 2)
+    assert lm.find_section(nb, "## 3.") is None
+
+
+def test_refresh_replaces_only_the_block(tmp_path):
+    intro = tmp_path / "intro.md"
+    intro.write_text(f"# Book\n\nbefore\n\n{lm.START}\nold\n{lm.END}\n\nafter\n")
+    text = lm.refresh(intro, f"{lm.START}\nnew\n{lm.END}")
+    assert text == f"# Book\n\nbefore\n\n{lm.START}\nnew\n{lm.END}\n\nafter\n"
