@@ -32,8 +32,7 @@ def main(argv: list[str]) -> int:
     paths = [Path(a) for a in argv] or chapters()
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.setdefault("chapters", {})
-    data["machine"] = ("one CPU thread of a 2-core machine shared with other jobs "
-                       "(rough timings)")
+    data.setdefault("machine", "one CPU thread (rough timings on a shared machine)")
     data["platform"] = platform.platform()
     for path in paths:
         start = time.perf_counter()
