@@ -229,9 +229,10 @@ def render(book_dir: Path = BOOK_DIR, runtimes: dict[str, Any] | None = None) ->
         START,
         "### Chapters: what to read first and how long it takes",
         "",
-        f"Run times are measured on {machine}: *full* is the committed run (the outputs you "
-        "see), *quick* is `RLCOURSE_QUICK=1`. Reading time counts the words at "
-        f"{WORDS_PER_MINUTE} a minute; the exercises take as long again.",
+        "Run times are measured, from the cells' execution timestamps: *full* is the committed "
+        "run (the outputs you see), *quick* a run with `RLCOURSE_QUICK=1` (starting the kernel "
+        f"adds a few seconds to both). Machine: {machine}. Reading time counts the words at "
+        f"{WORDS_PER_MINUTE} a minute (exercises not included).",
         "",
         chapter_table(book_dir, quick),
         "",
