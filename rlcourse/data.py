@@ -7,7 +7,14 @@ Formats (one JSON object per line, the same keys as Hugging Face TRL):
 - unpaired (KTO): ``{"prompt": str, "completion": str, "label": true|false}``
 - SFT: ``{"prompt": str, "completion": str}``
 
-Every error names the file, the line and the field. Rows come back as :class:`Record` objects
+Each text may instead be TRL's *conversational* form, a list of messages
+``[{"role": "user", "content": "..."}, ...]`` (all texts of a row, and all rows of a file, in
+the same form). Such rows are rendered with the tokenizer's chat template
+(:func:`render_conversation`): the prompt with ``add_generation_prompt=True``, the completion as
+the rendered whole conversation minus the rendered prompt (which must be a prefix of it).
+
+Every error is a :class:`DataError` naming the file, the line and the field; an empty file (or one
+of blank lines only) is an error too. Rows come back as :class:`Record` objects
 (plain dicts that remember ``source`` and ``line``), so later steps such as tokenisation can
 still say which line of which file an over-long example came from.
 """
@@ -27,17 +34,26 @@ import torch
 from rlcourse.models import encode_prompt_completion
 
 __all__ = [
+    "TEXT",
+    "DataError",
     "Record",
+    "is_conversational",
     "load_preferences",
     "load_sft",
     "load_unpaired",
     "pad_collate",
     "read_jsonl",
+    "render_conversation",
+    "render_rows",
     "tokenize_preferences",
     "tokenize_sft",
     "tokenize_unpaired",
     "write_jsonl",
 ]
+
+
+class DataError(ValueError):
+    """Bad data: the message starts with ``file:line:`` (or ``file:``) and says what is wrong."""
 
 
 class Record(dict):
@@ -64,10 +80,41 @@ def _where(row: Any, i: int, source: str | None) -> str:
     return f"{source}:{i + 1}" if source else f"row {i}"
 
 
-_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+
+
+class _Text:
+    """Marker type for :func:`read_jsonl`: a string, or a list of ``{role, content}`` messages."""
+
+
+#: A field that holds plain text or TRL's conversational form (a list of messages).
+TEXT = _Text
+
+
+def _messages_problem(value: list) -> str | None:
+    """What is wrong with a list of chat messages (``None``: nothing)."""
+    if not value:
+        return "is an empty list of messages"
+    for i, m in enumerate(value, start=1):
+        if not (isinstance(m, Mapping) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            return (f"message {i} must be an object with string 'role' and 'content', "
+                    f"got {m!r:.60}")
+    return None
+
+
+def is_conversational(row: Mapping[str, Any], key: str = "prompt") -> bool:
+    """True when ``row[key]`` is a list of ``{role, content}`` messages (TRL's conversational
+    format) rather than a string."""
+    return isinstance(row.get(key), list)
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
+               _Text: "a string or a list of {role, content} messages"}
 
 
 def _check_type(value: Any, typ: type) -> bool:
+    if typ is _Text:
+        return isinstance(value, (str, list))
     if typ is bool:
         return isinstance(value, bool)
     if typ in (int, float):  # JSON booleans are not numbers here
@@ -86,10 +133,13 @@ def read_jsonl(
     """Read a JSON-lines file into a list of :class:`Record` (blank lines are skipped).
 
     ``required`` lists the keys every row must have; as a sequence the values must be strings,
-    as a mapping ``{key: type}`` they must have that type (``bool`` means JSON ``true``/``false``).
+    as a mapping ``{key: type}`` they must have that type (``bool`` means JSON ``true``/``false``,
+    :data:`TEXT` a string or a non-empty list of ``{role, content}`` messages, in the same form
+    for every :data:`TEXT` field of a row).
     ``nonempty`` keys must not be empty or whitespace-only. ``aliases`` maps an accepted
     spelling to the canonical key (``{"reject": "rejected"}``); the row is stored under the
-    canonical key. Every error is a ``ValueError`` that names the file, the line and the field.
+    canonical key. Every error is a :class:`DataError` (a ``ValueError``) that names the file,
+    the line and the field.
     """
     path = Path(path)
     types = dict(required) if isinstance(required, Mapping) else {k: str for k in required}
@@ -104,28 +154,50 @@ def read_jsonl(
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
                 msg = f"{where}: malformed JSON ({err.msg} at column {err.colno})"
-                raise ValueError(msg) from None
+                raise DataError(msg) from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for alias, key in aliases.items():
                 if alias in obj:
                     if key in obj:
-                        raise ValueError(f"{where}: both '{key}' and its alias '{alias}' given")
+                        raise DataError(f"{where}: both '{key}' and its alias '{alias}' given")
                     obj[key] = obj.pop(alias)
             for key, typ in types.items():
                 if key not in obj:
                     have = ", ".join(sorted(obj)) or "none"
-                    raise ValueError(f"{where}: missing field '{key}' (fields present: {have})")
+                    raise DataError(f"{where}: missing field '{key}' (fields present: {have})")
                 if not _check_type(obj[key], typ):
-                    raise ValueError(
+                    raise DataError(
                         f"{where}: field '{key}' must be {_TYPE_NAMES.get(typ, typ.__name__)}, "
                         f"got {type(obj[key]).__name__} {obj[key]!r:.40}"
                     )
+                if typ is _Text and isinstance(obj[key], list):
+                    problem = _messages_problem(obj[key])
+                    if problem:
+                        raise DataError(f"{where}: field '{key}' {problem}")
+            texts = [k for k, t in types.items() if t is _Text]
+            if len({isinstance(obj[k], list) for k in texts}) > 1:
+                raise DataError(f"{where}: fields {', '.join(texts)} mix plain text and lists "
+                                "of messages; give all of them in one form")
             for key in nonempty:
                 if isinstance(obj.get(key), str) and not obj[key].strip():
-                    raise ValueError(f"{where}: field '{key}' is empty")
+                    raise DataError(f"{where}: field '{key}' is empty")
             rows.append(Record(obj, source=str(path), line=lineno))
     return rows
+
+
+def _some(rows: list[Record], path: str | os.PathLike) -> list[Record]:
+    """``rows``, or a :class:`DataError` when the file held no row (empty or blank lines only):
+    training on nothing would otherwise fail far from the cause, or not at all."""
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return rows
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip() == b.strip()
+    return a == b
 
 
 def load_preferences(path: str | os.PathLike) -> list[Record]:
@@ -134,11 +206,11 @@ def load_preferences(path: str | os.PathLike) -> list[Record]:
     ``chosen`` and ``rejected`` must be non-empty strings; the prompt may be empty. Pairs whose
     chosen and rejected texts are equal are kept, with one warning that counts them.
     """
-    rows = read_jsonl(
-        path, ("prompt", "chosen", "rejected"), nonempty=("chosen", "rejected"),
-        aliases={"reject": "rejected"},
-    )
-    same = [r.where for r in rows if r["chosen"].strip() == r["rejected"].strip()]
+    rows = _some(read_jsonl(
+        path, {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT},
+        nonempty=("chosen", "rejected"), aliases={"reject": "rejected"},
+    ), path)
+    same = [r.where for r in rows if _same(r["chosen"], r["rejected"])]
     if same:  # such a pair carries no preference: every pairwise loss has zero gradient on it
         shown = ", ".join(same[:5]) + (" ..." if len(same) > 5 else "")
         warnings.warn(f"{len(same)} of {len(rows)} pairs have chosen == rejected ({shown})",
@@ -149,14 +221,15 @@ def load_preferences(path: str | os.PathLike) -> list[Record]:
 def load_unpaired(path: str | os.PathLike) -> list[Record]:
     """Unpaired feedback (KTO): rows ``{"prompt", "completion", "label"}``, label a JSON bool
     (``true`` = desirable)."""
-    return read_jsonl(
-        path, {"prompt": str, "completion": str, "label": bool}, nonempty=("completion",)
-    )
+    return _some(read_jsonl(
+        path, {"prompt": TEXT, "completion": TEXT, "label": bool}, nonempty=("completion",)
+    ), path)
 
 
 def load_sft(path: str | os.PathLike) -> list[Record]:
     """Supervised fine-tuning pairs: rows ``{"prompt", "completion"}``."""
-    return read_jsonl(path, ("prompt", "completion"), nonempty=("completion",))
+    return _some(read_jsonl(path, {"prompt": TEXT, "completion": TEXT},
+                            nonempty=("completion",)), path)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -195,6 +268,73 @@ def _split(batch: dict[str, torch.Tensor], prefix: str = "") -> list[dict[str, t
     return out
 
 
+def render_conversation(tokenizer: Any, prompt: list[Mapping[str, str]],
+                        completion: list[Mapping[str, str]], where: str = "row"
+                        ) -> tuple[str, str]:
+    """``(prompt_text, completion_text)`` of a conversational row, by the tokenizer's template.
+
+    ``prompt_text = apply_chat_template(prompt, add_generation_prompt=True)``;
+    ``full = apply_chat_template(prompt + completion)``; ``completion_text = full minus
+    prompt_text``, which must be a prefix of ``full`` (else the completion cannot be cut out
+    and a :class:`DataError` says so). The completion keeps the template's end-of-turn tokens.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: a conversational row (lists of messages) needs a tokenizer "
+                        "with a chat template, and this tokenizer has none; give the texts as "
+                        "plain strings or set tokenizer.chat_template")
+    prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False,
+                                                add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError(f"{where}: the chat template renders the prompt (with the generation "
+                        "prompt) differently inside the whole conversation, so the completion "
+                        f"cannot be cut out: prompt {prompt_text[-40:]!r}, conversation "
+                        f"{full[:len(prompt_text)][-40:]!r}")
+    return prompt_text, full[len(prompt_text):]
+
+
+def render_rows(tokenizer: Any, rows: Sequence[Mapping[str, Any]], key: str,
+                names: Sequence[str] | None = None) -> tuple[list[Any], list[Any], list[bool]]:
+    """Prompts, completions (field ``key``) and, per row, whether they are rendered
+    conversations (:func:`render_conversation`), as
+    :func:`rlcourse.models.encode_prompt_completion` reads them. Every row must be in the form
+    of the first."""
+    names = list(names) if names is not None else [_where(r, i, None) for i, r in enumerate(rows)]
+    prompts, completions, formatted = [], [], []
+    first = is_conversational(rows[0]) if rows else False
+    for r, name in zip(rows, names, strict=True):
+        conversational = is_conversational(r) or is_conversational(r, key)
+        if conversational != first:
+            raise DataError(f"{name}: {'messages' if conversational else 'plain text'} while "
+                            f"{names[0]} is {'messages' if first else 'plain text'}; give every "
+                            "row of a data set in one form")
+        if conversational:
+            p, c = render_conversation(tokenizer, r["prompt"], r[key], name)
+        else:
+            p, c = r["prompt"], r[key]
+        prompts.append(p)
+        completions.append(c)
+        formatted.append(conversational)
+    return prompts, completions, formatted
+
+
+def _encode(tokenizer: Any, rows: Sequence[Mapping[str, Any]], key: str, max_length: int,
+            truncation: str, names: Sequence[str], suffix: str = "") -> dict[str, torch.Tensor]:
+    """:func:`rlcourse.models.encode_prompt_completion` of ``prompt`` + ``row[key]`` (plain or
+    conversational rows); its errors (an over-long row, named ``file:line``) raised as
+    :class:`DataError`."""
+    prompts, completions, formatted = render_rows(tokenizer, rows, key, names)
+    try:
+        return encode_prompt_completion(tokenizer, prompts, completions, max_length,
+                                        truncation=truncation,
+                                        names=[f"{n}{suffix}" for n in names],
+                                        formatted=formatted)
+    except ValueError as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(str(err)) from None
+
+
 def tokenize_sft(
     tokenizer: Any,
     rows: Sequence[Mapping[str, Any]],
@@ -207,10 +347,7 @@ def tokenize_sft(
     ``file:line``, or with ``truncation="left"``/``"right"`` are cut with one counted warning.
     Batch them with :func:`pad_collate`."""
     names = [_where(r, i, source) for i, r in enumerate(rows)]
-    batch = encode_prompt_completion(
-        tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows], max_length,
-        truncation=truncation, names=names,
-    )
+    batch = _encode(tokenizer, rows, "completion", max_length, truncation, names)
     return _split(batch)
 
 
@@ -242,15 +379,8 @@ def tokenize_preferences(
     error naming ``file:line (chosen|rejected)``, or a counted truncation warning.
     """
     names = [_where(r, i, source) for i, r in enumerate(rows)]
-    prompts = [r["prompt"] for r in rows]
-    chosen = encode_prompt_completion(
-        tokenizer, prompts, [r["chosen"] for r in rows], max_length, truncation=truncation,
-        names=[f"{n} (chosen)" for n in names],
-    )
-    rejected = encode_prompt_completion(
-        tokenizer, prompts, [r["rejected"] for r in rows], max_length, truncation=truncation,
-        names=[f"{n} (rejected)" for n in names],
-    )
+    chosen = _encode(tokenizer, rows, "chosen", max_length, truncation, names, " (chosen)")
+    rejected = _encode(tokenizer, rows, "rejected", max_length, truncation, names, " (rejected)")
     return [
         {**c, **r}
         for c, r in zip(_split(chosen, "chosen_"), _split(rejected, "rejected_"), strict=True)

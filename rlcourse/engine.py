@@ -4,15 +4,22 @@ A method is a function ``loss_fn(model, batch) -> (loss, metrics)``; :func:`trai
 device and mixed precision (``accelerate``), seeded shuffling, gradient accumulation, clipping,
 AdamW with warm-up and decay, logging, evaluation, checkpoints and automatic resume.
 
-Gradient accumulation: ``accelerate`` divides each micro-batch loss by ``grad_accum_steps`` and
-sums the gradients, so the update equals one big batch exactly when ``loss_fn`` returns a MEAN
-OVER EXAMPLES of per-example losses (and micro-batches have equal size). A mean over tokens of
-the whole micro-batch (``sft_loss_fn(reduction="token")``) weights tokens differently when the
-micro-batches hold different numbers of tokens.
+Gradient accumulation and several processes: ``accelerate`` divides each micro-batch loss by
+``grad_accum_steps`` and sums the gradients, and DDP averages them over processes, so the
+update equals one big batch exactly when ``loss_fn`` returns a MEAN OVER EXAMPLES of
+per-example losses (and micro-batches have equal size). A mean over tokens needs the token
+count of the whole global batch: a ``loss_fn`` with a keyword ``num_tokens`` (as
+:func:`sft_loss_fn`) receives it, summed over the step's micro-batches and all processes
+(:func:`target_tokens`) and divided by ``grad_accum_steps * num_processes``.
+
+Logged metrics are means over the micro-batches of every process (reduced across processes),
+so a row does not depend on how the global batch is split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import os
@@ -33,7 +40,8 @@ import torch
 from rlcourse.data import pad_collate
 from rlcourse.models import atomic_directory_write, sequence_logprobs
 
-__all__ = ["EpochSampler", "History", "TrainConfig", "planned_indices", "sft_loss_fn", "train"]
+__all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
+           "loss_eval_fn", "planned_indices", "sft_loss_fn", "target_tokens", "train"]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -49,6 +57,10 @@ class TrainConfig:
     that supports it, else no). ``checkpoint_every=0`` disables checkpoints; ``eval_every=0``
     evaluates only at the end. ``gradient_checkpointing``: keep only each decoder layer's input
     and recompute the rest in the backward pass (identical gradients, about a third more compute).
+    ``logging_dir``: where the run is watched from: ``history.jsonl`` (one row per log step,
+    appended and flushed as training goes; rewritten from the checkpoint on resume, so no row
+    appears twice) and, with ``report_to="tensorboard"``, TensorBoard event files under
+    ``logging_dir/tensorboard`` (through ``accelerate``'s trackers).
     """
 
     lr: float = 1e-3
@@ -74,6 +86,16 @@ class TrainConfig:
     #: Recompute each decoder layer in backward instead of storing its activations
     #: (:func:`rlcourse.adapters.enable_gradient_checkpointing`): same gradients, less memory.
     gradient_checkpointing: bool = False
+    logging_dir: str | None = None
+    report_to: str = "none"
+
+    def __post_init__(self) -> None:
+        # A YAML string "false" is truthy: a boolean must be a boolean (recipes check every
+        # type with file and line; this catches TrainConfig.from_yaml and direct use).
+        for f in fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"TrainConfig.{f.name} must be true or false, got "
+                                f"{getattr(self, f.name)!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -110,11 +132,16 @@ class History:
     """Metrics by optimizer step: a list of rows ``{"step": k, "loss": ..., ...}``.
 
     Training rows carry the mean of each metric over the steps since the previous row, plus
-    ``lr``, ``grad_norm``, ``epoch``, ``tokens_per_s`` and ``peak_mem_mb`` (CUDA: max allocated;
-    CPU: the process's max resident set). Evaluation metrics join the row of their step.
+    ``lr``, ``grad_norm``, ``epoch``, ``tokens_per_s`` (non-padding tokens of all processes
+    since the previous row / wall time of those training steps, evaluation and checkpoints
+    excluded) and ``peak_mem_mb`` (CUDA: max allocated; CPU: the process's max resident set).
+    Evaluation metrics join the row of their step.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: This call's totals: ``tokens`` (non-padding, all processes) and ``step_seconds`` (wall
+    #: time of the training steps only, without evaluation, checkpoints and logging).
+    totals: dict[str, float] = field(default_factory=dict)
 
     def log(self, step: int, **metrics: Any) -> None:
         """Add metrics to the row of ``step`` (creating it if it is not the last row)."""
@@ -270,6 +297,60 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[st
     return state
 
 
+@contextlib.contextmanager
+def dropout_disabled(model: torch.nn.Module, disable: bool = True) -> Iterator[int]:
+    """Within the block every dropout of ``model`` is off (restored afterwards); yields how many
+    dropout sites were switched off.
+
+    Preference losses compare the policy's log-probs with the reference's, which are computed
+    in eval mode (no dropout): with dropout on in training, ``pi_theta != pi_ref`` at step 0
+    although the weights are equal (GPT-2's first DPO loss is about 0.70 instead of
+    ``ln 2``). TRL's ``disable_dropout=True`` does the same. Covers ``nn.Dropout`` modules and
+    the ``attention_dropout`` probability that Llama-style attention keeps as a float (and, as
+    in TRL, the dropout of LoRA adapters).
+    """
+    changed: list[tuple[Any, str, float]] = []
+    if disable:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout) and module.p > 0:
+                changed.append((module, "p", module.p))
+            value = getattr(module, "attention_dropout", None)
+            if isinstance(value, float) and value > 0:
+                changed.append((module, "attention_dropout", value))
+        for module, attr, _ in changed:
+            setattr(module, attr, 0.0)
+    try:
+        yield len(changed)
+    finally:
+        for module, attr, value in changed:
+            setattr(module, attr, value)
+
+
+# --------------------------------------------------------------------------------------------
+# Guards: a non-finite loss or weight stops the run before anything is written
+# --------------------------------------------------------------------------------------------
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN/inf loss or weight; nothing from that point on was saved."""
+
+
+def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (one device sync in all)."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    return [n for (n, _), good in zip(named, ok.tolist(), strict=True) if not good]
+
+
+def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) -> None:
+    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    raise NonFiniteError(
+        f"{what} at optimizer step {step} (lr={config.lr:g}): training stopped and nothing "
+        f"from this point was saved; {kept}. Lower the lr, look for empty completions, or use "
+        "bf16 instead of fp16")
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -290,6 +371,107 @@ def _peak_mem_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
+def _windows(loader: Any, size: int, skip: int) -> Iterator[tuple[int, list[Any]]]:
+    """The micro-batches of each optimizer step: ``(batches used so far in the epoch, window)``.
+
+    Windows hold ``size`` micro-batches (the last one of an epoch may hold fewer); the first
+    ``skip`` batches (already used before a resume) are passed over.
+    """
+    window: list[Any] = []
+    i = -1
+    for i, batch in enumerate(loader):
+        if i < skip:
+            continue
+        window.append(batch)
+        if len(window) == size:
+            yield i + 1, window
+            window = []
+    if window:
+        yield i + 1, window
+
+
+def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], tokens: int
+                    ) -> tuple[dict[str, float], int]:
+    """Each metric's mean over the micro-batches since the last row, over ALL processes, and
+    the tokens of all processes.
+
+    Every process runs the same number of micro-batches (accelerate's ``even_batches``), so
+    the mean of the processes' means weighs every micro-batch of the global batch equally, as
+    one process holding them all would.
+    """
+    keys = sorted(sums)
+    local = torch.stack([torch.stack(sums[k]).mean() for k in keys] +
+                        [torch.tensor(float(tokens))]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, "sum")
+        local[:-1] /= accelerator.num_processes
+    values = local.tolist()
+    return dict(zip(keys, values[:-1], strict=True)), int(values[-1])
+
+
+class _RunLog:
+    """Where a run is watched from while it trains (main process only): ``history.jsonl`` and,
+    if asked, TensorBoard through ``accelerate``'s trackers."""
+
+    def __init__(self, accelerator: Any, config: TrainConfig, rows: list[dict[str, Any]]
+                 ) -> None:
+        self.accelerator, self.path, self.written = accelerator, None, 0
+        self.tensorboard = config.report_to == "tensorboard"
+        if not accelerator.is_main_process or not config.logging_dir:
+            return
+        self.path = Path(config.logging_dir) / "history.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rewrite(rows)  # a resumed run starts from the checkpoint's rows: none twice
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.written = len(rows)
+
+    def flush(self, history: History) -> None:
+        """Append the rows not yet written (each complete: training and evaluation metrics)."""
+        if not self.accelerator.is_main_process:
+            return
+        new = history.rows[self.written:]
+        if self.path is not None and new:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in new))
+                fh.flush()
+                os.fsync(fh.fileno())  # survives a crash of the machine, not only the process
+        self.written = len(history.rows)
+        if self.tensorboard:
+            for row in new:
+                self.accelerator.log({k: v for k, v in row.items() if k != "step"},
+                                     step=row["step"])
+
+
+def _tracker_settings(config: TrainConfig) -> dict[str, Any]:
+    """``Accelerator`` arguments for ``config.report_to`` (TensorBoard needs ``logging_dir``)."""
+    if config.report_to in ("none", None):
+        return {}
+    if config.report_to != "tensorboard":
+        raise ValueError(f"report_to must be 'tensorboard' or 'none', got {config.report_to!r}")
+    if not config.logging_dir:
+        raise ValueError("report_to='tensorboard' needs a logging_dir for the event files")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and \
+            importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError("report_to='tensorboard' but neither tensorboard nor tensorboardX is "
+                         "installed: pip install tensorboard, or set report_to: none")
+    return {"log_with": "tensorboard", "project_dir": config.logging_dir}
+
+
+def _takes_num_tokens(loss_fn: Any) -> bool:
+    try:
+        return "num_tokens" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -305,6 +487,7 @@ def _make_accelerator(config: TrainConfig):
         mixed_precision=mp,
         gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.device == "cpu",
+        **_tracker_settings(config),
     )
 
 
@@ -321,7 +504,8 @@ def train(
 
     Per optimizer step ``k`` (after ``grad_accum_steps`` micro-batches)::
 
-        g_k = sum_j grad L(batch_j) / grad_accum_steps      (accelerator.backward, accumulate)
+        g_k = sum_j grad L(batch_j) / grad_accum_steps      (accelerator.backward; processes:
+                                                             mean over processes, once per step)
         g_k <- g_k * min(1, max_grad_norm / ||g_k||)        (clip_grad_norm_)
         theta <- AdamW(theta, g_k, lr_k, weight_decay)      (no decay on 1-d params)
         lr_k = lr * k / warmup            for k < warmup_steps, then cosine/linear/constant
@@ -375,6 +559,7 @@ def train(
     name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
     scheduler = get_scheduler(name, optimizer, config.warmup_steps, total)
 
+    takes_num_tokens = _takes_num_tokens(loss_fn)
     history, step, epoch, skip = History(), 0, 0, 0
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     found = _checkpoints(ckpt_dir) if ckpt_dir else []
@@ -389,7 +574,17 @@ def train(
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
         accelerator.print(f"resuming from {found[-1]} (step {step})")
 
+    def check_weights() -> None:
+        bad = _nonfinite_weights(model)
+        # Collective, so that every process stops together (each may hold its own shard).
+        count = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device),
+                                   "sum")
+        if count.item() > 0:
+            names = f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
+            _stop_nonfinite(f"non-finite weights{names}", step, config, ckpt_dir)
+
     def checkpoint(batches_in_epoch: int) -> None:
+        check_weights()  # never write a NaN model: the last good checkpoint stays the newest
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "history": history.rows, "config": config.to_dict()}
         if accelerator.is_main_process:
@@ -397,6 +592,11 @@ def train(
                              scheduler, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    runlog = _RunLog(accelerator, config, history.rows)
+    if runlog.tensorboard:
+        accelerator.init_trackers("tensorboard", config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in config.to_dict().items()})
     evaluated_at = None
 
     def evaluate() -> None:
@@ -410,85 +610,160 @@ def train(
     bar = tqdm(total=total, initial=step, desc="train",
                disable=not (config.progress and accelerator.is_local_main_process))
     sums: dict[str, list[torch.Tensor]] = {}
-    tokens, t0, stop, grad_norm = 0, time.perf_counter(), step >= total, torch.tensor(0.0)
+    tokens, stop, grad_norm = 0, step >= total, torch.tensor(0.0)
+    # Throughput counts the training steps only (data loading included, evaluation,
+    # checkpoints and logging excluded): busy = their wall time since the last row.
+    busy, busy_total, tokens_total = 0.0, 0.0, 0
+    t_mark = time.perf_counter()
     model.train()
     try:
         while not stop:
             sampler.set_epoch(epoch)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
-            for i, batch in enumerate(loader):
-                if i < skip:  # resuming mid-epoch: these batches were already used
-                    continue
-                with accelerator.accumulate(model):
-                    loss, metrics = loss_fn(model, batch)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(
-                            model.parameters(), config.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad()
-                for k, v in {"loss": loss, **metrics}.items():
-                    sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
-                tokens += _count_tokens(batch)
-                if not accelerator.sync_gradients:
-                    continue
+            for end, window in _windows(loader, config.grad_accum_steps, skip):
+                extra = {}
+                if takes_num_tokens:  # the step's target tokens, over micro-batches and processes
+                    count = torch.tensor(float(sum(target_tokens(b) for b in window)),
+                                         device=accelerator.device)
+                    extra["num_tokens"] = accelerator.reduce(count, "sum") / (
+                        config.grad_accum_steps * accelerator.num_processes)
+                for j, batch in enumerate(window):
+                    # Gradients are averaged over processes only at the last micro-batch.
+                    last = j == len(window) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        loss, metrics = loss_fn(model, batch, **extra)
+                        accelerator.backward(loss)  # divides by grad_accum_steps
+                    for k, v in {"loss": loss, **metrics}.items():
+                        sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+                    tokens += _count_tokens(batch)
+                # A NaN/inf loss on any process stops every process together (one small
+                # all-reduce per step), before the update and before anything is written.
+                losses = torch.stack(sums["loss"][-len(window):])
+                finite = torch.isfinite(losses)
+                bad = torch.tensor(float(not finite.all()), device=accelerator.device)
+                if accelerator.reduce(bad, "sum").item() > 0:
+                    what = (f"the loss is {losses[~finite][0].item()}" if not finite.all()
+                            else "the loss is not finite on another process")
+                    _stop_nonfinite(what, step + 1, config, ckpt_dir)
+                grad_norm = accelerator.clip_grad_norm_(
+                    model.parameters(), config.max_grad_norm or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad()
                 if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step
                     scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % config.log_every == 0 or step == total:
-                    dt = max(time.perf_counter() - t0, 1e-9)
-                    row = {k: torch.stack(v).mean().item() for k, v in sums.items()}
-                    if not math.isfinite(row["loss"]):
-                        raise FloatingPointError(
-                            f"loss is {row['loss']} at step {step}: lower the lr, look for "
-                            "empty completions, or use bf16 instead of fp16")
+                    if accelerator.device.type == "cuda":
+                        torch.cuda.synchronize(accelerator.device)  # the step's kernels count
+                    busy += time.perf_counter() - t_mark
+                    row, tokens = _reduce_metrics(accelerator, sums, tokens)
+                    check_weights()
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
-                                tokens_per_s=tokens / dt,
+                                tokens_per_s=tokens / max(busy, 1e-9),
                                 peak_mem_mb=_peak_mem_mb(accelerator.device))
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    sums, tokens, t0 = {}, 0, time.perf_counter()
-                if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                    busy_total, tokens_total = busy_total + busy, tokens_total + tokens
+                    sums, tokens, busy = {}, 0, 0.0
+                else:
+                    busy += time.perf_counter() - t_mark
+                if eval_fn is not None and (
+                        (config.eval_every and step % config.eval_every == 0) or step >= total):
                     evaluate()
+                runlog.flush(history)  # the step's row is complete: training + evaluation
                 if ckpt_dir and (step == total or (config.checkpoint_every
                                                    and step % config.checkpoint_every == 0)):
-                    checkpoint(i + 1)
+                    checkpoint(end)
                 replies = [cb(step, history, model) for cb in callbacks or ()]
                 if any(r is True for r in replies) or step >= total:
                     stop = True
                     break
+                t_mark = time.perf_counter()
             else:  # the epoch ran to its end
                 epoch, skip = epoch + 1, 0
+        check_weights()  # the caller saves the model next
         if eval_fn is not None and evaluated_at != step:
             evaluate()
+            runlog.rewrite(history.rows)  # the last row gained its evaluation
+        history.totals = {"tokens": tokens_total, "step_seconds": busy_total}
     finally:
         bar.close()
+        if runlog.tensorboard:
+            accelerator.end_training()
         # Remove accelerate's autocast wrapper from the caller's model.
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history
 
 
-def sft_loss_fn(model: Any, batch: Mapping[str, torch.Tensor], reduction: str = "token"
+def target_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """The tokens :func:`sft_loss_fn` predicts in a batch: ``sum_{b,t>=1} m_bt`` with ``m`` the
+    ``completion_mask`` (or, without one, the ``attention_mask``); the first token of a row is
+    never a target."""
+    mask = batch.get("completion_mask", batch["attention_mask"])
+    return int(mask[:, 1:].sum().item())
+
+
+def loss_eval_fn(loss_fn: LossFn, data: Sequence[Any], batch_size: int,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, prefix: str = "eval_"
+                 ) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """``eval_fn(model)`` for :func:`train`: ``loss_fn`` and its metrics on held-out ``data``.
+
+    ``eval_<name> = sum_b n_b * metric_b / sum_b n_b`` over batches ``b`` of ``n_b`` examples
+    (in order, no shuffling): for a loss that is a mean over examples (DPO, IPO, KTO, ...,
+    ``sft_loss_fn(reduction="sequence")``) the exact mean over the whole set. Every process
+    evaluates the whole set, so the numbers do not depend on the number of processes.
+    """
+    if not len(data):
+        raise ValueError("no evaluation examples")
+    collate = collate_fn or pad_collate
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # a metric may be absent from a batch (KTO: one label only)
+        for s in range(0, len(data), batch_size):
+            chunk = [data[i] for i in range(s, min(s + batch_size, len(data)))]
+            loss, metrics = loss_fn(model, collate(chunk))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + len(chunk) * float(torch.as_tensor(v).float())
+                counts[k] = counts.get(k, 0) + len(chunk)
+        return {f"{prefix}{k}": v / counts[k] for k, v in sums.items()}
+
+    return evaluate
+
+
+def sft_loss_fn(model: Any, batch: Mapping[str, torch.Tensor], reduction: str = "token",
+                num_tokens: torch.Tensor | float | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Supervised fine-tuning loss: negative log-likelihood of the completion tokens.
 
-    ``reduction="token"``: ``L = -sum_{b,t} m_bt log pi(y_bt | ...) / sum_{b,t} m_bt`` (every
-    completion token of the batch weighs the same, the usual choice);
+    ``reduction="token"``: ``L = -sum_{b,t} m_bt log pi(y_bt | ...) / N`` (every completion
+    token weighs the same, the usual choice), where ``N = sum_{b,t} m_bt`` is this batch's
+    target tokens, or ``num_tokens`` when given;
     ``reduction="sequence"``: ``L = mean_b [ -sum_t m_bt log pi / sum_t m_bt ]`` (a mean over
     examples, which makes gradient accumulation exactly equal to one large batch).
     Without a ``completion_mask`` every real token is a target (plain language modelling).
+
+    :func:`train` passes ``num_tokens = (target tokens of the optimizer step, summed over its
+    micro-batches and processes) / (grad_accum_steps * num_processes)``: after accelerate's
+    division by ``grad_accum_steps`` and DDP's mean over processes, the gradient is that of
+    ``-sum(token log-probs of the global batch) / (its target tokens)``, what one process
+    with the whole batch computes. ``nll_per_token`` uses the same denominator, so its mean
+    over micro-batches and processes is the global batch's per-token NLL; ``ppl`` is the
+    perplexity of this micro-batch alone.
     """
     mask = batch.get("completion_mask", batch["attention_mask"])
     lp = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
                            reduce="none")
     m = mask[:, 1:].to(lp.dtype)
+    denom = m.sum().clamp(min=1.0) if num_tokens is None else num_tokens
     if reduction == "token":
-        loss = -lp.sum() / m.sum().clamp(min=1.0)
+        loss = -lp.sum() / denom
     elif reduction == "sequence":
         loss = (-lp.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
     else:
         raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
-    nll_token = (-lp.sum() / m.sum().clamp(min=1.0)).detach()
-    return loss, {"nll_per_token": nll_token, "ppl": torch.exp(nll_token)}
+    own = (-lp.sum() / m.sum().clamp(min=1.0)).detach()  # this micro-batch's per-token NLL
+    return loss, {"nll_per_token": (-lp.sum() / denom).detach(), "ppl": torch.exp(own)}

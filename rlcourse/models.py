@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,14 +119,21 @@ def build_tokenizer(words: Iterable[str], chat_template: bool = True):
     return tok
 
 
-def format_prompt(prompt: str, tokenizer: Any = None) -> str:
+def format_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any = None) -> str:
     """The chat-style prompt text: ``"<bos> <user> {prompt} <assistant>"``.
 
     With a ``tokenizer`` that has a chat template (a real model's, or ours), the text comes from
     ``tokenizer.apply_chat_template`` with ``add_generation_prompt=True`` instead, so the same
     code formats prompts for any model. The completion that follows ends with the EOS token
-    (see :func:`format_completion`).
+    (see :func:`format_completion`). A ``prompt`` given as a list of ``{role, content}``
+    messages (TRL's conversational form) is rendered by the chat template as it stands.
     """
+    if isinstance(prompt, (list, tuple)):  # TRL's conversational form: a list of messages
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("a prompt given as a list of messages needs a tokenizer with a "
+                             "chat template")
+        return tokenizer.apply_chat_template(list(prompt), tokenize=False,
+                                             add_generation_prompt=True)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         if tokenizer.chat_template == CHAT_TEMPLATE:
             return f"<bos> <user> {prompt} <assistant>"
@@ -159,14 +166,18 @@ def encode_prompt_completion(
     truncation: str = "error",
     names: Sequence[str] | None = None,
     add_eos: bool = True,
+    formatted: Sequence[bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tokenise prompt/completion pairs into one padded batch.
 
     Each example is ``ids(format_prompt(prompt)) + ids(completion) + [eos]`` (prompt and
     completion are tokenised separately and concatenated, so no token straddles the boundary).
-    Returns ``input_ids`` and ``attention_mask`` [B, L], ``completion_mask`` [B, L] (1 on
-    completion tokens including EOS; 0 on prompt and padding), ``prompt_lengths`` and
-    ``completion_lengths`` [B] (real tokens, padding excluded) and ``truncated`` [B] (bool).
+    Where ``formatted[i]`` is true, prompt ``i`` was already rendered by a chat template and
+    completion ``i`` ends with the template's end of turn: ``ids(prompt) + ids(completion)``
+    (see :func:`rlcourse.data.render_conversation`). Returns ``input_ids`` and
+    ``attention_mask`` [B, L], ``completion_mask`` [B, L] (1 on completion tokens including
+    EOS; 0 on prompt and padding), ``prompt_lengths`` and ``completion_lengths`` [B] (real
+    tokens, padding excluded) and ``truncated`` [B] (bool).
 
     Examples longer than ``max_length``:
       - ``truncation="error"`` (default): ``ValueError`` naming the example (``names[i]``, e.g.
@@ -182,14 +193,18 @@ def encode_prompt_completion(
     if truncation not in ("error", "left", "right"):
         raise ValueError(f"truncation must be 'error', 'left' or 'right', got {truncation!r}")
     pad_id = _pad_id(tokenizer)
-    p_texts = [format_prompt(p, tokenizer) for p in prompts]
+    # formatted[i]: prompt i is already rendered by a chat template (it is used as is) and
+    # completion i carries the template's own end of turn (no EOS is appended).
+    formatted = list(formatted) if formatted is not None else [False] * len(prompts)
+    p_texts = [p if f else format_prompt(p, tokenizer) for p, f in zip(prompts, formatted,
+                                                                        strict=True)]
     p_ids = tokenizer(p_texts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if prompts else []
     rows: list[tuple[list[int], list[int]]] = []
     truncated: list[bool] = []
     where: list[str] = []
     for i, (p, c) in enumerate(zip(p_ids, c_ids, strict=True)):
-        c = list(c) + ([tokenizer.eos_token_id] if add_eos else [])
+        c = list(c) + ([tokenizer.eos_token_id] if add_eos and not formatted[i] else [])
         p = list(p)
         over = len(p) + len(c) - max_length
         name = names[i] if names is not None else f"example {i}"
@@ -684,6 +699,7 @@ def generate(
     batch_size: int = 512,
     progress: bool = False,
     chat: bool = True,
+    first_row: int = 0,
 ) -> Generation:
     """Sample a completion for every prompt (chat-formatted by :func:`format_prompt`).
 
@@ -695,7 +711,10 @@ def generate(
     without touching the global random state; sample ``i`` depends only on the seed and ``i``
     (not on ``batch_size``). Prompts are processed ``batch_size`` at a time. ``chat=False``
     continues the prompt text as given (no chat format; include ``<bos>`` yourself), for
-    sampling from a pretrained base model.
+    sampling from a pretrained base model. ``first_row``: these prompts are rows ``first_row,
+    first_row + 1, ...`` of a larger batch drawn with the same seed (each process of a
+    multi-process run draws its share of one global batch, with the samples one process would
+    draw).
     """
     prompts = list(prompts)
     if not prompts:
@@ -705,7 +724,8 @@ def generate(
         generator = torch.Generator()
         generator.manual_seed(seed)
     # u[i, t] decides prompt i's token t (see _inverse_cdf_sample).
-    uniforms = torch.rand((len(prompts), max_new_tokens), generator=generator, dtype=torch.float64)
+    uniforms = torch.rand((first_row + len(prompts), max_new_tokens), generator=generator,
+                          dtype=torch.float64)[first_row:]
     was_training = model.training
     model.eval()
     parts = []
@@ -885,6 +905,18 @@ class RewardModel(_HeadModel):
 
     HEAD_FILE = "reward_head.safetensors"
     KIND = "reward"
+
+    def __init__(self, model: Any, seed: int | None = 0) -> None:
+        super().__init__(model, seed)
+        # The LM head never takes part in a reward. Untied from the input embeddings, it would
+        # be a trainable parameter without a gradient: DDP then waits for its gradient forever
+        # ("Expected to have finished reduction...") and AdamW skips it anyway. Freezing it
+        # changes nothing in one process and lets several processes train without
+        # find_unused_parameters (an extra graph traversal every step).
+        out = getattr(model, "get_output_embeddings", lambda: None)()
+        emb = getattr(model, "get_input_embeddings", lambda: None)()
+        if out is not None and (emb is None or out.weight is not emb.weight):
+            out.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _, h = self._hidden(input_ids, attention_mask, logits=False)

@@ -28,6 +28,7 @@ import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -395,27 +396,59 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               sample_fn: Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]],
               config: PPOConfig, n_steps: int, lr: float = 1e-3, seed: int = 0,
               callback: Callable[[int, dict[str, float], Rollout], None] | None = None,
-              progress: bool = True) -> list[dict[str, float]]:
+              progress: bool = True, checkpoint_dir: str | Path | None = None,
+              checkpoint_every: int = 0, keep_checkpoints: int = 2) -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
     seeds the model initialisation. ``callback(step, metrics, rollout)`` runs after each step.
+
+    ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end, the policy (actor and
+    critic), Adam's state, the generator's and the global RNG states, the KL coefficient, the
+    step and the history go atomically to ``checkpoint_dir/step-XXXXXXXX`` (the engine's
+    checkpoints, newest ``keep_checkpoints`` kept). A later call with the same directory resumes
+    from the newest one and ends where an uninterrupted run would. ``ref_model`` is not saved:
+    the caller rebuilds it from the initial model.
     """
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     kl_ctl = config.kl_controller()
     history: list[dict[str, float]] = []
-    steps: Any = range(n_steps)
+    start = 0
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt_dir is not None:
+        from rlcourse.engine import _checkpoints, _load_checkpoint
+
+        # A constant schedule, so that the engine's checkpoint functions can be used as they are.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        found = _checkpoints(ckpt_dir)
+        if found:
+            device = next(policy.parameters()).device
+            state = _load_checkpoint(found[-1], policy, optimizer, scheduler, device)
+            generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+            kl_ctl.value = state["kl_coef"]
+            history, start = state["history"], state["step"]
+            print(f"resuming from {found[-1]} (step {start})")
+    steps: Any = range(start, n_steps)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="PPO", leave=False)
+        steps = tqdm(steps, desc="PPO", leave=False, initial=start, total=n_steps)
     for step in steps:
         metrics, rollout = ppo_step(policy, ref_model, reward_fn, sample_fn, optimizer, config,
                                     kl_ctl, generator)
         metrics["step"] = step
         history.append(metrics)
+        done = step + 1
+        if ckpt_dir is not None and (done == n_steps or (checkpoint_every
+                                                         and done % checkpoint_every == 0)):
+            from rlcourse.engine import _save_checkpoint
+
+            _save_checkpoint(ckpt_dir, {"step": done, "history": history,
+                                        "kl_coef": float(kl_ctl.value),
+                                        "generator": generator.get_state().tolist()},
+                             policy, optimizer, scheduler, keep_checkpoints)
         if callback is not None:
             callback(step, metrics, rollout)
     return history

@@ -160,3 +160,118 @@ def test_identical_pairs_are_counted(tmp_path):
     ])
     with pytest.warns(UserWarning, match=r"1 of 2 pairs have chosen == rejected .*p.jsonl:1"):
         assert len(load_preferences(p)) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# TRL's conversational format: lists of {role, content} messages, rendered by the chat template
+# --------------------------------------------------------------------------------------------
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+PLAIN_PAIRS = [{"prompt": "what is a river ?", "chosen": "a river is wet .", "rejected": "hi"},
+               {"prompt": "hi", "chosen": "the river is long .", "rejected": "hi hi"}]
+CONV_PAIRS = [{"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]),
+               "rejected": _assistant(r["rejected"])} for r in PLAIN_PAIRS]
+
+
+def test_empty_and_blank_files_are_errors(tmp_path):
+    from rlcourse.data import DataError
+
+    for content in ("", "\n  \n\n"):
+        p = tmp_path / "e.jsonl"
+        p.write_text(content)
+        for load in (load_preferences, load_sft, load_unpaired):
+            with pytest.raises(DataError, match=rf"{p}: no rows \(the file is empty"):
+                load(p)
+
+
+def test_conversational_rows_tokenise_as_their_plain_text(tok, tmp_path):
+    """The project's tokenizer renders ``[user: p]`` + generation prompt as ``format_prompt(p)``
+    and the assistant turn as ``" c <eos>"``: conversational and plain rows must give the same
+    ids and masks, for pairs, SFT and (through tokenize_kto) unpaired rows with their KL pairs."""
+    from rlcourse.preference import tokenize_kto
+
+    p = tmp_path / "conv.jsonl"
+    write_jsonl(p, CONV_PAIRS)
+    rows = load_preferences(p)
+    plain, conv = tokenize_preferences(tok, PLAIN_PAIRS, 32), tokenize_preferences(tok, rows, 32)
+    for a, b in zip(plain, conv, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sft_plain = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in PLAIN_PAIRS]
+    sft_conv = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in CONV_PAIRS]
+    for a, b in zip(tokenize_sft(tok, sft_plain, 32), tokenize_sft(tok, sft_conv, 32),
+                    strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    kto_plain = [{**r, "label": i % 2 == 0} for i, r in enumerate(sft_plain * 2)]
+    kto_conv = [{**r, "label": i % 2 == 0} for i, r in enumerate(sft_conv * 2)]
+    for a, b in zip(tokenize_kto(tok, kto_plain, 32), tokenize_kto(tok, kto_conv, 32),
+                    strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_render_conversation_with_a_chatml_template(tok):
+    """A ChatML template (Qwen's form): the prompt ends with the generation prompt, the
+    completion is the rest of the conversation, end-of-turn included, no EOS appended."""
+    from transformers import PreTrainedTokenizerFast
+
+    from rlcourse.data import render_conversation
+
+    chatml = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>")
+    chatml.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    prompt = [{"role": "system", "content": "be brief"}, *_user("what is a river?")]
+    got = render_conversation(chatml, prompt, _assistant("a river is wet."))
+    assert got == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nwhat is a river?"
+                   "<|im_end|>\n<|im_start|>assistant\n", "a river is wet.<|im_end|>\n")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": [{"role": "user"}], "chosen": _assistant("a"), "rejected": _assistant("b")},
+     "field 'prompt' message 1 must be an object with string 'role' and 'content'"),
+    ({"prompt": [], "chosen": _assistant("a"), "rejected": _assistant("b")},
+     "field 'prompt' is an empty list of messages"),
+    ({"prompt": _user("q"), "chosen": "a", "rejected": _assistant("b")},
+     "mix plain text and lists of messages"),
+    ({"prompt": _user("q"), "chosen": _assistant("a"), "rejected": 3},
+     "field 'rejected' must be a string or a list of {role, content} messages"),
+])
+def test_bad_conversations_name_file_line_and_field(tmp_path, row, message):
+    from rlcourse.data import DataError
+
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, [CONV_PAIRS[0], row])
+    with pytest.raises(DataError) as err:
+        load_preferences(p)
+    assert str(err.value).startswith(f"{p}:2: ") and message in str(err.value), str(err.value)
+
+
+def test_conversations_need_a_chat_template_and_one_form_per_file(tmp_path):
+    from rlcourse.data import DataError
+
+    p = tmp_path / "c.jsonl"
+    write_jsonl(p, CONV_PAIRS)
+    no_template = build_tokenizer(["what is a river ?"], chat_template=False)
+    with pytest.raises(DataError, match=rf"{p}:1: a conversational row .* has none"):
+        tokenize_preferences(no_template, load_preferences(p), 32)
+    write_jsonl(p, [CONV_PAIRS[0], PLAIN_PAIRS[1]])
+    with pytest.raises(DataError, match=rf"{p}:2: plain text while {p}:1 is messages"):
+        tokenize_preferences(build_tokenizer(["hi"]), load_preferences(p), 32)
+
+
+def test_template_whose_prompt_is_not_a_prefix_is_refused(tok, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from rlcourse.data import DataError, render_conversation
+
+    odd = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>")
+    # The generation prompt says "<assistant>:" but a rendered assistant turn says "<assistant>".
+    odd.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} "
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>:{% endif %}")
+    with pytest.raises(DataError, match="row 7: the chat template renders the prompt"):
+        render_conversation(odd, _user("hi"), _assistant("hi"), "row 7")

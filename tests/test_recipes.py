@@ -59,6 +59,17 @@ def test_recipe_parses_into_the_trainers_config(path):
         assert isinstance(recipe.ppo, PPOConfig)
         assert isinstance(recipe.rollout, recipes.PPORollout)
         return
+    if recipe.method in recipes.GROUP_METHODS:
+        from rlcourse.grpo import GroupConfig
+
+        assert isinstance(recipe.group, GroupConfig) and recipe.train is None
+        assert isinstance(recipe.rollout, recipes.GroupRollout)
+        assert isinstance(recipe.rollout.lr, float) and recipe.rollout.mixed_precision == "no"
+        # the YAML names every field of both sections, so nothing hides behind a default
+        text = path.read_text()
+        for cls, name in ((GroupConfig, "group"), (recipes.GroupRollout, "rollout")):
+            assert all(f"  {f.name}:" in text for f in fields(cls)), name
+        return
     assert isinstance(recipe.train, TrainConfig)
     # Every number the YAML gives is a number (YAML 1.1 reads "5e-7" as a string).
     assert isinstance(recipe.train.lr, float) and recipe.train.lr > 0
@@ -218,11 +229,16 @@ def test_recipe_resumes_after_a_crash(workdir, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (
     Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
-def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path):
+@pytest.mark.parametrize("device", ["train.device=cpu", "train.device=auto"])
+def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path, device):
     """``torchrun --nproc_per_node 2`` (what ``accelerate launch`` runs on GPUs), on CPU with
-    gloo: batch 2 per process x 2 processes must give the model of batch 4 in one process."""
+    gloo: batch 2 per process x 2 processes must give the model of batch 4 in one process.
+    With ``train.device=auto`` on a machine without GPUs each process used to train alone
+    (and ``model/`` lost its weights); now the processes train together on the CPU."""
+    if device.endswith("auto") and torch.cuda.is_available():
+        pytest.skip("checks the machine without GPUs")
     common = ["train.max_steps=2", "train.grad_accum_steps=1", "train.lr=1e-2",
-              "train.warmup_steps=0", "train.progress=false", "train.device=cpu", "max_length=32"]
+              "train.warmup_steps=0", "train.progress=false", device, "max_length=32"]
     args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
             "--data", str(workdir / "pairs.jsonl")]
     assert recipes.main([*args, "--output", str(tmp_path / "one"), *common,
@@ -239,6 +255,23 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_launch_of_two_processes_is_refused(workdir, tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` starts one process (accelerate's simple
+    launcher): it used to train alone as if two had been asked for; now it stops, saying so."""
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcourse.recipes",
+         str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
+         "--data", str(workdir / "pairs.jsonl"), "--output", str(tmp_path / "o"), *TINY],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "started one process" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "o").exists()
 
 
 def test_recipe_fields_cover_the_documented_keys():
@@ -272,3 +305,356 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     assert [r["step"] for r in history] == [0, 1]
     before, after = _weights(workdir / "model"), _weights(tmp_path / "o" / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, monkeypatch):
+    """PPO on the engine's checkpoints: killed during step 3 of 4 and rerun, it must end with
+    the actor and history of the run that was never stopped (adaptive KL, so the coefficient
+    is state too)."""
+    from rlcourse import ppo
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+
+    def run(out: str) -> int:
+        return recipes.main([
+            str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+            "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "prompts.jsonl"),
+            "--output", str(tmp_path / out), "rollout.steps=4", "rollout.batch_size=4",
+            "rollout.max_new_tokens=4", "rollout.lr=1e-2", "ppo.minibatch_size=2",
+            "ppo.ppo_epochs=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.01",
+            "rollout.checkpoint_every=1"])
+
+    assert run("whole") == 0
+    real_step, calls = ppo.ppo_step, []
+
+    def killed_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_step", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run("crashed")
+    assert not (tmp_path / "crashed" / "model").exists()
+    calls.clear()
+    monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    assert run("crashed") == 0  # the same command again
+    assert len(calls) == 2  # it resumed after step 2, it did not start again
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
+                                                                       "model")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = {p: json.loads((tmp_path / p / "history.json").read_text())
+            for p in ("whole", "crashed")}
+    assert [r["step"] for r in rows["crashed"]] == [0, 1, 2, 3]
+    assert [r["kl_coef"] for r in rows["crashed"]] == [r["kl_coef"] for r in rows["whole"]]
+    assert len({r["kl_coef"] for r in rows["whole"]}) > 1  # the controller did move
+
+
+# --------------------------------------------------------------------------------------------
+# Guards against silently wrong results (each test fails without its guard)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, key, line, what", [
+    # A quoted "false" is a non-empty string: bool("false") is True, custom code would run.
+    ('trust_remote_code: "false"\n', "trust_remote_code", 5, "expected true or false"),
+    ("disable_dropout: 0\n", "disable_dropout", 5, "expected true or false"),
+    ("train:\n  drop_last: 'no'\n", "train.drop_last", 6, "expected true or false"),
+    ("loss:\n  label_smoothing: yes\n", "loss.label_smoothing", 6, "expected a number"),
+    ("train:\n  batch_size: 2.5\n", "train.batch_size", 6, "expected an integer"),
+    ("train:\n  betas: 0.9\n", "train.betas", 6, "expected a list of 2"),
+    ("dtype: fp8\n", "dtype", 5, "must be null or one of"),
+    ("max_length: 1\n", "max_length", 5, "must be an integer >= 2"),
+    ("train:\n  schedule: cosin\n", "train.schedule", 6, "must be one of cosine"),
+    ("train:\n  mixed_precision: fp8\n", "train.mixed_precision", 6, "must be one of no"),
+    ("train:\n  lr: .inf\n", "train.lr", 6, "must be a finite number > 0"),
+    ("train:\n  lr: -1.0e-3\n", "train.lr", 6, "must be a finite number > 0"),
+    ("loss:\n  beta: 0\n", "loss.beta", 6, "must be a finite number > 0"),
+    ("loss:\n  beta: -0.1\n", "loss.beta", 6, "must be a finite number > 0"),
+    ("loss:\n  label_smoothing: 0.7\n", "loss.label_smoothing", 6, "must be a number in [0, 0.5)"),
+    ("train:\n  grad_accum_steps: 0\n", "train.grad_accum_steps", 6, "must be an integer >= 1"),
+])
+def test_values_of_the_wrong_type_or_range_name_file_line_and_key(tmp_path, text, key, line,
+                                                                   what):
+    path = tmp_path / "r.yaml"
+    path.write_text("method: dpo\nmodel: m\ndata: d\noutput: o\n" + text)
+    with pytest.raises(recipes.RecipeError) as err:
+        recipes.load_recipe(path)
+    assert str(err.value).startswith(f"{path}:{line}: {key}: {what}"), str(err.value)
+
+
+def test_real_booleans_and_numbers_pass_and_keep_their_type(tmp_path):
+    text = ("method: dpo\nmodel: m\ndata: d\noutput: o\ntrust_remote_code: false\n"
+            "disable_dropout: false\nmax_length: 1e3\ntrain:\n  lr: 5e-7\n  drop_last: true\n"
+            "  betas: [0.9, 0.95]\n")
+    recipe = recipes.load_recipe(text=text)
+    assert recipe.trust_remote_code is False and recipe.disable_dropout is False
+    assert recipe.max_length == 1000 and recipe.train.drop_last is True
+    assert recipe.train.betas == (0.9, 0.95)
+
+
+def test_kto_with_one_example_per_batch_is_refused(tmp_path):
+    path = tmp_path / "kto.yaml"
+    path.write_text("method: kto\nmodel: m\ndata: d\noutput: o\ntrain:\n  batch_size: 1\n")
+    with pytest.raises(recipes.RecipeError, match=rf"{path}:6: train.batch_size: KTO needs"):
+        recipes.load_recipe(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no rows (the file is empty"),
+    ("\n   \n\n", "no rows (the file is empty"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3}\n',
+     ":2: field 'chosen' must be a string"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n', ":2: malformed JSON"),
+])
+def test_data_errors_reach_the_command_line_as_one_line_and_exit_2(workdir, tmp_path, capsys,
+                                                                    content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    code = recipes.main([str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model",
+                         str(workdir / "model"), "--data", str(data), "--output",
+                         str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"error: {data}") and message in err and "\n" not in err, err
+    assert not (tmp_path / "o" / "model").exists()
+
+
+def test_overlong_row_and_max_length_beyond_positions_are_named(workdir, tmp_path, capsys):
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
+            "--data", str(workdir / "pairs.jsonl"), "--output", str(tmp_path / "o"), *TINY]
+    assert recipes.main([*args, "max_length=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{workdir / 'pairs.jsonl'}:1 (chosen): prompt" in err and "\n" not in err, err
+    # The tiny model has 128 positions: 1000 used to be an IndexError inside the model.
+    assert recipes.main([*args, "max_length=1000"]) == 2
+    err = capsys.readouterr().err
+    assert "max_length: 1000 is longer than the model's 128 positions" in err
+
+
+def test_divergence_exits_nonzero_and_saves_no_model(workdir, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = _run(workdir, "sft", out, "train.lr=1e30", "train.max_steps=3",
+                "train.checkpoint_every=1", "train.max_grad_norm=null")
+    err = capsys.readouterr().err
+    assert code == 1 and "training stopped" in err, err
+    assert not (out / "model").exists()
+    for ckpt in (out / "checkpoints").glob("step-*"):  # whatever was kept is finite
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_rerun_with_another_recipe_names_the_keys_that_differ(workdir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _run(workdir, "dpo", out) == 0
+    first = _weights(out / "model")
+    capsys.readouterr()
+    # The same command again: the finished run is reported and not trained again.
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    assert _run(workdir, "dpo", out) == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    # Another hyperparameter, another method, other data: refused, the keys named.
+    assert _run(workdir, "dpo", out, "loss.beta=0.5", "train.lr=2e-2") == 2
+    err = capsys.readouterr().err
+    assert "loss.beta: 0.1 -> 0.5" in err and "train.lr: 0.01 -> 0.02" in err, err
+    assert _run(workdir, "simpo", out) == 2
+    assert "method: 'dpo' -> 'simpo'" in capsys.readouterr().err
+    changed = tmp_path / "pairs.jsonl"
+    write_jsonl(changed, PAIRS[::-1])
+    assert recipes.main([str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model",
+                         str(workdir / "model"), "--data", str(changed), "--output", str(out),
+                         *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "data:" in err and "data (content sha256)" in err
+    for k, v in first.items():  # nothing was overwritten
+        assert torch.equal(_weights(out / "model")[k], v)
+    # --overwrite starts afresh with the new recipe.
+    assert _run(workdir, "dpo", out, "loss.beta=0.5", "--overwrite") == 0
+    assert json.loads((out / "recipe.json").read_text())["loss"]["beta"] == 0.5
+
+
+def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkeypatch, capsys):
+    import rlcourse.preference as preference
+
+    real_train = preference.train
+
+    def crash_after_one_step(*args, **kwargs):
+        def stop(step, history, model):
+            if step == 1:
+                raise KeyboardInterrupt("killed")
+        return real_train(*args, **kwargs, callbacks=[stop])
+
+    monkeypatch.setattr(preference, "train", crash_after_one_step)
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        _run(workdir, "dpo", out, "train.checkpoint_every=1")
+    monkeypatch.setattr(preference, "train", real_train)
+    assert _run(workdir, "dpo", out, "train.checkpoint_every=1", "train.lr=5e-2") == 2
+    assert "a running run of a different recipe" in capsys.readouterr().err
+    assert _run(workdir, "dpo", out, "train.checkpoint_every=1") == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_output_with_run_files_but_no_run_record_is_refused(workdir, tmp_path, capsys):
+    out = tmp_path / "o"
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    assert _run(workdir, "dpo", out) == 2
+    assert "no run.json" in capsys.readouterr().err
+
+
+def test_dropout_is_off_in_preference_training_so_the_first_dpo_loss_is_ln2(tmp_path):
+    """GPT-2 with dropout 0.1 everywhere: policy == reference at the first step, so the DPO
+    loss is ln 2 exactly when dropout is off (the reference is scored in eval mode); with
+    ``disable_dropout: false`` the dropout noise moves it away from ln 2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_tokenizer([" ".join(p.values()) for p in PAIRS])
+    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    save_model(GPT2LMHeadModel(config), tok, tmp_path / "gpt2")
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    losses = {}
+    for keep in (False, True):
+        out = tmp_path / f"keep{keep}"
+        assert recipes.main([str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model",
+                             str(tmp_path / "gpt2"), "--data", str(tmp_path / "pairs.jsonl"),
+                             "--output", str(out), *TINY, "train.batch_size=8",
+                             f"disable_dropout={str(keep).lower()}"]) == 0
+        losses[keep] = json.loads((out / "history.json").read_text())[0]["loss"]
+    assert losses[True] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(losses[False] - math.log(2)) > 1e-3
+
+
+def test_launch_without_gpus_trains_on_cpu_and_a_lost_cpu_launch_is_refused(monkeypatch):
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert recipes._launch_device(recipe) == "cpu" and recipe.train.device == "cpu"
+    # accelerate launch --cpu --num_processes 2 runs ONE process and leaves MASTER_PORT behind.
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.raises(recipes.RecipeError, match="started one process"):
+        recipes._launch_device(recipe)
+
+
+def _conversational(row: dict) -> dict:
+    """TRL's conversational form of a plain row: the prompt a user turn, each text an
+    assistant turn."""
+    out = {"prompt": [{"role": "user", "content": row["prompt"]}]}
+    for key in ("chosen", "rejected", "completion"):
+        if key in row:
+            out[key] = [{"role": "assistant", "content": row[key]}]
+    return {**out, **({"label": row["label"]} if "label" in row else {})}
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "rdpo", "kto", "orpo", "simpo",
+                                    "reward_model"])
+def test_conversational_data_trains_as_its_plain_text(workdir, tmp_path, method):
+    """The same rows as lists of messages (rendered by the tokenizer's chat template) give the
+    same losses, step by step, as the plain-text rows."""
+    from rlcourse.data import read_jsonl
+
+    plain = workdir / DATA.get(method, "pairs.jsonl")
+    conv = tmp_path / "conv.jsonl"
+    write_jsonl(conv, [_conversational(dict(r)) for r in read_jsonl(plain)])
+    losses = []
+    for data in (plain, conv):
+        out = tmp_path / data.stem
+        assert recipes.main([str(REPO_ROOT / "recipes" / f"{method}.yaml"), "--model",
+                             str(workdir / "model"), "--data", str(data), "--output", str(out),
+                             *TINY]) == 0
+        losses.append([r["loss"] for r in json.loads((out / "history.json").read_text())
+                       if "loss" in r])
+    assert len(losses[0]) == 2 and losses[1] == losses[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Watching a run
+# --------------------------------------------------------------------------------------------
+def test_eval_data_is_evaluated_and_history_jsonl_written(workdir, tmp_path):
+    """``eval_data`` + ``train.eval_every``: the DPO loss on held-out pairs joins each row. Oracle
+    at the last step: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over the
+    pairs, with the saved model as pi and the starting model as reference."""
+    from rlcourse.models import encode_prompt_completion, sequence_logprobs
+
+    held_out = tmp_path / "eval.jsonl"
+    write_jsonl(held_out, PAIRS[:3])
+    out = tmp_path / "o"
+    assert _run(workdir, "dpo", out, f"eval_data={held_out}", "train.eval_every=1") == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [("eval_loss" in r and "eval_rewards/accuracies" in r) for r in history] == [True,
+                                                                                       True]
+    assert [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()] \
+        == history
+
+    def logps(model, tok, key):
+        enc = encode_prompt_completion(tok, [p["prompt"] for p in PAIRS[:3]],
+                                       [p[key] for p in PAIRS[:3]], 32)
+        with torch.no_grad():
+            return sequence_logprobs(model, enc["input_ids"], enc["attention_mask"],
+                                     enc["completion_mask"], reduce="sum").double()
+
+    policy, tok = load_model(out / "model", device="cpu")
+    reference, _ = load_model(workdir / "model", device="cpu")
+    beta = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml").loss["beta"]
+    h = (logps(policy, tok, "chosen") - logps(reference, tok, "chosen")) - (
+        logps(policy, tok, "rejected") - logps(reference, tok, "rejected"))
+    expected = float(torch.mean(-torch.log(torch.sigmoid(beta * h))))
+    assert history[-1]["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    summary = json.loads((out / "recipe.json").read_text())["summary"]
+    assert summary["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("method", ["sft", "reward_model", "kto"])
+def test_eval_data_for_other_methods(workdir, tmp_path, method):
+    out = tmp_path / "o"
+    data = workdir / DATA.get(method, "pairs.jsonl")
+    assert _run(workdir, method, out, f"eval_data={data}", "train.eval_every=2") == 0
+    history = json.loads((out / "history.json").read_text())
+    assert ["eval_loss" in r for r in history] == [False, True]
+
+
+def test_eval_every_without_eval_data_is_refused():
+    with pytest.raises(recipes.RecipeError, match="train.eval_every: evaluates the eval_data"):
+        recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"train.eval_every": 10})
+
+
+def test_ppo_prompts_as_messages_train_as_plain_prompts(workdir, tmp_path):
+    """PPO's prompts in TRL's conversational form (a user message each) are rendered by the chat
+    template, which for the project's tokenizer is the plain prompt's format: same history."""
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    write_jsonl(tmp_path / "conv.jsonl",
+                [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in PAIRS])
+    histories = []
+    for name in ("plain", "conv"):
+        assert recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model",
+                             str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                             "--data", str(tmp_path / f"{name}.jsonl"), "--output",
+                             str(tmp_path / name), "rollout.steps=2", "rollout.batch_size=4",
+                             "rollout.max_new_tokens=4", "rollout.lr=1e-2",
+                             "ppo.minibatch_size=2", "ppo.ppo_epochs=1"]) == 0
+        histories.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert len(histories[0]) == 2 and histories[1] == histories[0]
+
+
+def test_kto_with_one_example_is_a_one_line_data_error(workdir, tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    write_jsonl(data, [{"prompt": "hi", "completion": "rain is wet .", "label": True}])
+    assert recipes.main([str(REPO_ROOT / "recipes" / "kto.yaml"), "--model",
+                         str(workdir / "model"), "--data", str(data), "--output",
+                         str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data}: KTO's reference point") and "\n" not in err

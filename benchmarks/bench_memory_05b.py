@@ -1,0 +1,177 @@
+"""Peak memory of one DPO step of a Qwen2.5-0.5B-sized model on the CPU, measured and predicted.
+
+The model has Qwen2.5-0.5B's architecture and sizes (``Qwen2Config``: hidden 896, 24 layers, 14
+heads, 2 key/value heads, MLP 4864, vocabulary 151,936, tied embeddings; 494M parameters),
+randomly initialised (no download). One DPO step through :func:`rlcourse.preference.
+train_preference`: the reference pass, then one AdamW step on 2 pairs (4 sequences) of 256
+tokens, fp32, one thread. Three configurations, each in a fresh Python process so that its peak
+resident set (``ru_maxrss``) is its own:
+
+* ``full``: every weight trained; the reference is a frozen copy during the reference pass;
+* ``lora``: LoRA r=16 on every linear layer; the reference is the model with adapters disabled;
+* ``lora_gc``: the same plus gradient checkpointing.
+
+Beside each measurement, :func:`rlcourse.memory.training_step_memory`'s prediction plus the
+process's resident set before the model exists (Python, torch, transformers: measured, not
+predicted). Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory_05b.py    # writes results/memory_05b.json
+    python benchmarks/bench_memory_05b.py --tiny                # a small model, seconds (a check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "memory_05b.json"
+CONFIGS = {"full": {}, "lora": {"lora_r": 16}, "lora_gc": {"lora_r": 16, "checkpointing": True}}
+QWEN = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True,
+            max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+TINY = dict(QWEN, vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=384)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def measure(name: str, pairs: int, seq_len: int, prompt_len: int, tiny: bool) -> dict:
+    """One configuration in this process (run it in a fresh one)."""
+    import accelerate  # noqa: F401  (imported by training; part of the baseline, not the model)
+    import peft  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rlcourse.adapters import LoraSettings, apply_lora
+    from rlcourse.engine import TrainConfig
+    from rlcourse.preference import train_preference
+
+    torch.set_num_threads(1)
+    baseline = _rss_bytes()
+    opts = CONFIGS[name]
+    config = Qwen2Config(**(TINY if tiny else QWEN))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if opts.get("lora_r"):
+        model = apply_lora(model, LoraSettings(r=opts["lora_r"]))
+    g = torch.Generator().manual_seed(1)
+
+    def seq() -> dict:
+        ids = torch.randint(0, config.vocab_size, (seq_len,), generator=g)
+        comp = torch.zeros(seq_len, dtype=torch.long)
+        comp[prompt_len:] = 1
+        return {"input_ids": ids, "attention_mask": torch.ones(seq_len, dtype=torch.long),
+                "completion_mask": comp}
+
+    items = []
+    for _ in range(pairs):
+        c, r = seq(), seq()
+        items.append({**{f"chosen_{k}": v for k, v in c.items()},
+                      **{f"rejected_{k}": v for k, v in r.items()}})
+    cfg = TrainConfig(lr=1e-5, max_steps=1, batch_size=pairs, log_every=1, device="cpu",
+                      progress=False, warmup_steps=0, schedule="constant",
+                      gradient_checkpointing=bool(opts.get("checkpointing")))
+    start = time.perf_counter()
+    run = train_preference("dpo", model, items, cfg, beta=0.1)
+    seconds = time.perf_counter() - start
+    return {"config": name, "peak_rss_bytes": _peak_bytes(), "baseline_rss_bytes": baseline,
+            "n_parameters": n_params,
+            "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                        if p.requires_grad),
+            "loss": run.history.rows[0]["loss"], "reference_seconds": run.reference_seconds,
+            "train_seconds": run.train_seconds, "total_seconds": seconds}
+
+
+def predict(name: str, pairs: int, seq_len: int, tiny: bool) -> dict:
+    from transformers import Qwen2Config
+
+    from rlcourse.memory import TransformerShape, training_step_memory
+
+    shape = TransformerShape.from_config(Qwen2Config(**(TINY if tiny else QWEN)))
+    opts = CONFIGS[name]
+    m = training_step_memory(shape, 2 * pairs, seq_len, lora_r=opts.get("lora_r"),
+                             checkpointing=bool(opts.get("checkpointing")),
+                             reference_copy=not opts.get("lora_r"),
+                             reference_sequences=pairs)  # chosen, then rejected, per forward
+    return {"predicted_bytes": m.peak, "predicted_phase": m.phase,
+            "predicted_parts_gib": {k: round(v, 4) for k, v in m.gib().items()},
+            "predicted_trainable": m.trainable}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--tiny", action="store_true", help="a small model (a quick check)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.pairs, args.seq_len, args.prompt_len,
+                                 args.tiny)))
+        return
+    rows = []
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, "--one", name, "--pairs", str(args.pairs),
+               "--seq-len", str(args.seq_len), "--prompt-len", str(args.prompt_len)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True,
+                              text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.update(predict(name, args.pairs, args.seq_len, args.tiny))
+        row["predicted_with_baseline_bytes"] = row["predicted_bytes"] + row["baseline_rss_bytes"]
+        row["ratio_measured_to_predicted"] = round(
+            row["peak_rss_bytes"] / row["predicted_with_baseline_bytes"], 4)
+        row["ratio_above_baseline"] = round(
+            (row["peak_rss_bytes"] - row["baseline_rss_bytes"]) / row["predicted_bytes"], 4)
+        rows.append(row)
+        print(f"{name:8s} peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB   predicted "
+              f"{row['predicted_with_baseline_bytes'] / 2**30:6.2f} GiB ({row['predicted_phase']})"
+              f"   ratio {row['ratio_measured_to_predicted']:.3f}   step "
+              f"{row['train_seconds']:.1f} s", flush=True)
+    import torch
+    import transformers
+
+    result = {
+        "what": "peak RSS of one DPO step (reference pass + 1 AdamW step), fresh process per "
+                "configuration, vs rlcourse.memory.training_step_memory + measured baseline",
+        "model": "Qwen2.5-0.5B architecture and sizes, random init (Qwen2Config)"
+        if not args.tiny else "tiny Qwen2 (check only)",
+        "pairs": args.pairs, "sequences": 2 * args.pairs, "seq_len": args.seq_len,
+        "prompt_len": args.prompt_len, "dtype": "float32", "threads": 1,
+        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
+        "rows": rows,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
+    }
+    out = args.out or (RESULTS if not args.tiny else RESULTS.with_name("memory_05b_tiny.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

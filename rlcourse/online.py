@@ -1,0 +1,442 @@
+r"""Learning from the policy's own samples (layer 3): online DPO, rejection sampling, GRPO/RLOO.
+
+The offline methods of Part III learn from a fixed set of pairs sampled once from the SFT model.
+As the policy moves, those pairs describe answers it no longer gives. The methods here sample
+from the **current** policy, label or score what it says, and learn from that:
+
+- **online (iterative) DPO**: rounds of (sample two answers per prompt from the current policy,
+  have a labeller pick one, one DPO epoch on the new pairs); :func:`online_dpo`;
+- **rejection-sampling fine-tuning** (best-of-n, then SFT on the winners; Llama 2's "rejection
+  sampling", RAFT, ReST): :func:`best_of_n`, :func:`rejection_sampling_ft`;
+- **GRPO and RLOO** on a language model with a reward model as reward:
+  :func:`lm_group_sampler` + :func:`rlcourse.grpo.train_group` in :func:`train_critic_free`.
+
+Every function learns only from what it is given: a ``label_fn(prompts, a, b)`` (a simulated
+annotator, a reward model) or a ``reward_fn(prompts, texts)``. This module imports no world and
+no judge; the true score of the assistant world is for evaluation only.
+
+Over-optimisation in miniature (Gao, Schulman and Hilton, 2022): :func:`best_of_n_kl`,
+:func:`best_of_n_expectation`, :func:`fit_bon`, :func:`fit_rl` give the KL of best-of-n, unbiased
+best-of-n estimates from N >= n samples, and the paper's two functional forms.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rlcourse import grpo, ppo
+from rlcourse.data import pad_collate, tokenize_sft
+from rlcourse.engine import TrainConfig, sft_loss_fn, train
+from rlcourse.models import generate
+from rlcourse.preference import train_preference
+
+__all__ = [
+    "BestOfN",
+    "OnlineDPOConfig",
+    "RSFTConfig",
+    "best_of_n",
+    "best_of_n_expectation",
+    "best_of_n_kl",
+    "fit_bon",
+    "fit_rl",
+    "label_pairs",
+    "labeller",
+    "lm_group_sampler",
+    "online_dpo",
+    "peak_bon",
+    "peak_rl",
+    "rejection_sampling_ft",
+    "reward_labeller",
+    "reward_model_scorer",
+    "sample_pairs",
+    "train_critic_free",
+]
+
+#: ``label_fn(prompts, a, b) -> [True if a is preferred, False if b, None to skip]``
+LabelFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], list]
+#: ``reward_fn(prompts, texts) -> scores`` (N,) float
+TextRewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Labellers and scorers: what the methods may learn from
+# --------------------------------------------------------------------------------------------
+
+
+def labeller(annotator: Any, seed: int = 0) -> LabelFn:
+    """A ``label_fn`` from anything with ``label(prompt, a, b, rng) -> bool | None`` (e.g. the
+    assistant world's simulated :class:`~rlcourse.worlds.assistant.Annotator`), drawing its
+    noise from one ``numpy`` generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed)
+
+    def label_fn(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list:
+        return [annotator.label(p, x, y, rng) for p, x, y in zip(prompts, a, b, strict=True)]
+
+    return label_fn
+
+
+def reward_model_scorer(reward_model: nn.Module, tokenizer: Any, batch_size: int = 256
+                        ) -> TextRewardFn:
+    """``reward_fn(prompts, texts)``: a reward model's scalar r(x, y) for each text, tokenised
+    as in its training (:func:`rlcourse.reward_model.score_texts`)."""
+    from rlcourse.reward_model import score_texts
+
+    def reward_fn(prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        return score_texts(reward_model, tokenizer, prompts, texts, batch_size).double().numpy()
+
+    return reward_fn
+
+
+def reward_labeller(reward_fn: TextRewardFn) -> LabelFn:
+    """A ``label_fn`` that prefers the higher reward, r(x, a) > r(x, b); equal rewards -> None.
+    (A reward model as annotator, as in RLAIF or online DPO with a reward model.)"""
+
+    def label_fn(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list:
+        ra, rb = reward_fn(prompts, a), reward_fn(prompts, b)
+        return [None if x == y else bool(x > y) for x, y in zip(ra, rb, strict=True)]
+
+    return label_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Online DPO
+# --------------------------------------------------------------------------------------------
+
+
+def sample_pairs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], seed: int,
+                 max_new_tokens: int = 48, temperature: float = 1.0) -> tuple[list, list]:
+    """Two independent answers per prompt from ``model``: ``(answers_a, answers_b)``."""
+    a = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                 temperature=temperature, seed=seed).texts
+    b = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                 temperature=temperature, seed=seed + 1).texts
+    return list(a), list(b)
+
+
+def label_pairs(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], label_fn: LabelFn
+                ) -> list[dict]:
+    """Records ``{"prompt", "chosen", "rejected"}`` from ``label_fn``'s verdicts.
+
+    Pairs of identical answers carry no preference and are not shown to the labeller; pairs with
+    an empty answer are dropped (the data format needs text); verdicts ``None`` (a skipped tie)
+    are dropped."""
+    keep = [i for i in range(len(prompts)) if a[i] != b[i] and a[i].strip() and b[i].strip()]
+    if not keep:
+        return []
+    ps, xs, ys = ([s[i] for i in keep] for s in (prompts, a, b))
+    verdicts = label_fn(ps, xs, ys)
+    if len(verdicts) != len(ps):
+        raise ValueError(f"label_fn returned {len(verdicts)} verdicts for {len(ps)} pairs")
+    return [{"prompt": p, "chosen": x if v else y, "rejected": y if v else x}
+            for p, x, y, v in zip(ps, xs, ys, verdicts, strict=True) if v is not None]
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Hyperparameters of :func:`online_dpo`.
+
+    ``rounds`` of: ``prompts_per_round`` prompts (all when ``None``), ``pairs_per_prompt``
+    independent pairs of answers each from the current policy, labels, then ``epochs`` DPO
+    epochs on the new pairs at ``lr`` (constant, batch ``batch_size``). ``reference``:
+    ``"sft"`` (the starting model, fixed: every round optimises the same KL-regularised
+    objective) or ``"previous"`` (the policy at the start of the round: each round is a step of
+    bounded size from where the policy is, and the KL to the starting model can grow with the
+    rounds).
+    """
+
+    rounds: int = 8
+    prompts_per_round: int | None = None
+    pairs_per_prompt: int = 1
+    beta: float = 0.5
+    lr: float = 5e-4
+    epochs: float = 1.0
+    batch_size: int = 32
+    reference: str = "sft"
+    max_new_tokens: int = 48
+    max_length: int = 128
+    loss: str = "dpo"
+    device: str = "cpu"
+
+
+def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_fn: LabelFn,
+               config: OnlineDPOConfig, seed: int = 0,
+               callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None
+               ) -> list[dict[str, Any]]:
+    r"""Online (iterative) DPO: train ``model`` in place; returns one metrics row per round.
+
+    Round k: :math:`y^a, y^b \sim \pi_{\theta_k}(\cdot|x)` for each prompt, a label from
+    ``label_fn`` gives :math:`(y_w, y_l)`, then ``config.epochs`` of the DPO loss
+
+    .. math:: -\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_\text{ref}(y_w|x)}
+              - \beta\log\frac{\pi_\theta(y_l|x)}{\pi_\text{ref}(y_l|x)}\Big)
+
+    with :math:`\pi_\text{ref}` the starting model (``reference="sft"``) or
+    :math:`\pi_{\theta_k}` (``"previous"``). ``callback(round, row, model)`` after each round.
+    """
+    if config.reference not in ("sft", "previous"):
+        raise ValueError(f"reference must be 'sft' or 'previous', got {config.reference!r}")
+    prompts = list(prompts)
+    rng = np.random.default_rng(seed)
+    start = copy.deepcopy(model).eval() if config.reference == "sft" else None
+    rows = []
+    for k in range(config.rounds):
+        if config.prompts_per_round and config.prompts_per_round < len(prompts):
+            idx = rng.choice(len(prompts), size=config.prompts_per_round, replace=False)
+            batch = [prompts[i] for i in idx]
+        else:
+            batch = prompts
+        batch = [p for p in batch for _ in range(config.pairs_per_prompt)]
+        a, b = sample_pairs(model, tokenizer, batch, seed=seed * 100_003 + 2 * k,
+                            max_new_tokens=config.max_new_tokens)
+        pairs = label_pairs(batch, a, b, label_fn)
+        row: dict[str, Any] = {"round": k, "n_prompts": len(batch), "n_pairs": len(pairs),
+                               "share_identical": float(np.mean([x == y for x, y in
+                                                                 zip(a, b, strict=True)]))}
+        if pairs:
+            cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
+                              schedule="constant", seed=seed * 1000 + k, device=config.device,
+                              log_every=10**9, progress=False)
+            # reference="previous": train_preference copies the model as it is now.
+            run = train_preference(config.loss, model, pairs, cfg, tokenizer=tokenizer,
+                                   reference_model=start, max_length=config.max_length,
+                                   seed=seed, beta=config.beta)
+            last = run.history.last()
+            row.update({key: last[key] for key in ("loss", "rewards/accuracies",
+                                                   "rewards/margins") if key in last})
+            row["train_seconds"] = run.train_seconds + run.reference_seconds
+        model.eval()
+        rows.append(row)
+        if callback is not None:
+            callback(k, row, model)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Best-of-n and rejection-sampling fine-tuning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BestOfN:
+    """What :func:`best_of_n` returns: for each prompt its n answers, their rewards, the winner."""
+
+    prompts: list[str]
+    texts: list[list[str]] = field(repr=False)
+    rewards: np.ndarray = field(repr=False)  # (n_prompts, n)
+    best: np.ndarray = field(repr=False)  # (n_prompts,) argmax of rewards per row
+
+    @property
+    def best_texts(self) -> list[str]:
+        return [t[i] for t, i in zip(self.texts, self.best, strict=True)]
+
+    @property
+    def best_rewards(self) -> np.ndarray:
+        return self.rewards[np.arange(len(self.best)), self.best]
+
+
+def best_of_n(model: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int,
+              reward_fn: TextRewardFn, seed: int = 0, max_new_tokens: int = 48,
+              allow_empty: bool = False) -> BestOfN:
+    r"""Sample n answers per prompt, keep :math:`\arg\max_i r(x, y_i)` (first one on ties).
+
+    Empty answers get reward :math:`-\infty` unless ``allow_empty`` (they cannot be SFT
+    targets); a prompt whose answers are all empty keeps an empty winner."""
+    prompts = list(prompts)
+    many = [p for p in prompts for _ in range(n)]
+    texts = list(generate(model, tokenizer, many, max_new_tokens=max_new_tokens, seed=seed).texts)
+    r = np.asarray(reward_fn(many, texts), dtype=np.float64)
+    if not allow_empty:
+        r = np.where([bool(t.strip()) for t in texts], r, -np.inf)
+    r = r.reshape(len(prompts), n)
+    return BestOfN(prompts, [texts[i * n:(i + 1) * n] for i in range(len(prompts))], r,
+                   r.argmax(axis=1))
+
+
+@dataclass
+class RSFTConfig:
+    """Hyperparameters of :func:`rejection_sampling_ft`: ``rounds`` of best-of-``n`` on every
+    prompt (``samples_per_prompt`` winners per prompt, from independent draws), then
+    ``epochs`` of SFT on the winners at ``lr``."""
+
+    rounds: int = 2
+    n: int = 8
+    samples_per_prompt: int = 1
+    lr: float = 5e-4
+    epochs: float = 1.0
+    batch_size: int = 32
+    max_new_tokens: int = 48
+    max_length: int = 128
+    device: str = "cpu"
+
+
+def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                          reward_fn: TextRewardFn, config: RSFTConfig, seed: int = 0,
+                          callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None
+                          ) -> list[dict[str, Any]]:
+    r"""Rejection-sampling fine-tuning: train ``model`` in place; one metrics row per round.
+
+    Round k: for each prompt :math:`y^* = \arg\max_{i \le n} r(x, y_i)`,
+    :math:`y_i \sim \pi_{\theta_k}`, then minimise the SFT loss
+    :math:`-\frac{1}{\sum|y^*|}\sum \log \pi_\theta(y^*|x)` (:func:`rlcourse.engine.sft_loss_fn`).
+    """
+    prompts = list(prompts) * config.samples_per_prompt
+    rows = []
+    pad_id = tokenizer.pad_token_id or 0
+    for k in range(config.rounds):
+        bon = best_of_n(model, tokenizer, prompts, config.n, reward_fn,
+                        seed=seed * 100_003 + k * 7919, max_new_tokens=config.max_new_tokens)
+        keep = [i for i, t in enumerate(bon.best_texts) if t.strip()]
+        data = [{"prompt": prompts[i], "completion": bon.best_texts[i]} for i in keep]
+        items = tokenize_sft(tokenizer, data, config.max_length, truncation="right")
+        cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
+                          schedule="constant", seed=seed * 1000 + k, device=config.device,
+                          log_every=10**9, progress=False)
+        history = train(model, sft_loss_fn, items, cfg,
+                        collate_fn=partial(pad_collate, pad_id=pad_id))
+        model.eval()
+        finite = bon.rewards[np.isfinite(bon.rewards)]
+        row = {"round": k, "n_targets": len(items),
+               "mean_reward": float(finite.mean()) if finite.size else float("nan"),
+               "mean_best_reward": float(bon.best_rewards[keep].mean()) if keep else float("nan"),
+               "loss": history.last("loss")}
+        rows.append(row)
+        if callback is not None:
+            callback(k, row, model)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO and RLOO on a language model
+# --------------------------------------------------------------------------------------------
+
+
+def lm_group_sampler(tokenizer: Any, prompts: Sequence[str], config: grpo.GroupConfig,
+                     max_new_tokens: int = 48
+                     ) -> Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]]:
+    """A ``sample_fn(policy, generator)`` for :func:`rlcourse.grpo.group_step` on a transformers
+    model: ``n_prompts`` prompts drawn without replacement, each answered ``group_size`` times
+    (consecutive rows) with :func:`rlcourse.models.generate` at ``config.temperature``."""
+    prompts = list(prompts)
+
+    def sample(policy: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
+        n = min(config.n_prompts, len(prompts))
+        idx = torch.randperm(len(prompts), generator=generator)[:n].tolist()
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        many = [prompts[i] for i in idx for _ in range(config.group_size)]
+        gen = generate(ppo.language_model(policy), tokenizer, many,
+                       max_new_tokens=max_new_tokens, temperature=config.temperature, seed=seed)
+        return {"input_ids": gen.full_ids, "attention_mask": gen.full_attention_mask,
+                "completion_mask": gen.full_completion_mask}
+
+    return sample
+
+
+def train_critic_free(policy: nn.Module, ref_model: nn.Module | None,
+                      reward_fn: Callable[..., Tensor], tokenizer: Any, prompts: Sequence[str],
+                      config: grpo.GroupConfig, n_steps: int, lr: float = 1e-4, seed: int = 0,
+                      max_new_tokens: int = 48,
+                      callback: Callable[[int, dict[str, float]], Any] | None = None,
+                      progress: bool = False) -> list[dict[str, float]]:
+    """GRPO / RLOO / Dr. GRPO (``config.advantage``) of a language model: ``n_steps`` of
+    :func:`rlcourse.grpo.group_step` with groups from :func:`lm_group_sampler`.
+
+    ``reward_fn(input_ids, attention_mask, action_mask) -> (B,)``, e.g.
+    :func:`rlcourse.ppo.reward_model_fn` of a reward model; ``ref_model`` the frozen SFT model
+    for the k3 penalty ``config.kl_coef`` (``None`` when it is 0)."""
+    torch.manual_seed(seed)
+    sample = lm_group_sampler(tokenizer, prompts, config, max_new_tokens)
+    history = grpo.train_group(policy, ref_model, reward_fn, sample, config, n_steps, lr=lr,
+                               seed=seed, callback=callback, progress=progress)
+    policy.eval()
+    return history
+
+
+# --------------------------------------------------------------------------------------------
+# Over-optimisation in miniature (Gao, Schulman and Hilton, 2022)
+# --------------------------------------------------------------------------------------------
+
+
+def best_of_n_kl(n: int | np.ndarray) -> np.ndarray | float:
+    r"""KL(best-of-n ‖ base) :math:`= \log n - (n-1)/n` (continuous rewards, no ties).
+
+    The winner's rank quantile u has density :math:`n u^{n-1}` on [0, 1] against the base's
+    uniform, so KL :math:`= \int_0^1 n u^{n-1}\log(n u^{n-1})\,du = \log n - (n-1)/n`.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    if np.any(n < 1):
+        raise ValueError("n must be >= 1")
+    out = np.log(n) - (n - 1) / n
+    return float(out) if out.ndim == 0 else out
+
+
+def best_of_n_expectation(proxy: np.ndarray, gold: np.ndarray, n: int) -> np.ndarray:
+    r"""Unbiased estimate, per row, of E[gold of the best-of-n by proxy] from N >= n samples.
+
+    ``proxy``, ``gold``: (rows, N). Sort each row by proxy ascending; the i-th smallest
+    (1-based) is the maximum of a random n-subset with probability
+    :math:`\binom{i-1}{n-1}/\binom{N}{n}`, so the estimate is
+    :math:`\sum_i \binom{i-1}{n-1}\binom{N}{n}^{-1} g_{(i)}` (the average over all n-subsets).
+    """
+    proxy, gold = np.atleast_2d(proxy), np.atleast_2d(gold)
+    if proxy.shape != gold.shape:
+        raise ValueError(f"proxy {proxy.shape} and gold {gold.shape} differ in shape")
+    big_n = proxy.shape[1]
+    if not 1 <= n <= big_n:
+        raise ValueError(f"n must be in 1..{big_n}, got {n}")
+    order = np.argsort(proxy, axis=1, kind="stable")
+    g = np.take_along_axis(gold, order, axis=1)
+    i = np.arange(1, big_n + 1)
+    # log C(i-1, n-1) - log C(N, n), 0 weight where i - 1 < n - 1
+    lg = math.lgamma
+    w = np.array([math.exp(lg(k) - lg(n) - lg(k - n + 1) - (lg(big_n + 1) - lg(n + 1)
+                                                            - lg(big_n - n + 1)))
+                  if k >= n else 0.0 for k in i])
+    return g @ w
+
+
+def _lstsq(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    coef, *_ = np.linalg.lstsq(np.stack([x1, x2], axis=1), y, rcond=None)
+    return float(coef[0]), float(coef[1])
+
+
+def fit_bon(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
+    r"""Least squares of :math:`R_\text{bon}(d) = d(\alpha - \beta d)` (no intercept: R(0) = 0,
+    R measured from the starting policy's score); returns (α, β)."""
+    d, r = np.asarray(d, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    a, b = _lstsq(d, d * d, r)
+    return a, -b
+
+
+def fit_rl(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
+    r"""Least squares of :math:`R_\text{RL}(d) = d(\alpha - \beta \log d)` (d > 0); returns
+    (α, β)."""
+    d, r = np.asarray(d, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    if np.any(d <= 0):
+        raise ValueError("fit_rl needs d = sqrt(KL) > 0")
+    a, b = _lstsq(d, d * np.log(d), r)
+    return a, -b
+
+
+def peak_bon(alpha: float, beta: float) -> float:
+    r"""Where :math:`d(\alpha - \beta d)` peaks: :math:`d^* = \alpha / (2\beta)` (β > 0)."""
+    return alpha / (2 * beta) if beta > 0 else math.inf
+
+
+def peak_rl(alpha: float, beta: float) -> float:
+    r"""Where :math:`d(\alpha - \beta\log d)` peaks: :math:`\alpha - \beta\log d - \beta = 0`,
+    :math:`d^* = e^{\alpha/\beta - 1}` (β > 0)."""
+    return math.exp(alpha / beta - 1) if beta > 0 else math.inf
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a plain dict (for results files)."""
+    return asdict(config)

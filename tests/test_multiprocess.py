@@ -1,0 +1,145 @@
+"""Several processes give what one process gives: 2 CPU processes on gloo (``torchrun``, what
+``accelerate launch`` runs) against one process holding the whole global batch.
+
+Oracles: the weights and the logged loss of the one-process run with batch 4 (the two-process
+runs use batch 1 x grad_accum 2 or batch 2 per process). Tiny models (1 layer, hidden 32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlcourse import recipes
+from rlcourse.config import REPO_ROOT
+from rlcourse.data import write_jsonl
+from rlcourse.models import RewardModel, build_model, build_tokenizer, save_model
+
+torch.set_num_threads(1)
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+needs_torchrun = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
+
+PAIRS = [  # completions of different lengths: token means of halves differ from the whole's
+    {"prompt": "what is rain ?", "chosen": "rain is wet .", "rejected": "rain is dry ."},
+    {"prompt": "what is snow ?", "chosen": "snow is cold and white and soft .",
+     "rejected": "snow is hot ."},
+    {"prompt": "tell me about dogs", "chosen": "a dog can bark .", "rejected": "you are dumb ."},
+    {"prompt": "what is the sun ?", "chosen": "the sun is a star .",
+     "rejected": "the sun is cold . cold cold ."},
+    {"prompt": "what is fire ?", "chosen": "fire .", "rejected": "fire is cold ."},
+    {"prompt": "tell me about cats", "chosen": "a cat can purr and a cat can sleep .",
+     "rejected": "a dog can bark ."},
+    {"prompt": "what is ice ?", "chosen": "ice is cold .", "rejected": "ice is hot . ice is hot ."},
+    {"prompt": "what is the moon ?", "chosen": "the moon is a rock .",
+     "rejected": "the moon is cheese ."},
+]
+COMMON = ["train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=1",
+          "train.progress=false", "train.device=cpu", "max_length=32"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model with its output layer untied from the input embeddings (as in Llama 3 8B,
+    Mistral, Qwen2.5-7B), and the JSONL files."""
+    root = tmp_path_factory.mktemp("multiproc")
+    tok = build_tokenizer([" ".join(p.values()) for p in PAIRS])
+    model = build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0,
+                        tie_word_embeddings=False)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    save_model(model, tok, root / "model")
+    write_jsonl(root / "pairs.jsonl", PAIRS)
+    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
+                                     for p in PAIRS])
+    return root
+
+
+def _args(workdir: Path, method: str, out: Path) -> list[str]:
+    data = "sft.jsonl" if method == "sft" else "pairs.jsonl"
+    return [str(REPO_ROOT / "recipes" / f"{method}.yaml"), "--model", str(workdir / "model"),
+            "--data", str(workdir / data), "--output", str(out), *COMMON]
+
+
+def _two_processes(args: list[str], *launcher: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*(launcher or (TORCHRUN, "--nproc_per_node", "2")), "-m", "rlcourse.recipes", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _state(path: Path, reward: bool = False) -> dict[str, torch.Tensor]:
+    if reward:
+        return dict(RewardModel.from_pretrained(path, device="cpu").state_dict())
+    from rlcourse.models import load_model
+
+    return dict(load_model(path, device="cpu")[0].state_dict())
+
+
+def _history(out: Path) -> list[dict]:
+    return [r for r in json.loads((out / "history.json").read_text()) if "loss" in r]
+
+
+def _assert_same_run(one: Path, two: Path, reward: bool = False, atol: float = 1e-5,
+                     skip: tuple[str, ...] = ()) -> None:
+    summary = json.loads((two / "recipe.json").read_text())["summary"]
+    assert summary["num_processes"] == 2
+    a, b = _state(one / "model", reward), _state(two / "model", reward)
+    assert a.keys() == b.keys()
+    for k in set(a) - set(skip):
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+    h1, h2 = _history(one), _history(two)
+    assert [r["step"] for r in h2] == [r["step"] for r in h1] == [1, 2]
+    for r1, r2 in zip(h1, h2, strict=True):  # rows reduced over processes, not rank 0's
+        for key in r1:
+            if key in ("loss", "accuracy", "margin", "nll_per_token", "rewards/margins"):
+                assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_sft_token_mean_two_processes_with_accumulation_equal_one(workdir, tmp_path):
+    """Default SFT (``reduction: token``): 2 processes x batch 1 x grad_accum 2 must give the
+    model and the logged loss of 1 process x batch 4: the denominator is the global batch's
+    target tokens, summed over micro-batches and processes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert recipes.main([*_args(workdir, "sft", one), "train.batch_size=4",
+                         "train.grad_accum_steps=1"]) == 0
+    _two_processes([*_args(workdir, "sft", two), "train.batch_size=1",
+                    "train.grad_accum_steps=2"])
+    _assert_same_run(one, two)
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_reward_model_with_untied_output_layer_two_processes_equal_one(workdir, tmp_path):
+    """The LM head takes no part in a reward; untied, DDP used to stop with "Expected to have
+    finished reduction in the prior iteration"."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert recipes.main([*_args(workdir, "reward_model", one), "train.batch_size=4",
+                         "train.grad_accum_steps=1"]) == 0
+    _two_processes([*_args(workdir, "reward_model", two), "train.batch_size=2",
+                    "train.grad_accum_steps=1"])
+    # The head's bias cancels in r_w - r_l: its gradient is float noise (~1e-9), which Adam
+    # turns into steps of size lr in either direction, so it is not compared. Other elements
+    # with tiny gradients get the same amplification: hence 5e-5 (lr 1e-2).
+    _assert_same_run(one, two, reward=True, atol=5e-5, skip=("head.bias",))
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_asked_for_by_an_accelerate_config_is_refused_not_ignored(workdir, tmp_path,
+                                                                           monkeypatch, var):
+    """``accelerate launch --config_file`` with ``distributed_type: FSDP`` sets
+    ``ACCELERATE_USE_FSDP=true``; on CPU accelerate 1.16 then runs plain DDP (measured: the
+    prepared model is a DistributedDataParallel), so the recipe stops and says why."""
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(recipes.RecipeError, match="do not support"):
+        recipes.run_recipe(recipes.load_recipe(_args(workdir, "dpo", tmp_path)[0], {
+            "model": str(workdir / "model"), "data": str(workdir / "pairs.jsonl"),
+            "output": str(tmp_path / "o")}))
+    assert not (tmp_path / "o").exists()
