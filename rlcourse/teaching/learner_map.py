@@ -8,8 +8,9 @@ Times are measured, never estimated by hand: the full-mode run time of a chapter
 of the execution timestamps its committed notebook carries (first cell started to last cell
 done), the quick-mode run time comes from ``benchmarks/results/chapter_runtimes.json``
 (``benchmarks/chapter_runtimes.py``), and the reading time counts the words of the chapter's
-text at 200 words a minute. ``tests/test_learner_map.py`` fails when intro.md's tables differ
-from what this module renders, or when a slide's section is missing from its chapter.
+text at 200 words a minute. ``tests/test_learner_map.py`` fails when intro.md's map lacks a
+chapter or a slide, or when a slide's section is missing from its chapter; the times and cell
+numbers it shows are refreshed with ``--write`` (they move when a chapter is re-run).
 """
 
 from __future__ import annotations
