@@ -127,3 +127,34 @@ def test_mode_independent_cells_must_print_the_same_text():
     # the committed output came from an older library: the tagged cell now prints another count
     problems = mode_independent_mismatches(book("459,520", 0.41), book("672,768", 0.55), "c.ipynb")
     assert len(problems) == 1 and "code cell 1" in problems[0] and "459,520" in problems[0]
+
+
+def _cells_extension():
+    import importlib.util
+
+    from rlcourse.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "rlcourse_cells", REPO_ROOT / "book" / "_ext" / "rlcourse_cells.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_html_book_collapses_each_chapters_setup_cell():
+    from rlcourse.config import REPO_ROOT
+
+    ext = _cells_extension()
+    nb = {"cells": [{"cell_type": "markdown", "source": "# T", "metadata": {}},
+                    {"cell_type": "code", "source": "import numpy", "metadata": {}},
+                    {"cell_type": "code", "source": "x = 1", "metadata": {}}]}
+    assert ext.tag_setup_cell(nb)
+    assert nb["cells"][1]["metadata"]["tags"] == ["hide-input"]
+    assert "tags" not in nb["cells"][2]["metadata"]
+    assert not ext.tag_setup_cell(nb)  # already hidden: unchanged
+    removed = {"cells": [{"cell_type": "code", "source": "",
+                          "metadata": {"tags": ["remove-cell"]}}]}
+    assert not ext.tag_setup_cell(removed)
+    assert removed["cells"][0]["metadata"]["tags"] == ["remove-cell"]
+    config = (REPO_ROOT / "book" / "_config.yml").read_text()
+    assert "rlcourse_cells: _ext" in config
