@@ -48,7 +48,7 @@ PREREQUISITES: dict[str, tuple[tuple[int, ...], str]] = {
     "13_side_by_side": ((9, 10, 11, 12), "the four method chapters"),
     "14_real_model": ((9,), "a GPU and Hugging Face models help, but are not needed"),
     "15_beyond": ((4, 8), "REINFORCE with a baseline (chapter 4), PPO (chapter 8)"),
-    "16_reasoning": ((4, 8, 15), "chapters 4, 8 and 15"),
+    "16_learning_from_own_samples": ((4, 8, 15), "chapters 4, 8 and 15"),
 }
 
 
