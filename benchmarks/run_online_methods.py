@@ -10,7 +10,9 @@ KL to the SFT model.
 
 The reward model is chapter 8's (``bench_rlhf_small_gpt.py``): a Bradley-Terry head on the base
 checkpoint, trained on 85 % of the shipped pairs (split by prompt, seed 0), 5 epochs at 1e-3;
-trained once and cached under ``runs/online/reward_model``.
+trained once and cached under ``runs/online/reward_model``. Its floating-point result depends on
+the thread count and torch build, so a reward model retrained on another machine scores slightly
+differently (the committed grid and the over-optimisation file each record their machine).
 
 Usage::
 
@@ -18,6 +20,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --seeds 3          # the grid
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --summarise        # -> JSON files
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --overopt          # Gao et al.
+    python benchmarks/run_online_methods.py --jobs 16 --seeds 3 --methods a,b  # a 16-core machine
 
 Every finished run appends one JSON row to ``benchmarks/results/online_methods_runs.jsonl``
 (nothing is lost when the grid is stopped); ``--summarise`` puts the mean over seeds under the
@@ -381,6 +384,8 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
                      "quick": quick},
         "best_of_n": bon, "rl": rl, "fits": fits,
         "seconds": {"best_of_n": bon_seconds, "rl": rl_seconds},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -299,7 +299,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=1e-4", "loss.beta=0.5"]`` -> ``{"train.lr": 1e-4, "loss.beta": 0.5}``.
 
     Values are read as YAML (``true``, ``null``, numbers, ``[0.9, 0.95]``); numbers written
-    ``1e-4`` become floats although YAML 1.1 would keep them as strings.
+    ``1e-4`` become floats although YAML 1.1 would keep them as strings, and ``no``/``yes``/
+    ``on``/``off`` stay strings (only ``true``/``false`` are booleans).
     """
     import yaml
 
@@ -308,7 +309,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"command line: override {item!r} is not of the form key=value")
-        out[key.strip()] = _number_or(yaml.safe_load(text) if text.strip() else None)
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no
+        out[key.strip()] = _number_or(value)
     return out
 
 
@@ -373,7 +377,9 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}")
+            hint_ = " (YAML reads unquoted no, yes, on, off as booleans: quote it)" \
+                if isinstance(value, bool) else ""
+            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}{hint_}")
         return value
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
