@@ -163,13 +163,24 @@ NAMED_PITFALLS = [
         -adv * torch.exp(lp - old).clamp(1 - eps, 1 + eps)).mean()),
     # chapter 7: log(sigmoid(x)) underflows; logsigmoid does not
     ("bradley_terry_loss", lambda w, r: -torch.log(torch.sigmoid(w - r)).mean()),
+    # chapter 4, "Sum or mean over tokens": the policy gradient sums over a text's tokens
+    ("reinforce_loss", lambda lp, G, b: -((G - b) * lp).mean()),
+    # chapter 5, the shift: logits at t score token t + 1, so the mask is shifted too
+    ("response_logprob", lambda logits, ids, mask: (torch.log_softmax(
+        logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, :-1]).sum(-1)),
 ]
 
 
 @pytest.mark.parametrize("name,wrong", NAMED_PITFALLS, ids=[n for n, _ in NAMED_PITFALLS])
 def test_check_rejects_the_mistake_its_chapter_warns_about(name, wrong):
     result = run_check(name, wrong)
-    assert result.status in {"failed", "error"}, f"{name} accepted the chapter's named pitfall"
+    assert result.status == "failed", f"{name} accepted the chapter's named pitfall"
+    assert "likely mistake:" in result.message, f"{name}: the check does not name the mistake"
+
+
+def test_underflowing_log_sigmoid_is_named_as_such():
+    result = run_check("bradley_terry_loss", lambda w, r: -torch.log(torch.sigmoid(w - r)).mean())
+    assert "use logsigmoid" in result.message
 
 
 def test_kl_shaped_rewards_has_masks_that_start_after_the_prompt():

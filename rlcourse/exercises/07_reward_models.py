@@ -43,9 +43,10 @@ register(Exercise(
     wrong_answers=[
         (lambda w, r: -F.logsigmoid(r - w).mean(), "reversed: the chosen reward comes first"),
         (lambda w, r: -torch.sigmoid(w - r).mean(), "forgot the log"),
-        (lambda w, r: -torch.log(torch.sigmoid(w - r)).sum(), "sum instead of mean"),
+        # the specific mistake first: on large margins both of these give inf
         (lambda w, r: -torch.log(torch.sigmoid(w - r)).mean(),
          "log(sigmoid(x)) is -inf for very negative x: use logsigmoid"),
+        (lambda w, r: -torch.log(torch.sigmoid(w - r)).sum(), "sum instead of mean"),
     ],
 ))
 
