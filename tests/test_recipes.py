@@ -520,7 +520,7 @@ def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkey
         _run(workdir, "dpo", out, "train.checkpoint_every=1")
     monkeypatch.setattr(preference, "train", real_train)
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1", "train.lr=5e-2") == 2
-    assert "a running run of a different recipe" in capsys.readouterr().err
+    assert "an unfinished run of a different recipe" in capsys.readouterr().err
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1") == 0
     assert "resuming from" in capsys.readouterr().out
 
