@@ -496,9 +496,11 @@ def test_rerun_with_another_recipe_names_the_keys_that_differ(workdir, tmp_path,
     assert "data:" in err and "data (content sha256)" in err
     for k, v in first.items():  # nothing was overwritten
         assert torch.equal(_weights(out / "model")[k], v)
-    # --overwrite starts afresh with the new recipe.
+    # --overwrite starts afresh with the new recipe, removing only what a run writes.
+    (out / "notes.txt").write_text("mine")
     assert _run(workdir, "dpo", out, "loss.beta=0.5", "--overwrite") == 0
     assert json.loads((out / "recipe.json").read_text())["loss"]["beta"] == 0.5
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkeypatch, capsys):
@@ -518,7 +520,7 @@ def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkey
         _run(workdir, "dpo", out, "train.checkpoint_every=1")
     monkeypatch.setattr(preference, "train", real_train)
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1", "train.lr=5e-2") == 2
-    assert "a running run of a different recipe" in capsys.readouterr().err
+    assert "an unfinished run of a different recipe" in capsys.readouterr().err
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1") == 0
     assert "resuming from" in capsys.readouterr().out
 
@@ -681,3 +683,10 @@ def test_kto_with_one_example_is_a_one_line_data_error(workdir, tmp_path, capsys
                          str(tmp_path / "o"), *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {data}: KTO's reference point") and "\n" not in err
+
+
+def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "o"
+    assert _run(workdir, "sft", out, "train.report_to=tensorboard") == 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
