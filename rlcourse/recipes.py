@@ -867,10 +867,11 @@ def _check_output(recipe: Recipe, overwrite: bool) -> str:
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differ:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
+        kind = "a finished" if info.get("status") == "finished" else "an unfinished"
         raise RecipeError(
             f"{recipe.where(differ[0] if differ[0] in recipe.lines else 'output')}: {out} holds "
-            f"a {info.get('status', 'partial')} run of a different recipe ({len(differ)} "
-            f"key(s) differ: {shown}{' ...' if len(differ) > 8 else ''}); resuming it would "
+            f"{kind} run of a different recipe ({len(differ)} key(s) differ: {shown}"
+            f"{' ...' if len(differ) > 8 else ''}); resuming it would "
             "mix two runs. Pass --overwrite to start afresh, or choose another output")
     return "finished" if info.get("status") == "finished" else "resume"
 
