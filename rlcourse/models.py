@@ -30,6 +30,9 @@ from torch import nn
 
 from rlcourse.config import resolve_device
 
+# One implementation of the last-real-token index (layer 1), re-exported here for the heads.
+from rlcourse.rl import last_token_index
+
 #: The special tokens of the word-level tokenizer, in id order (``<pad>`` is id 0).
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>")
 #: Chat template of the word-level tokenizer; renders ``<bos> <user> {prompt} <assistant>``.
@@ -769,16 +772,6 @@ def generate(
 # --------------------------------------------------------------------------------------------
 # Value head and reward model
 # --------------------------------------------------------------------------------------------
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask 1) token of each row: ``T-1 - argmax(flip(mask))``.
-
-    Correct for left, right and both-sided padding (a rightmost scan, not ``mask.sum()-1``,
-    which is only right for right padding).
-    """
-    T = attention_mask.shape[-1]
-    return T - 1 - attention_mask.long().flip(-1).argmax(-1)
-
-
 def _hidden_size(model: Any) -> int:
     cfg = model.config
     return getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size

@@ -299,7 +299,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=1e-4", "loss.beta=0.5"]`` -> ``{"train.lr": 1e-4, "loss.beta": 0.5}``.
 
     Values are read as YAML (``true``, ``null``, numbers, ``[0.9, 0.95]``); numbers written
-    ``1e-4`` become floats although YAML 1.1 would keep them as strings.
+    ``1e-4`` become floats although YAML 1.1 would keep them as strings, and ``no``/``yes``/
+    ``on``/``off`` stay strings (only ``true``/``false`` are booleans).
     """
     import yaml
 
@@ -308,7 +309,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"command line: override {item!r} is not of the form key=value")
-        out[key.strip()] = _number_or(yaml.safe_load(text) if text.strip() else None)
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no
+        out[key.strip()] = _number_or(value)
     return out
 
 
@@ -373,7 +377,9 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}")
+            hint_ = " (YAML reads unquoted no, yes, on, off as booleans: quote it)" \
+                if isinstance(value, bool) else ""
+            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}{hint_}")
         return value
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -861,10 +867,11 @@ def _check_output(recipe: Recipe, overwrite: bool) -> str:
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differ:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
+        kind = "a finished" if info.get("status") == "finished" else "an unfinished"
         raise RecipeError(
             f"{recipe.where(differ[0] if differ[0] in recipe.lines else 'output')}: {out} holds "
-            f"a {info.get('status', 'partial')} run of a different recipe ({len(differ)} "
-            f"key(s) differ: {shown}{' ...' if len(differ) > 8 else ''}); resuming it would "
+            f"{kind} run of a different recipe ({len(differ)} key(s) differ: {shown}"
+            f"{' ...' if len(differ) > 8 else ''}); resuming it would "
             "mix two runs. Pass --overwrite to start afresh, or choose another output")
     return "finished" if info.get("status") == "finished" else "resume"
 

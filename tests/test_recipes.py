@@ -238,7 +238,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     if device.endswith("auto") and torch.cuda.is_available():
         pytest.skip("checks the machine without GPUs")
     common = ["train.max_steps=2", "train.grad_accum_steps=1", "train.lr=1e-2",
-              "train.warmup_steps=0", "train.progress=false", device, "max_length=32"]
+              "train.warmup_steps=0", "train.progress=false", device, "max_length=32",
+              f"eval_data={workdir / 'pairs.jsonl'}", "train.eval_every=1"]
     args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
             "--data", str(workdir / "pairs.jsonl")]
     assert recipes.main([*args, "--output", str(tmp_path / "one"), *common,
@@ -255,6 +256,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    # Evaluation and the history file as well: each process evaluates the whole eval set.
+    rows = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
+    assert [r["eval_loss"] for r in rows[1]] == pytest.approx([r["eval_loss"] for r in rows[0]],
+                                                              abs=1e-6)
+    lines = (tmp_path / "two" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
 @pytest.mark.slow
@@ -386,6 +393,22 @@ def test_values_of_the_wrong_type_or_range_name_file_line_and_key(tmp_path, text
     assert str(err.value).startswith(f"{path}:{line}: {key}: {what}"), str(err.value)
 
 
+def test_yaml_yes_no_on_the_command_line_stay_strings():
+    # YAML 1.1 reads no/yes/on/off as booleans: train.mixed_precision=no would be False.
+    got = recipes.parse_overrides(["train.mixed_precision=no", "train.drop_last=true",
+                                   "disable_dropout=off"])
+    assert got == {"train.mixed_precision": "no", "train.drop_last": True,
+                   "disable_dropout": "off"}
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml",
+                                 {"train.mixed_precision": "no"})
+    assert recipe.train.mixed_precision == "no"
+    with pytest.raises(recipes.RecipeError, match="disable_dropout: expected true or false"):
+        recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"disable_dropout": "off"})
+    with pytest.raises(recipes.RecipeError, match="quote it"):
+        recipes.load_recipe(text="method: sft\nmodel: m\ndata: d\noutput: o\ntrain:\n"
+                                 "  mixed_precision: no\n")
+
+
 def test_real_booleans_and_numbers_pass_and_keep_their_type(tmp_path):
     text = ("method: dpo\nmodel: m\ndata: d\noutput: o\ntrust_remote_code: false\n"
             "disable_dropout: false\nmax_length: 1e3\ntrain:\n  lr: 5e-7\n  drop_last: true\n"
@@ -473,9 +496,11 @@ def test_rerun_with_another_recipe_names_the_keys_that_differ(workdir, tmp_path,
     assert "data:" in err and "data (content sha256)" in err
     for k, v in first.items():  # nothing was overwritten
         assert torch.equal(_weights(out / "model")[k], v)
-    # --overwrite starts afresh with the new recipe.
+    # --overwrite starts afresh with the new recipe, removing only what a run writes.
+    (out / "notes.txt").write_text("mine")
     assert _run(workdir, "dpo", out, "loss.beta=0.5", "--overwrite") == 0
     assert json.loads((out / "recipe.json").read_text())["loss"]["beta"] == 0.5
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkeypatch, capsys):
@@ -495,7 +520,7 @@ def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkey
         _run(workdir, "dpo", out, "train.checkpoint_every=1")
     monkeypatch.setattr(preference, "train", real_train)
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1", "train.lr=5e-2") == 2
-    assert "a running run of a different recipe" in capsys.readouterr().err
+    assert "an unfinished run of a different recipe" in capsys.readouterr().err
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1") == 0
     assert "resuming from" in capsys.readouterr().out
 
@@ -658,3 +683,10 @@ def test_kto_with_one_example_is_a_one_line_data_error(workdir, tmp_path, capsys
                          str(tmp_path / "o"), *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {data}: KTO's reference point") and "\n" not in err
+
+
+def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "o"
+    assert _run(workdir, "sft", out, "train.report_to=tensorboard") == 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -186,7 +186,8 @@ def test_glossary_names_the_keys_rlcourse_logs():
     # Keys of the metric dictionaries of rlcourse.ppo, rlcourse.engine and rlcourse.evaluation.
     for key in ["clip_frac", "vf_clip_frac", "kl_k3", "kl_coef", "score", "return",
                 "response_length", "grad_norm", "tokens_per_s", "peak_mem_mb", "ppl",
-                "win_rate_stderr", "lc_win_rate", "kl_stderr"]:
+                "win_rate_stderr", "lc_win_rate", "kl_stderr", "ceiling", "share_of_gain",
+                "share_of_gain_stderr"]:
         assert f"`{key}`" in text, key
 
 
