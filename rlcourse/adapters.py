@@ -22,6 +22,7 @@ forward pass (about +33 % compute). Gradients are identical.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -114,8 +115,11 @@ def apply_lora(model: Any, settings: LoraSettings | Mapping[str, Any] | None = N
         target_modules=tm if isinstance(tm, str) else list(tm), bias="none",
         task_type="CAUSAL_LM", **settings.extra,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
+        # peft asks the model `is_gradient_checkpointing`, which transformers 5 deprecates.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as err:  # e.g. a target module name that the model does not have
