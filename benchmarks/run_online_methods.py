@@ -284,7 +284,10 @@ def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str
         # stderr of the seed mean from the per-seed bootstrap errors (independent evaluations)
         s["win_rate_stderr_of_mean"] = (sum(r["win_rate_stderr"] ** 2 for r in runs) ** 0.5
                                         / len(runs))
-        methods[name] = {"label": LABELS.get(runs[0]["base_method"], name),
+        label = LABELS.get(runs[0]["base_method"], name)
+        if name != runs[0]["base_method"]:  # recorded under a tag (--tag)
+            label += f" [{name}]"
+        methods[name] = {"label": label,
                          "settings": runs[0]["settings"], "summary": s,
                          "runs": [{k: v for k, v in r.items() if k != "history"}
                                   for r in runs]}

@@ -53,6 +53,7 @@ __all__ = [
     "encode_prompt_completion",
     "format_completion",
     "format_prompt",
+    "freeze_untied_lm_head",
     "generate",
     "last_token_index",
     "load_model",
@@ -751,6 +752,21 @@ def _init_head(head: nn.Linear, std: float, seed: int | None) -> None:
         nn.init.zeros_(head.bias)
 
 
+def freeze_untied_lm_head(model: Any) -> bool:
+    """Stop training the output layer of a causal LM whose output is not used (a reward model,
+    PPO's separate critic), unless it is tied to the input embeddings (then it is used).
+
+    Returns whether it froze it. A trainable parameter without a gradient stalls DDP ("Expected
+    to have finished reduction in the prior iteration") and is skipped by Adam anyway.
+    """
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    if out is None or (emb is not None and out.weight is emb.weight):
+        return False
+    out.requires_grad_(False)
+    return True
+
+
 class _HeadModel(nn.Module):
     """Shared save/load for a causal LM with a linear head on its last hidden state."""
 
@@ -872,10 +888,7 @@ class RewardModel(_HeadModel):
         # ("Expected to have finished reduction...") and AdamW skips it anyway. Freezing it
         # changes nothing in one process and lets several processes train without
         # find_unused_parameters (an extra graph traversal every step).
-        out = getattr(model, "get_output_embeddings", lambda: None)()
-        emb = getattr(model, "get_input_embeddings", lambda: None)()
-        if out is not None and (emb is None or out.weight is not emb.weight):
-            out.requires_grad_(False)
+        freeze_untied_lm_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _, h = self._hidden(input_ids, attention_mask, logits=False)

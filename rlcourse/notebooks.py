@@ -288,7 +288,8 @@ def dropped_displays(notebook: Any, name: str = "notebook") -> list[str]:
     problems = []
     for number, cell in _code_cells(notebook):
         source = cell.get("source", "")
-        tree = _parse_cell("".join(source) if isinstance(source, list) else source)
+        source = "".join(source) if isinstance(source, list) else source  # raw JSON: lines
+        tree = _parse_cell(source)
         if tree is None:
             continue
         last = tree.body[-1] if tree.body else None

@@ -60,8 +60,9 @@ tokens over the wall time of the training steps only (see the book's glossary).
 
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
-``rollout`` section (:class:`PPORollout`); it runs in one process and resumes from
-``OUTPUT/checkpoints`` like the other recipes.
+``rollout`` section (:class:`PPORollout`); it resumes from ``OUTPUT/checkpoints`` like the
+other recipes, and on N processes each answers ``rollout.batch_size / N`` prompts per step
+(advantages whitened and losses averaged over every process's tokens).
 
 GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
 ``prompts`` too, and no ``train`` section::
@@ -188,7 +189,9 @@ class PPORollout:
     critic as two networks (DeepSpeed-Chat, the slides' four models) instead of one backbone
     with a value head. Every ``checkpoint_every`` steps (0: only at the end) actor, critic,
     Adam, RNG states, KL coefficient and step go to ``OUTPUT/checkpoints`` (the newest
-    ``keep_checkpoints`` kept); rerunning the same command resumes.
+    ``keep_checkpoints`` kept); rerunning the same command resumes. ``device``: ``auto`` or
+    ``cpu`` (several processes over gloo); each of N processes answers ``batch_size / N``
+    prompts of every step.
     """
 
     steps: int = 100
@@ -198,6 +201,7 @@ class PPORollout:
     separate_critic: bool = True
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    device: str = "auto"
 
 
 @dataclass
@@ -966,10 +970,14 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         raise RecipeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a "
                           f"group of {state.num_processes} ({state.distributed_type}); each "
                           "process would train alone. Set train.device to match the machine")
-    if recipe.method == "ppo" and state.num_processes > 1:
-        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
-                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
-                          "accelerate launch --num_processes")
+    if recipe.method in ONLINE_METHODS:
+        per = recipe.group.n_prompts if recipe.method in GROUP_METHODS else \
+            recipe.rollout.batch_size
+        if per % state.num_processes:
+            key = "group.n_prompts" if recipe.method in GROUP_METHODS else "rollout.batch_size"
+            raise RecipeError(f"{recipe.where(key)}: {per} prompts per step cannot be split "
+                              f"over {state.num_processes} processes (each answers whole "
+                              "prompts): use a multiple of the number of processes")
     out = Path(recipe.output)
     status = _check_output(recipe, overwrite) if save else "fresh"
     if status == "finished":
@@ -1120,7 +1128,8 @@ _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
 def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool):
     """PPO with the four models of the slides: actor, critic, reward model, reference."""
     from rlcourse import ppo
-    from rlcourse.models import RewardModel, ValueHeadModel
+    from rlcourse.engine import TrainConfig, _make_accelerator
+    from rlcourse.models import RewardModel, ValueHeadModel, freeze_untied_lm_head
 
     device = str(next(model.parameters()).device)
     reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
@@ -1128,16 +1137,21 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
     reference = ppo.freeze(model)
     r = recipe.rollout
     if r.separate_critic:
-        policy = ppo.ActorCritic(model, ValueHeadModel(copy.deepcopy(model), seed=recipe.seed))
+        critic = ValueHeadModel(copy.deepcopy(model), seed=recipe.seed)
+        freeze_untied_lm_head(critic.model)  # the critic's logits are never used
+        policy = ppo.ActorCritic(model, critic)
     else:
         policy = ValueHeadModel(model, seed=recipe.seed)
+    accelerator = _make_accelerator(TrainConfig(device=r.device))
     sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
-                             temperature=recipe.ppo.temperature)
+                             temperature=recipe.ppo.temperature,
+                             num_processes=accelerator.num_processes,
+                             process_index=accelerator.process_index)
     history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
                             recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
                             checkpoint_dir=Path(recipe.output) / "checkpoints",
                             checkpoint_every=r.checkpoint_every,
-                            keep_checkpoints=r.keep_checkpoints)
+                            keep_checkpoints=r.keep_checkpoints, accelerator=accelerator)
     return ppo.language_model(policy), history
 
 

@@ -168,6 +168,9 @@ NAMED_PITFALLS = [
     # chapter 5, the shift: logits at t score token t + 1, so the mask is shifted too
     ("response_logprob", lambda logits, ids, mask: (torch.log_softmax(
         logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, :-1]).sum(-1)),
+    # chapter 6, "The ceiling": a win rate of 0.65 is not 0.65 out of 1
+    ("share_of_gain", lambda a, b, best: (float(np.mean(
+        np.where(np.asarray(a) > b, 1.0, np.where(np.asarray(a) < b, 0.0, 0.5)))) - 0.5) / 0.5),
 ]
 
 

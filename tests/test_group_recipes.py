@@ -204,3 +204,8 @@ def test_two_processes_sample_their_share_and_equal_one_process(workdir, verifie
     one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_reward_fn_from_a_file_path(workdir):
+    fn = recipes.load_reward_fn(f"{workdir / 'rlc_toy_verifiers.py'}:count_yes")
+    assert fn(["q", "q"], ["yes no yes", "no"]) == [2.0, 0.0]

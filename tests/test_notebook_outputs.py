@@ -105,6 +105,12 @@ def test_dropped_display_is_flagged(source):
     assert len(problems) == 1 and "is dropped" in problems[0]
 
 
+def test_dropped_display_scan_reads_raw_json_sources_too():
+    raw = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [],
+                      "source": ["show_source(f)\n", "print('after')"]}]}
+    assert len(dropped_displays(raw)) == 1
+
+
 @pytest.mark.parametrize("source", [
     "print('before')\nshow_source(f)",
     "display(show_source(f))\nprint('after')",
