@@ -169,7 +169,9 @@ def main() -> None:
     }
     out = args.out or (RESULTS if not args.tiny else RESULTS.with_name("memory_05b_tiny.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    from rlcourse.files import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
 

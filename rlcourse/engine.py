@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from rlcourse.data import pad_collate
-from rlcourse.models import atomic_directory_write, sequence_logprobs
+from rlcourse.files import atomic_directory_write, atomic_write_text
+from rlcourse.models import sequence_logprobs
 
 __all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
            "loss_eval_fn", "planned_indices", "sft_loss_fn", "target_tokens", "train"]
@@ -426,9 +427,7 @@ class _RunLog:
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.written = len(rows)
 
     def flush(self, history: History) -> None:

@@ -16,8 +16,6 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlcourse.config import resolve_device
+from rlcourse.files import atomic_directory_write  # re-exported: its old home
 
 # One implementation of the last-real-token index (layer 1), re-exported here for the heads.
 from rlcourse.rl import last_token_index
@@ -390,39 +389,6 @@ def load_model(
     model.to(resolve_device(device))
     model.eval()
     return model, tokenizer
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def atomic_directory_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_dir)``, fsync the files, then move ``tmp_dir`` to ``path``.
-
-    The temporary directory sits next to ``path`` (same file system, so the rename is atomic).
-    An existing ``path`` is first renamed aside and removed only after the new one is in place,
-    so a crash leaves either the old or the new directory, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def save_model(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:

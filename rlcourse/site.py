@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse.config import REPO_ROOT
+from rlcourse.files import atomic_write_text
 
 try:  # POSIX: lets concurrent test workers share one build (see build_once)
     import fcntl
@@ -127,7 +128,7 @@ def write_toc(book_dir: Path, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `python -m rlcourse.site build` from the chapters present; do not edit\n"
-    path.write_text(header + yaml.safe_dump(make_toc(book_dir), sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, header + yaml.safe_dump(make_toc(book_dir), sort_keys=False))
     return path
 
 
@@ -322,9 +323,9 @@ def build_once(output: Path, source: Path = BOOK_DIR, **options: Any) -> BuildRe
             try:
                 result = build(source, output, **options)
             except SiteBuildError as error:
-                record.write_text(json.dumps({"error": str(error)}), encoding="utf-8")
+                atomic_write_text(record, json.dumps({"error": str(error)}))
                 raise
-            record.write_text(
+            atomic_write_text(record,
                 json.dumps(
                     {"html": str(result.html), "pages": result.pages, "warnings": result.warnings,
                      "seconds": result.seconds}
