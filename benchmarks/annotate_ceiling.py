@@ -62,7 +62,7 @@ def ceiling_of(entry: dict[str, Any], reference: dict[str, Any]) -> float | None
     if "baseline_share_best" in entry:
         return 1.0 - entry["baseline_share_best"] / 2
     base = reference["baseline"]
-    if ("baseline_mean_score" in entry
+    if ("baseline_mean_score" in entry and "baseline_mean_length" in entry
             and math.isclose(entry["baseline_mean_score"], base["baseline_mean_score"])
             and math.isclose(entry["baseline_mean_length"], base["baseline_mean_length"])):
         return reference["ceiling"]
@@ -87,9 +87,10 @@ def annotate(data: Any, reference: dict[str, Any], path: str = "") -> list[str]:
                 annotate_entry(data, ceiling)
                 done.append(path or "/")
         # a method's summary over seeds: the ceiling of its runs (all have the same baseline)
-        if isinstance(data.get("summary"), dict) and isinstance(data.get("runs"), list):
+        if (isinstance(data.get("summary"), dict) and isinstance(data.get("runs"), list)
+                and not _fresh(data["summary"])):
             ceilings = {ceiling_of(r, reference) for r in data["runs"]}
-            if len(ceilings) == 1 and None not in ceilings and not _fresh(data["summary"]):
+            if len(ceilings) == 1 and None not in ceilings:
                 annotate_entry(data["summary"], ceilings.pop())
                 done.append(f"{path}/summary")
             children = [(k, v) for k, v in children if k != "summary"]
@@ -99,6 +100,18 @@ def annotate(data: Any, reference: dict[str, Any], path: str = "") -> list[str]:
         for i, v in enumerate(data):
             done += annotate(v, reference, f"{path}[{i}]")
     return done
+
+
+#: What must match before a statistic of samples drawn again is added to a stored row.
+REPRODUCED = ("win_rate", "lc_win_rate", "model_mean_length", "model_mean_score",
+              "model_share_flawed", "model_share_repetition", "model_share_false",
+              "model_share_rude", "model_share_off_topic", "baseline_mean_score", "wins", "ties")
+
+
+def mismatches(row: dict[str, Any], again: dict[str, Any]) -> list[str]:
+    """The keys of REPRODUCED on which samples drawn again disagree with the stored row."""
+    return [k for k in REPRODUCED if k in row
+            and not math.isclose(float(again[k]), float(row[k]), abs_tol=1e-9)]
 
 
 def garbled_of_reference_rows(sbs: dict[str, Any], data_dir: Path) -> None:
@@ -121,12 +134,9 @@ def garbled_of_reference_rows(sbs: dict[str, Any], data_dir: Path) -> None:
             continue
         ev = evaluate_against(model, sft, tok, prompts, n_samples=n_samples, seed=1000,
                               n_bootstrap=10)
-        s = ev.summary()
-        checks = ("win_rate", "lc_win_rate", "model_mean_length", "model_mean_score",
-                  "model_share_flawed", "model_share_repetition", "model_share_false",
-                  "model_share_rude", "model_share_off_topic", "baseline_mean_score")
-        differ = [k for k in checks if not math.isclose(s[k], row[k], abs_tol=1e-9)]
-        if differ or (ev.win.wins, ev.win.ties) != (row["wins"], row["ties"]):
+        s = {**ev.summary(), "wins": ev.win.wins, "ties": ev.win.ties}
+        differ = mismatches(row, s)
+        if differ:
             print(f"side_by_side.json:{key}: samples drawn again differ in {differ}; "
                   "garbled share not added")
             continue
@@ -160,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
             "annotated by benchmarks/annotate_ceiling.py: their error is the win rate's "
             "bootstrap error / (ceiling - 0.5), the ceiling treated as a constant. Entries "
             "without it were written by Evaluation.summary: paired bootstrap.")
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        from rlcourse.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
         print(f"{name}: {len(done)} entries annotated")
 
 

@@ -204,7 +204,9 @@ def main() -> None:
     rows.sort(key=lambda r: (r["allocator"] != "mmap threshold 1 MiB", list(CONFIGS).index(
         r["config"])))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    from rlcourse.files import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -10,7 +10,9 @@ KL to the SFT model.
 
 The reward model is chapter 8's (``bench_rlhf_small_gpt.py``): a Bradley-Terry head on the base
 checkpoint, trained on 85 % of the shipped pairs (split by prompt, seed 0), 5 epochs at 1e-3;
-trained once and cached under ``runs/online/reward_model``.
+trained once and cached under ``runs/online/reward_model``. Its floating-point result depends on
+the thread count and torch build, so a reward model retrained on another machine scores slightly
+differently (the committed grid and the over-optimisation file each record their machine).
 
 Usage::
 
@@ -18,6 +20,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --seeds 3          # the grid
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --summarise        # -> JSON files
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --overopt          # Gao et al.
+    python benchmarks/run_online_methods.py --jobs 16 --seeds 3 --methods a,b  # a 16-core machine
 
 Every finished run appends one JSON row to ``benchmarks/results/online_methods_runs.jsonl``
 (nothing is lost when the grid is stopped); ``--summarise`` puts the mean over seeds under the
@@ -46,6 +49,7 @@ from rlcourse.config import DATA_DIR, REPO_ROOT
 from rlcourse.data import load_preferences, read_jsonl
 from rlcourse.engine import TrainConfig
 from rlcourse.evaluation import evaluate_against
+from rlcourse.files import atomic_write_text
 from rlcourse.grpo import GroupConfig
 from rlcourse.models import RewardModel, generate, load_model
 from rlcourse.worlds.assistant import DEFAULT_WORLD, Annotator
@@ -65,6 +69,16 @@ RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
                        {"rounds": 16, "beta": 0.2, "lr": 5e-4, "reference": "sft"}),
     "online_dpo_prev": ("online_dpo", "annotator",
                         {"rounds": 16, "beta": 0.5, "lr": 5e-4, "reference": "previous"}),
+    "online_dpo_prev24": ("online_dpo", "annotator",
+                          {"rounds": 24, "beta": 0.5, "lr": 5e-4, "reference": "previous"}),
+    "online_dpo_prev_2p": ("online_dpo", "annotator",
+                           {"rounds": 16, "beta": 0.5, "lr": 5e-4, "reference": "previous",
+                            "pairs_per_prompt": 2}),
+    "online_dpo_rm_prev": ("online_dpo", "reward_model",
+                           {"rounds": 16, "beta": 0.5, "lr": 5e-4, "reference": "previous"}),
+    "grpo_kl02": ("group", "reward_model",
+                  {"advantage": "grpo", "steps": 60, "lr": 1e-4, "kl_coef": 0.2, "n_prompts": 16,
+                   "group_size": 8, "epochs": 2, "minibatch_size": 32}),
     "online_dpo_rm": ("online_dpo", "reward_model",
                       {"rounds": 8, "beta": 0.5, "lr": 5e-4, "reference": "sft"}),
     "rsft": ("rsft", "reward_model", {"rounds": 3, "n": 8, "lr": 5e-4}),
@@ -78,6 +92,10 @@ RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
 LABELS = {"online_dpo": "online DPO (annotator, ref SFT, 8 rounds, beta 0.5)",
           "online_dpo_16r": "online DPO (annotator, ref SFT, 16 rounds, beta 0.2)",
           "online_dpo_prev": "online DPO (annotator, ref previous round, 16 rounds)",
+          "online_dpo_prev24": "online DPO (annotator, ref previous round, 24 rounds)",
+          "online_dpo_prev_2p": "online DPO (annotator, ref previous, 16 rounds, 2 pairs/prompt)",
+          "online_dpo_rm_prev": "online DPO (RM labels, ref previous round, 16 rounds)",
+          "grpo_kl02": "GRPO (RM reward, KL coef 0.2)",
           "online_dpo_rm": "online DPO (reward-model labels)",
           "rsft": "rejection-sampling FT (RM best-of-8)",
           "grpo": "GRPO (RM reward)", "rloo": "RLOO (RM reward)"}
@@ -266,7 +284,10 @@ def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str
         # stderr of the seed mean from the per-seed bootstrap errors (independent evaluations)
         s["win_rate_stderr_of_mean"] = (sum(r["win_rate_stderr"] ** 2 for r in runs) ** 0.5
                                         / len(runs))
-        methods[name] = {"label": LABELS.get(runs[0]["base_method"], name),
+        label = LABELS.get(runs[0]["base_method"], name)
+        if name != runs[0]["base_method"]:  # recorded under a tag (--tag)
+            label += f" [{name}]"
+        methods[name] = {"label": label,
                          "settings": runs[0]["settings"], "summary": s,
                          "runs": [{k: v for k, v in r.items() if k != "history"}
                                   for r in runs]}
@@ -278,12 +299,12 @@ def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str
                 "online_methods_runs.jsonl)",
         "methods": methods,
     }
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=1) + "\n")
     return results["online_methods"]
 
 
 def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed: int = 0,
-                     out: Path = OVEROPT) -> dict[str, Any]:
+                     out: Path = OVEROPT, rl_lr: float = 1e-4) -> dict[str, Any]:
     """Gao et al. (2022) in miniature: best-of-n and GRPO against the reward model."""
     torch.set_num_threads(1)
     world = load_world()
@@ -303,7 +324,7 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
     base = np.array([DEFAULT_WORLD.true_score(p, t) for p, t in zip(prompts, base_texts,
                                                                     strict=True)])
     win = np.where(gold > base[:, None], 1.0, np.where(gold < base[:, None], 0.0, 0.5))
-    ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= n_max]
+    ns = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if n <= n_max]
     bon = []
     for n in ns:
         bon.append({"n": n, "kl": online.best_of_n_kl(n),
@@ -344,7 +365,7 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
 
     t1 = time.perf_counter()
     online.train_critic_free(model, None, ppo.reward_model_fn(rm), tok, world["train_prompts"],
-                             cfg, rl_steps, lr=3e-4, seed=seed, callback=cb)
+                             cfg, rl_steps, lr=rl_lr, seed=seed, callback=cb)
     rl_seconds = time.perf_counter() - t1
     # ---- fits: R(d) - R(0) against d = sqrt(KL)
     fits = {}
@@ -363,12 +384,14 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
     result = {
         "benchmark": "reward over-optimisation in miniature (Gao, Schulman, Hilton 2022)",
         "settings": {"n_prompts": len(prompts), "n_max": n_max, "rl": online.config_dict(cfg),
-                     "rl_steps": rl_steps, "rl_every": rl_every, "rl_lr": 3e-4, "seed": seed,
+                     "rl_steps": rl_steps, "rl_every": rl_every, "rl_lr": rl_lr, "seed": seed,
                      "quick": quick},
         "best_of_n": bon, "rl": rl, "fits": fits,
         "seconds": {"best_of_n": bon_seconds, "rl": rl_seconds},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
     }
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -387,8 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--with-overopt", action="store_true", help="with --jobs: also --overopt")
     parser.add_argument("--overopt", action="store_true")
     parser.add_argument("--n-max", type=int, default=64)
-    parser.add_argument("--rl-steps", type=int, default=80)
-    parser.add_argument("--rl-every", type=int, default=8)
+    parser.add_argument("--rl-steps", type=int, default=60)
+    parser.add_argument("--rl-every", type=int, default=4)
+    parser.add_argument("--rl-lr", type=float, default=1e-4)
     args = parser.parse_args(argv)
     if args.summarise:
         s = summarise(args.out)
@@ -400,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.overopt:
         overoptimisation(args.quick, 16 if args.quick else args.n_max,
                          4 if args.quick else args.rl_steps, 2 if args.quick else args.rl_every,
-                         out=REPO_ROOT / "runs" / "overopt_quick.json" if args.quick else OVEROPT)
+                         out=REPO_ROOT / "runs" / "overopt_quick.json" if args.quick else OVEROPT,
+                         rl_lr=args.rl_lr)
         return
     names = args.methods.split(",")
     unknown = [n for n in names if n not in RUNS]

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from rlcourse.data import pad_collate
-from rlcourse.models import atomic_directory_write, sequence_logprobs
+from rlcourse.files import atomic_directory_write, atomic_write_text
+from rlcourse.models import sequence_logprobs
 
 __all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
-           "planned_indices", "sft_loss_fn", "target_tokens", "train"]
+           "loss_eval_fn", "planned_indices", "sft_loss_fn", "target_tokens", "train"]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -57,6 +58,10 @@ class TrainConfig:
     that supports it, else no). ``checkpoint_every=0`` disables checkpoints; ``eval_every=0``
     evaluates only at the end. ``gradient_checkpointing``: keep only each decoder layer's input
     and recompute the rest in the backward pass (identical gradients, about a third more compute).
+    ``logging_dir``: where the run is watched from: ``history.jsonl`` (one row per log step,
+    appended and flushed as training goes; rewritten from the checkpoint on resume, so no row
+    appears twice) and, with ``report_to="tensorboard"``, TensorBoard event files under
+    ``logging_dir/tensorboard`` (through ``accelerate``'s trackers).
     """
 
     lr: float = 1e-3
@@ -82,6 +87,16 @@ class TrainConfig:
     #: Recompute each decoder layer in backward instead of storing its activations
     #: (:func:`rlcourse.adapters.enable_gradient_checkpointing`): same gradients, less memory.
     gradient_checkpointing: bool = False
+    logging_dir: str | None = None
+    report_to: str = "none"
+
+    def __post_init__(self) -> None:
+        # A YAML string "false" is truthy: a boolean must be a boolean (recipes check every
+        # type with file and line; this catches TrainConfig.from_yaml and direct use).
+        for f in fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"TrainConfig.{f.name} must be true or false, got "
+                                f"{getattr(self, f.name)!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -118,11 +133,16 @@ class History:
     """Metrics by optimizer step: a list of rows ``{"step": k, "loss": ..., ...}``.
 
     Training rows carry the mean of each metric over the steps since the previous row, plus
-    ``lr``, ``grad_norm``, ``epoch``, ``tokens_per_s`` and ``peak_mem_mb`` (CUDA: max allocated;
-    CPU: the process's max resident set). Evaluation metrics join the row of their step.
+    ``lr``, ``grad_norm``, ``epoch``, ``tokens_per_s`` (non-padding tokens of all processes
+    since the previous row / wall time of those training steps, evaluation and checkpoints
+    excluded) and ``peak_mem_mb`` (CUDA: max allocated; CPU: the process's max resident set).
+    Evaluation metrics join the row of their step.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: This call's totals: ``tokens`` (non-padding, all processes) and ``step_seconds`` (wall
+    #: time of the training steps only, without evaluation, checkpoints and logging).
+    totals: dict[str, float] = field(default_factory=dict)
 
     def log(self, step: int, **metrics: Any) -> None:
         """Add metrics to the row of ``step`` (creating it if it is not the last row)."""
@@ -390,6 +410,60 @@ def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], to
     return dict(zip(keys, values[:-1], strict=True)), int(values[-1])
 
 
+class _RunLog:
+    """Where a run is watched from while it trains (main process only): ``history.jsonl`` and,
+    if asked, TensorBoard through ``accelerate``'s trackers."""
+
+    def __init__(self, accelerator: Any, config: TrainConfig, rows: list[dict[str, Any]]
+                 ) -> None:
+        self.accelerator, self.path, self.written = accelerator, None, 0
+        self.tensorboard = config.report_to == "tensorboard"
+        if not accelerator.is_main_process or not config.logging_dir:
+            return
+        self.path = Path(config.logging_dir) / "history.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rewrite(rows)  # a resumed run starts from the checkpoint's rows: none twice
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        if self.path is None:
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.written = len(rows)
+
+    def flush(self, history: History) -> None:
+        """Append the rows not yet written (each complete: training and evaluation metrics)."""
+        if not self.accelerator.is_main_process:
+            return
+        new = history.rows[self.written:]
+        if self.path is not None and new:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in new))
+                fh.flush()
+                os.fsync(fh.fileno())  # survives a crash of the machine, not only the process
+        self.written = len(history.rows)
+        if self.tensorboard:
+            for row in new:
+                self.accelerator.log({k: v for k, v in row.items() if k != "step"},
+                                     step=row["step"])
+
+
+def _tracker_settings(config: TrainConfig) -> dict[str, Any]:
+    """``Accelerator`` arguments for ``config.report_to`` (TensorBoard needs ``logging_dir``)."""
+    if config.report_to in ("none", None):
+        return {}
+    if config.report_to != "tensorboard":
+        raise ValueError(f"report_to must be 'tensorboard' or 'none', got {config.report_to!r}")
+    if not config.logging_dir:
+        raise ValueError("report_to='tensorboard' needs a logging_dir for the event files")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and \
+            importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError("report_to='tensorboard' but neither tensorboard nor tensorboardX is "
+                         "installed: pip install tensorboard, or set report_to: none")
+    return {"log_with": "tensorboard", "project_dir": config.logging_dir}
+
+
 def _takes_num_tokens(loss_fn: Any) -> bool:
     try:
         return "num_tokens" in inspect.signature(loss_fn).parameters
@@ -412,6 +486,7 @@ def _make_accelerator(config: TrainConfig):
         mixed_precision=mp,
         gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.device == "cpu",
+        **_tracker_settings(config),
     )
 
 
@@ -516,6 +591,11 @@ def train(
                              scheduler, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    runlog = _RunLog(accelerator, config, history.rows)
+    if runlog.tensorboard:
+        accelerator.init_trackers("tensorboard", config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in config.to_dict().items()})
     evaluated_at = None
 
     def evaluate() -> None:
@@ -529,7 +609,11 @@ def train(
     bar = tqdm(total=total, initial=step, desc="train",
                disable=not (config.progress and accelerator.is_local_main_process))
     sums: dict[str, list[torch.Tensor]] = {}
-    tokens, t0, stop, grad_norm = 0, time.perf_counter(), step >= total, torch.tensor(0.0)
+    tokens, stop, grad_norm = 0, step >= total, torch.tensor(0.0)
+    # Throughput counts the training steps only (data loading included, evaluation,
+    # checkpoints and logging excluded): busy = their wall time since the last row.
+    busy, busy_total, tokens_total = 0.0, 0.0, 0
+    t_mark = time.perf_counter()
     model.train()
     try:
         while not stop:
@@ -570,17 +654,24 @@ def train(
                 step += 1
                 bar.update(1)
                 if step % config.log_every == 0 or step == total:
-                    dt = max(time.perf_counter() - t0, 1e-9)
+                    if accelerator.device.type == "cuda":
+                        torch.cuda.synchronize(accelerator.device)  # the step's kernels count
+                    busy += time.perf_counter() - t_mark
                     row, tokens = _reduce_metrics(accelerator, sums, tokens)
                     check_weights()
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
-                                tokens_per_s=tokens / dt,
+                                tokens_per_s=tokens / max(busy, 1e-9),
                                 peak_mem_mb=_peak_mem_mb(accelerator.device))
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    sums, tokens, t0 = {}, 0, time.perf_counter()
-                if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                    busy_total, tokens_total = busy_total + busy, tokens_total + tokens
+                    sums, tokens, busy = {}, 0, 0.0
+                else:
+                    busy += time.perf_counter() - t_mark
+                if eval_fn is not None and (
+                        (config.eval_every and step % config.eval_every == 0) or step >= total):
                     evaluate()
+                runlog.flush(history)  # the step's row is complete: training + evaluation
                 if ckpt_dir and (step == total or (config.checkpoint_every
                                                    and step % config.checkpoint_every == 0)):
                     checkpoint(end)
@@ -588,13 +679,18 @@ def train(
                 if any(r is True for r in replies) or step >= total:
                     stop = True
                     break
+                t_mark = time.perf_counter()
             else:  # the epoch ran to its end
                 epoch, skip = epoch + 1, 0
         check_weights()  # the caller saves the model next
         if eval_fn is not None and evaluated_at != step:
             evaluate()
+            runlog.rewrite(history.rows)  # the last row gained its evaluation
+        history.totals = {"tokens": tokens_total, "step_seconds": busy_total}
     finally:
         bar.close()
+        if runlog.tensorboard:
+            accelerator.end_training()
         # Remove accelerate's autocast wrapper from the caller's model.
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history
@@ -606,6 +702,35 @@ def target_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     never a target."""
     mask = batch.get("completion_mask", batch["attention_mask"])
     return int(mask[:, 1:].sum().item())
+
+
+def loss_eval_fn(loss_fn: LossFn, data: Sequence[Any], batch_size: int,
+                 collate_fn: Callable[[list[Any]], Any] | None = None, prefix: str = "eval_"
+                 ) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """``eval_fn(model)`` for :func:`train`: ``loss_fn`` and its metrics on held-out ``data``.
+
+    ``eval_<name> = sum_b n_b * metric_b / sum_b n_b`` over batches ``b`` of ``n_b`` examples
+    (in order, no shuffling): for a loss that is a mean over examples (DPO, IPO, KTO, ...,
+    ``sft_loss_fn(reduction="sequence")``) the exact mean over the whole set. Every process
+    evaluates the whole set, so the numbers do not depend on the number of processes.
+    """
+    if not len(data):
+        raise ValueError("no evaluation examples")
+    collate = collate_fn or pad_collate
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # a metric may be absent from a batch (KTO: one label only)
+        for s in range(0, len(data), batch_size):
+            chunk = [data[i] for i in range(s, min(s + batch_size, len(data)))]
+            loss, metrics = loss_fn(model, collate(chunk))
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + len(chunk) * float(torch.as_tensor(v).float())
+                counts[k] = counts.get(k, 0) + len(chunk)
+        return {f"{prefix}{k}": v / counts[k] for k, v in sums.items()}
+
+    return evaluate
 
 
 def sft_loss_fn(model: Any, batch: Mapping[str, torch.Tensor], reduction: str = "token",

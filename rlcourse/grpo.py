@@ -22,10 +22,13 @@ tuple is accepted, the values are ignored).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -41,9 +44,12 @@ __all__ = [
     "group_advantages",
     "group_model_roles",
     "group_sampler",
+    "group_loss_weights",
     "group_step",
+    "group_update",
     "token_logprobs",
     "train_group",
+    "train_group_lm",
 ]
 
 #: Advantage estimators by name: (n_prompts, K) rewards -> (n_prompts, K) advantages.
@@ -63,6 +69,18 @@ class GroupConfig:
     0 to 0.04; 0 needs no reference model). ``epochs`` passes over each batch in minibatches of
     ``minibatch_size`` rows (``None``: the whole batch); with one pass and one minibatch the
     ratio is 1 and the update is REINFORCE with the group baseline.
+
+    ``loss_type``: how the per-token terms ``l_it`` (clipped surrogate + ``kl_coef * k3``) of
+    a minibatch of ``G`` responses become one loss (:func:`group_loss_weights`):
+
+    - ``"grpo"`` (Shao et al., 2024): mean over tokens within each response, then over
+      responses, ``(1/G) sum_i (1/|y_i|) sum_t l_it``;
+    - ``"dapo"`` (Yu et al., 2025; the default, what chapter 15 writes): token-level mean over
+      the whole minibatch, ``sum_{i,t} l_it / sum_i |y_i|``, with the token count summed over
+      all processes;
+    - ``"dr_grpo"`` (Liu et al., 2025): sum over tokens divided by a constant,
+      ``sum_{i,t} l_it / (G * L_max)``, ``L_max`` the longest response the sampler allows
+      (``max_tokens`` of :func:`group_update`); no length bias.
     """
 
     advantage: str = "grpo"
@@ -74,6 +92,43 @@ class GroupConfig:
     minibatch_size: int | None = None
     max_grad_norm: float | None = 1.0
     temperature: float = 1.0
+    loss_type: str = "dapo"
+
+    def __post_init__(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, "
+                             f"got {self.advantage!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                             f"got {self.loss_type!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (a group baseline needs siblings), "
+                             f"got {self.group_size}")
+
+
+#: How a minibatch's per-token terms are averaged (see :class:`GroupConfig`).
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def group_loss_weights(mask: Tensor, loss_type: str, num_tokens: Tensor | float | None = None,
+                       max_tokens: int | None = None) -> Tensor:
+    """Weights ``w_it`` such that the minibatch loss is ``sum_{i,t} w_it l_it``.
+
+    ``mask`` (G, T) marks response tokens. ``grpo``: ``w_it = m_it / (G |y_i|)``; ``dapo``:
+    ``w_it = m_it / N`` with ``N = num_tokens`` (default ``sum m``; several processes pass
+    the global count divided by the number of processes, since DDP averages gradients);
+    ``dr_grpo``: ``w_it = m_it / (G * max_tokens)`` (default ``max_tokens = T``).
+    """
+    m = mask.float()
+    g = m.shape[0]
+    if loss_type == "grpo":
+        return m / m.sum(-1, keepdim=True).clamp_min(1.0) / g
+    if loss_type == "dapo":
+        n = m.sum().clamp_min(1.0) if num_tokens is None else num_tokens
+        return m / n
+    if loss_type == "dr_grpo":
+        return m / (g * (max_tokens or m.shape[1]))
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
 
 def group_advantages(rewards: Tensor, kind: str = "grpo") -> Tensor:
@@ -95,7 +150,8 @@ def token_logprobs(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     policies of :mod:`rlcourse.worlds.token_mdp` (which return ``(logits, values)``).
     """
     kwargs = {}
-    if "position_ids" in inspect.signature(policy.forward).parameters:
+    # A DDP wrapper's forward takes (*inputs, **kwargs): ask the module it wraps.
+    if "position_ids" in inspect.signature(getattr(policy, "module", policy).forward).parameters:
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
     out = policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     logits = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
@@ -125,43 +181,83 @@ def group_step(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Callab
                generator: torch.Generator | None = None) -> dict[str, float]:
     """One step: sample groups -> score -> group advantages -> clipped updates (+ β k3).
 
-    Loss on a minibatch: ``ppo_policy_loss(logp, logp_old, A, mask, clip_eps) + kl_coef *
-    masked_mean(k3(logp, logp_ref))``, both means over the real response tokens. Returns metrics:
-    ``score`` (mean reward), ``group_std`` (mean within-group std), ``zero_groups`` (share of
-    groups whose K rewards are all equal: no signal), ``policy_loss``, ``kl``, ``clip_frac``.
+    ``reward_fn(input_ids, attention_mask, action_mask) -> (B,)`` scores the sampled rows;
+    the rest is :func:`group_update`.
     """
     batch = sample_fn(policy, generator)
-    ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = batch["completion_mask"][:, 1:].float()
     with torch.no_grad():
-        scores = reward_fn(ids, attn, mask).float()
-        was = policy.training
-        policy.eval()
-        old = token_logprobs(policy, ids, attn, config.temperature)
-        policy.train(was)
+        scores = reward_fn(batch["input_ids"], batch["attention_mask"], mask).float()
+    return group_update(policy, ref_model, batch, scores, optimizer, config, generator)
+
+
+def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str, Tensor],
+                 scores: Tensor, optimizer: torch.optim.Optimizer, config: GroupConfig,
+                 generator: torch.Generator | None = None, accelerator: Any = None,
+                 max_tokens: int | None = None) -> dict[str, float]:
+    """Group advantages of ``scores`` and ``epochs`` passes of clipped minibatch updates.
+
+    Loss on a minibatch: ``sum_{i,t} w_it [ppo_term_it + kl_coef * k3_it]`` with the weights
+    of :func:`group_loss_weights` (``config.loss_type``), ``ppo_term`` the clipped surrogate of
+    :func:`rlcourse.rl.ppo_policy_loss` and ``k3`` (:func:`rlcourse.rl.k3`) against the
+    reference. Returns metrics: ``score`` (mean reward), ``group_std`` (mean within-group std),
+    ``zero_groups`` (share of groups whose K rewards are all equal: no signal),
+    ``policy_loss``, ``kl_k3``, ``clip_frac``, ``approx_kl``.
+
+    ``accelerator``: an ``accelerate.Accelerator`` that prepared ``policy`` and ``optimizer``
+    (several processes, each holding whole groups): gradients are averaged over processes and
+    the ``dapo`` token count is summed over them, so the update is the one of one process
+    holding every group.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["completion_mask"][:, 1:].float()
+    bare = accelerator.unwrap_model(policy) if accelerator is not None else policy
+    with torch.no_grad():
+        was = bare.training
+        bare.eval()
+        old = token_logprobs(bare, ids, attn, config.temperature)
+        bare.train(was)
         ref = (token_logprobs(ref_model, ids, attn, config.temperature)
                if config.kl_coef and ref_model is not None else None)
     groups = scores.view(-1, config.group_size)
     adv = group_advantages(groups, config.advantage).reshape(-1, 1).expand_as(mask)
     n = ids.shape[0]
     size = config.minibatch_size or n
+    processes = accelerator.num_processes if accelerator is not None else 1
     sums: dict[str, float] = {}
     count = 0
     for _ in range(config.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, size):
             idx = order[start : start + size]
+            m = mask[idx]
+            num_tokens = None
+            if config.loss_type == "dapo" and accelerator is not None and processes > 1:
+                num_tokens = accelerator.reduce(m.sum().to(accelerator.device), "sum")
+                num_tokens = num_tokens.to(m.device) / processes
+            w = group_loss_weights(m, config.loss_type, num_tokens, max_tokens)
             logp = token_logprobs(policy, ids[idx], attn[idx], config.temperature)
-            loss, stats = rl.ppo_policy_loss(logp, old[idx], adv[idx], mask[idx], config.clip_eps)
+            # ppo_policy_loss returns sum(l w') / sum(w'); with w' = w / sum(w) (which sums to
+            # 1, so masked_mean's clamp of the denominator at 1 never acts), times sum(w) it
+            # is sum(l w).
+            wsum = w.sum()
+            loss, stats = rl.ppo_policy_loss(logp, old[idx], adv[idx],
+                                             w / wsum.clamp_min(1e-12), config.clip_eps)
+            loss = loss * wsum
             stats = {"policy_loss": loss.detach(), **stats}
             if ref is not None:
-                kl = rl.masked_mean(rl.k3(logp, ref[idx]), mask[idx])
+                kl = (rl.k3(logp, ref[idx]) * w).sum()
                 loss = loss + config.kl_coef * kl
                 stats["kl_k3"] = kl.detach()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            if accelerator is not None:
+                accelerator.backward(loss)
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            else:
+                loss.backward()
+                if config.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
             optimizer.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -199,6 +295,138 @@ def train_group(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Calla
         history.append(metrics)
         if callback is not None:
             callback(step, metrics)
+    return history
+
+
+TextRewardFn = Callable[[list[str], list[str]], Any]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def _reduce_mean(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric's mean over processes (every process holds as many groups)."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, "sum") / accelerator.num_processes
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                   reward_fn: TextRewardFn, config: GroupConfig, n_steps: int, lr: float = 1e-6,
+                   max_new_tokens: int = 64, ref_model: nn.Module | None = None, seed: int = 0,
+                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+                   keep_checkpoints: int = 2, device: str = "auto",
+                   mixed_precision: str = "no", weight_decay: float = 0.0,
+                   progress: bool = True,
+                   callback: Callable[[int, dict[str, float]], Any] | None = None
+                   ) -> list[dict[str, float]]:
+    """GRPO / RLOO / Dr. GRPO of a transformers language model, on one or several processes,
+    with checkpoints and resume: what ``recipes/grpo.yaml`` and ``recipes/rloo.yaml`` run.
+
+    Step ``k`` (1-based), identical on every process: a generator seeded by ``(seed, k)``
+    draws ``n_prompts`` prompts without replacement (cycling when there are fewer); process
+    ``r`` of ``W`` takes prompts ``[r n/W, (r+1) n/W)`` and answers each ``group_size`` times
+    with :func:`rlcourse.models.generate` (seeded by ``(seed, k)``, ``first_row`` = its first
+    global row), so the samples are those one process would draw. ``reward_fn(prompts,
+    completions) -> floats`` scores the texts (a verifier, or
+    :func:`rlcourse.online.reward_model_scorer` of a reward model); :func:`group_update`
+    updates with AdamW at ``lr`` (gradients averaged over processes).
+
+    ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end the policy, optimizer,
+    RNG states, step and history go to ``checkpoint_dir/step-XXXXXXXX`` atomically
+    (:mod:`rlcourse.engine`'s checkpoints); a later call with the same directory resumes from
+    the newest and ends where an uninterrupted run would (sampling depends only on the seed
+    and the step). Returns the history: one row per step, metrics averaged over processes.
+    """
+    from rlcourse.engine import (
+        TrainConfig,
+        _checkpoints,
+        _load_checkpoint,
+        _make_accelerator,
+        _save_checkpoint,
+    )
+    from rlcourse.models import generate
+    from rlcourse.ppo import language_model
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts")
+    accelerator = _make_accelerator(TrainConfig(device=device, mixed_precision=mixed_precision))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.n_prompts % world:
+        raise ValueError(f"n_prompts={config.n_prompts} must be a multiple of the number of "
+                         f"processes ({world}): each process answers whole groups")
+    local_n = config.n_prompts // world
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant lr
+    run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
+                  "max_new_tokens": max_new_tokens, "num_processes": world}
+    history: list[dict[str, float]] = []
+    start = 0
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    if found:
+        state = _load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
+                                 scheduler, accelerator.device)
+        differ = sorted(k for k in run_config if k != "n_steps"
+                        and state["config"].get(k) != run_config[k])
+        if differ:
+            raise ValueError(f"{found[-1]} was written with other settings ({', '.join(differ)}"
+                             "): use another checkpoint_dir")
+        history, start = state["history"], state["step"]
+        accelerator.print(f"resuming from {found[-1]} (step {start})")
+
+    steps: Any = range(start, n_steps)
+    if progress and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=config.advantage.upper(), initial=start, total=n_steps,
+                     leave=False)
+    model.train()
+    for k in steps:
+        step = k + 1
+        g = torch.Generator().manual_seed(_step_seed(seed, step))
+        order = torch.cat([torch.randperm(len(prompts), generator=g)
+                           for _ in range(math.ceil(config.n_prompts / len(prompts)))])
+        mine = order[rank * local_n:(rank + 1) * local_n].tolist()
+        many = [prompts[i] for i in mine for _ in range(config.group_size)]
+        gen = generate(language_model(accelerator.unwrap_model(model)), tokenizer, many,
+                       max_new_tokens=max_new_tokens, temperature=config.temperature,
+                       seed=_step_seed(seed, step) + 1,
+                       first_row=rank * local_n * config.group_size)
+        rewards = reward_fn(list(many), list(gen.texts))
+        scores = torch.as_tensor(np.asarray(rewards, dtype=np.float64)).float().flatten()
+        if scores.numel() != len(many) or not torch.isfinite(scores).all():
+            raise ValueError(f"reward_fn must return one finite number per completion: got "
+                             f"{scores.numel()} values for {len(many)} completions")
+        dev = accelerator.device
+        batch = {"input_ids": gen.full_ids.to(dev),
+                 "attention_mask": gen.full_attention_mask.to(dev),
+                 "completion_mask": gen.full_completion_mask.to(dev)}
+        order_gen = torch.Generator().manual_seed(_step_seed(seed, step) + 2 + rank)
+        metrics = group_update(model, ref_model, batch, scores.to(dev), optimizer, config,
+                               order_gen, accelerator, max_tokens=max_new_tokens)
+        metrics["response_length"] = float(batch["completion_mask"].sum(-1).float().mean())
+        metrics = _reduce_mean(accelerator, metrics)
+        metrics["step"] = step
+        history.append(metrics)
+        if ckpt_dir and (step == n_steps or (checkpoint_every and step % checkpoint_every == 0)):
+            if accelerator.is_main_process:
+                _save_checkpoint(ckpt_dir, {"step": step, "history": history,
+                                            "config": run_config},
+                                 accelerator.unwrap_model(model), optimizer, scheduler,
+                                 keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if callback is not None:
+            callback(step, metrics)
+    model.eval()
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history
 
 

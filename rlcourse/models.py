@@ -16,10 +16,8 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlcourse.config import resolve_device
+from rlcourse.files import atomic_directory_write  # re-exported: its old home
+
+# One implementation of the last-real-token index (layer 1), re-exported here for the heads.
+from rlcourse.rl import last_token_index
 
 #: The special tokens of the word-level tokenizer, in id order (``<pad>`` is id 0).
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<user>", "<assistant>")
@@ -51,6 +53,7 @@ __all__ = [
     "encode_prompt_completion",
     "format_completion",
     "format_prompt",
+    "freeze_untied_lm_head",
     "generate",
     "last_token_index",
     "load_model",
@@ -120,14 +123,21 @@ def build_tokenizer(words: Iterable[str], chat_template: bool = True):
     return tok
 
 
-def format_prompt(prompt: str, tokenizer: Any = None) -> str:
+def format_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any = None) -> str:
     """The chat-style prompt text: ``"<bos> <user> {prompt} <assistant>"``.
 
     With a ``tokenizer`` that has a chat template (a real model's, or ours), the text comes from
     ``tokenizer.apply_chat_template`` with ``add_generation_prompt=True`` instead, so the same
     code formats prompts for any model. The completion that follows ends with the EOS token
-    (see :func:`format_completion`).
+    (see :func:`format_completion`). A ``prompt`` given as a list of ``{role, content}``
+    messages (TRL's conversational form) is rendered by the chat template as it stands.
     """
+    if isinstance(prompt, (list, tuple)):  # TRL's conversational form: a list of messages
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("a prompt given as a list of messages needs a tokenizer with a "
+                             "chat template")
+        return tokenizer.apply_chat_template(list(prompt), tokenize=False,
+                                             add_generation_prompt=True)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         if tokenizer.chat_template == CHAT_TEMPLATE:
             return f"<bos> <user> {prompt} <assistant>"
@@ -403,39 +413,6 @@ def load_model(
     model.to(resolve_device(device))
     model.eval()
     return model, tokenizer
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def atomic_directory_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_dir)``, fsync the files, then move ``tmp_dir`` to ``path``.
-
-    The temporary directory sits next to ``path`` (same file system, so the rename is atomic).
-    An existing ``path`` is first renamed aside and removed only after the new one is in place,
-    so a crash leaves either the old or the new directory, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def save_model(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
@@ -716,6 +693,7 @@ def generate(
     batch_size: int = 512,
     progress: bool = False,
     chat: bool = True,
+    first_row: int = 0,
 ) -> Generation:
     """Sample a completion for every prompt (chat-formatted by :func:`format_prompt`).
 
@@ -727,7 +705,10 @@ def generate(
     without touching the global random state; sample ``i`` depends only on the seed and ``i``
     (not on ``batch_size``). Prompts are processed ``batch_size`` at a time. ``chat=False``
     continues the prompt text as given (no chat format; include ``<bos>`` yourself), for
-    sampling from a pretrained base model.
+    sampling from a pretrained base model. ``first_row``: these prompts are rows ``first_row,
+    first_row + 1, ...`` of a larger batch drawn with the same seed (each process of a
+    multi-process run draws its share of one global batch, with the samples one process would
+    draw).
     """
     prompts = list(prompts)
     if not prompts:
@@ -737,7 +718,8 @@ def generate(
         generator = torch.Generator()
         generator.manual_seed(seed)
     # u[i, t] decides prompt i's token t (see _inverse_cdf_sample).
-    uniforms = torch.rand((len(prompts), max_new_tokens), generator=generator, dtype=torch.float64)
+    uniforms = torch.rand((first_row + len(prompts), max_new_tokens), generator=generator,
+                          dtype=torch.float64)[first_row:]
     was_training = model.training
     model.eval()
     parts = []
@@ -781,16 +763,6 @@ def generate(
 # --------------------------------------------------------------------------------------------
 # Value head and reward model
 # --------------------------------------------------------------------------------------------
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real (mask 1) token of each row: ``T-1 - argmax(flip(mask))``.
-
-    Correct for left, right and both-sided padding (a rightmost scan, not ``mask.sum()-1``,
-    which is only right for right padding).
-    """
-    T = attention_mask.shape[-1]
-    return T - 1 - attention_mask.long().flip(-1).argmax(-1)
-
-
 def _hidden_size(model: Any) -> int:
     cfg = model.config
     return getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size
@@ -802,6 +774,21 @@ def _init_head(head: nn.Linear, std: float, seed: int | None) -> None:
             torch.manual_seed(seed)
         nn.init.normal_(head.weight, std=std)
         nn.init.zeros_(head.bias)
+
+
+def freeze_untied_lm_head(model: Any) -> bool:
+    """Stop training the output layer of a causal LM whose output is not used (a reward model,
+    PPO's separate critic), unless it is tied to the input embeddings (then it is used).
+
+    Returns whether it froze it. A trainable parameter without a gradient stalls DDP ("Expected
+    to have finished reduction in the prior iteration") and is skipped by Adam anyway.
+    """
+    out = getattr(model, "get_output_embeddings", lambda: None)()
+    emb = getattr(model, "get_input_embeddings", lambda: None)()
+    if out is None or (emb is not None and out.weight is emb.weight):
+        return False
+    out.requires_grad_(False)
+    return True
 
 
 class _HeadModel(nn.Module):
@@ -925,10 +912,7 @@ class RewardModel(_HeadModel):
         # ("Expected to have finished reduction...") and AdamW skips it anyway. Freezing it
         # changes nothing in one process and lets several processes train without
         # find_unused_parameters (an extra graph traversal every step).
-        out = getattr(model, "get_output_embeddings", lambda: None)()
-        emb = getattr(model, "get_input_embeddings", lambda: None)()
-        if out is not None and (emb is None or out.weight is not emb.weight):
-            out.requires_grad_(False)
+        freeze_untied_lm_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _, h = self._hidden(input_ids, attention_mask, logits=False)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse.config import REPO_ROOT
+from rlcourse.files import atomic_write_text
 
 BOOK_DIR = REPO_ROOT / "book"
 
@@ -136,8 +137,9 @@ def execute_notebook(
             else:
                 os.environ[key] = value
     settle_progress_bars(notebook)
-    if write:
-        nbformat.write(notebook, path)
+    if write:  # atomically: an interrupted write must not leave a committed chapter truncated
+        text = nbformat.writes(notebook)
+        atomic_write_text(path, text if text.endswith("\n") else text + "\n")
     return notebook
 
 
@@ -286,7 +288,8 @@ def dropped_displays(notebook: Any, name: str = "notebook") -> list[str]:
     problems = []
     for number, cell in _code_cells(notebook):
         source = cell.get("source", "")
-        tree = _parse_cell("".join(source) if isinstance(source, list) else source)
+        source = "".join(source) if isinstance(source, list) else source  # raw JSON: lines
+        tree = _parse_cell(source)
         if tree is None:
             continue
         last = tree.body[-1] if tree.body else None
@@ -301,25 +304,29 @@ def dropped_displays(notebook: Any, name: str = "notebook") -> list[str]:
     return problems
 
 
+def _printed(cell: Any) -> str:
+    return "".join(_text(o) for o in cell.get("outputs", [])
+                   if o.get("output_type") in ("stream", "execute_result"))
+
+
 def tagged_texts(notebook: Any, tag: str = MODE_INDEPENDENT_TAG) -> dict[int, str]:
     """``{code cell number: its text outputs joined}`` for the cells tagged ``tag``."""
-    return {number: "".join(_text(o) for o in cell.get("outputs", [])
-                            if o.get("output_type") in ("stream", "execute_result"))
-            for number, cell in _code_cells(notebook) if tag in _tags(cell)}
+    return {number: _printed(cell) for number, cell in _code_cells(notebook)
+            if tag in _tags(cell)}
 
 
 def mode_independent_mismatches(committed: Any, executed: Any, name: str = "notebook"
                                 ) -> list[str]:
     """Cells tagged ``mode-independent`` whose fresh output differs from the committed one.
 
-    ``committed`` is the notebook as stored (full mode), ``executed`` a fresh run (quick mode):
-    the tagged cells compute what does not depend on the mode, so a difference means the
-    committed outputs come from an older library or an older chapter.
+    ``committed`` is the notebook as stored (full mode), ``executed`` a fresh run (quick mode)
+    of it: the cells tagged in ``committed`` compute what does not depend on the mode, so a
+    difference means the committed outputs come from an older library or an older chapter.
     """
-    old, new = tagged_texts(committed), tagged_texts(executed)
+    old, cells = tagged_texts(committed), dict(_code_cells(executed))
     problems = []
-    for number in sorted(set(old) | set(new)):
-        a, b = old.get(number), new.get(number)
+    for number in sorted(old):
+        a, b = old[number], _printed(cells[number]) if number in cells else None
         if a != b:
             diff = next(((x, y) for x, y in zip((a or "").splitlines(), (b or "").splitlines(),
                                                 strict=False) if x != y), (a, b))

@@ -144,16 +144,18 @@ def label_pairs(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], labe
 class OnlineDPOConfig:
     """Hyperparameters of :func:`online_dpo`.
 
-    ``rounds`` of: ``prompts_per_round`` prompts (all when ``None``), two answers each from the
-    current policy, labels, then ``epochs`` DPO epochs on the new pairs at ``lr`` (constant,
-    batch ``batch_size``). ``reference``: ``"sft"`` (the starting model, fixed: every round
-    optimises the same KL-regularised objective) or ``"previous"`` (the policy at the start of the
-    round: each round is a step of bounded size from where the policy is, and the KL to the
-    starting model can grow with the rounds).
+    ``rounds`` of: ``prompts_per_round`` prompts (all when ``None``), ``pairs_per_prompt``
+    independent pairs of answers each from the current policy, labels, then ``epochs`` DPO
+    epochs on the new pairs at ``lr`` (constant, batch ``batch_size``). ``reference``:
+    ``"sft"`` (the starting model, fixed: every round optimises the same KL-regularised
+    objective) or ``"previous"`` (the policy at the start of the round: each round is a step of
+    bounded size from where the policy is, and the KL to the starting model can grow with the
+    rounds).
     """
 
     rounds: int = 8
     prompts_per_round: int | None = None
+    pairs_per_prompt: int = 1
     beta: float = 0.5
     lr: float = 5e-4
     epochs: float = 1.0
@@ -192,6 +194,7 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
             batch = [prompts[i] for i in idx]
         else:
             batch = prompts
+        batch = [p for p in batch for _ in range(config.pairs_per_prompt)]
         a, b = sample_pairs(model, tokenizer, batch, seed=seed * 100_003 + 2 * k,
                             max_new_tokens=config.max_new_tokens)
         pairs = label_pairs(batch, a, b, label_fn)

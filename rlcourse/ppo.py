@@ -28,6 +28,7 @@ import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -247,7 +248,8 @@ def sampler_from_prompts(prompt: dict[str, Tensor], max_new_tokens: int,
 
 
 def lm_sampler(tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               num_processes: int = 1, process_index: int = 0
                ) -> Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]]:
     """A ``sample_fn(policy, generator)`` for transformers models: each call samples
     ``batch_size`` prompts (with replacement, from ``generator``) and generates responses with
@@ -255,17 +257,26 @@ def lm_sampler(tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_
 
     For exact PPO ratios keep ``temperature=1``, ``top_k=0``, ``top_p=1``: the log-probs PPO
     uses are those of the raw model.
+
+    Several processes (``num_processes``, each calling with the same generator state): every
+    process draws the whole batch's prompts and seed, and answers rows ``[i b/N, (i+1) b/N)``
+    (``i = process_index``) with the samples one process would draw for them.
     """
     from rlcourse.models import generate
 
     prompts = list(prompts)
+    if batch_size % num_processes:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the number of "
+                         f"processes ({num_processes})")
+    per = batch_size // num_processes
+    lo = process_index * per
 
     def sample(policy: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
         idx = torch.randint(len(prompts), (batch_size,), generator=generator).tolist()
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        gen = generate(language_model(policy), tokenizer, [prompts[i] for i in idx],
+        gen = generate(language_model(policy), tokenizer, [prompts[i] for i in idx[lo:lo + per]],
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed)
+                       top_p=top_p, seed=seed, first_row=lo)
         return {"input_ids": gen.full_ids, "attention_mask": gen.full_attention_mask,
                 "completion_mask": gen.full_completion_mask, "texts": gen.texts,
                 "prompts": gen.prompts}
@@ -319,17 +330,40 @@ def _minibatches(n: int, size: int, generator: torch.Generator | None) -> Iterat
         yield order[start : start + size]
 
 
+def _whiten_over_processes(x: Tensor, mask: Tensor, accelerator: Any, eps: float = 1e-8
+                           ) -> Tensor:
+    """:func:`rlcourse.rl.masked_whiten` with the mean and the (Bessel-corrected) variance taken
+    over the real tokens of EVERY process, as one process holding the whole batch would."""
+    m = mask.to(x.dtype)
+    sums = accelerator.reduce(torch.stack([(x * m).sum(), m.sum()]), "sum")
+    n = sums[1]
+    mean = sums[0] / n.clamp_min(1.0)
+    sq = accelerator.reduce(((x - mean) ** 2 * m).sum(), "sum")
+    var = sq / n.clamp_min(1.0) * n / (n - 1).clamp_min(1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
 def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               config: PPOConfig, generator: torch.Generator | None = None) -> dict[str, float]:
+               config: PPOConfig, generator: torch.Generator | None = None,
+               accelerator: Any = None) -> dict[str, float]:
     """Several epochs of minibatch updates on one rollout.
 
     ``loss = policy_loss + vf_coef * value_loss - ent_coef * entropy`` with PPO's clipped
     policy loss and clipped value loss (:func:`rlcourse.rl.ppo_policy_loss`,
     :func:`rlcourse.rl.ppo_value_loss`); advantages whitened over the whole batch first.
     Returns the metrics averaged over minibatches.
+
+    ``accelerator`` (an ``accelerate.Accelerator`` that prepared ``policy`` and ``optimizer``;
+    each process holds its share of the rollout): advantages are whitened over every process's
+    tokens, and each process's token means are weighted by its share of the minibatch's tokens
+    (``n_local * processes / n_all``) before DDP averages the gradients, so the update is the
+    one of one process holding the whole batch.
     """
     adv = rollout.advantages
-    if config.whiten_advantages:
+    processes = accelerator.num_processes if accelerator is not None else 1
+    if config.whiten_advantages and processes > 1:
+        adv = _whiten_over_processes(adv, rollout.action_mask, accelerator)
+    elif config.whiten_advantages:
         adv = rl.masked_whiten(adv, rollout.action_mask)
     policy.train()
     sums: dict[str, float] = {}
@@ -345,13 +379,24 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rol
                                                   rollout.returns[idx], mask, config.clip_eps_v)
             ent = rl.masked_mean(entropy, mask)
             loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * ent
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            optimizer.step()
             stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent,
                      **pg_stats, **vf_stats}
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator is not None:
+                if processes > 1:  # every term is a token mean: weigh by this share of tokens
+                    n = mask.sum()
+                    share = (n * processes / accelerator.reduce(n.detach().clone(), "sum")
+                             .clamp_min(1.0)).detach()
+                    loss = loss * share
+                    stats = {k: v * share for k, v in stats.items()}
+                accelerator.backward(loss)
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            else:
+                loss.backward()
+                if config.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
@@ -362,7 +407,9 @@ def ppo_step(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., T
              sample_fn: Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]],
              optimizer: torch.optim.Optimizer, config: PPOConfig,
              kl_ctl: rl.FixedKLController | rl.AdaptiveKLController | None = None,
-             generator: torch.Generator | None = None) -> tuple[dict[str, float], Rollout]:
+             generator: torch.Generator | None = None, accelerator: Any = None,
+             order_generator: torch.Generator | None = None
+             ) -> tuple[dict[str, float], Rollout]:
     """One PPO iteration: rollout -> score -> KL-shaped reward -> GAE -> minibatch epochs.
 
     ``sample_fn(policy, generator)`` returns ``input_ids``, ``attention_mask`` and
@@ -386,8 +433,20 @@ def ppo_step(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., T
         "value_mean": float(rl.masked_mean(rollout.values, m)),
         "response_length": float(m.sum(-1).mean()),
     }
-    metrics.update(ppo_update(policy, optimizer, rollout, config, generator))
-    kl_ctl.update(metrics["kl"], len(rollout))
+    metrics.update(ppo_update(policy, optimizer, rollout, config, order_generator or generator,
+                              accelerator))
+    n_rows = len(rollout)
+    if accelerator is not None and accelerator.num_processes > 1:
+        # Means over processes (each holds as many rows). Row means (score, kl, return,
+        # response_length) and the loss terms are then those of the whole batch;
+        # explained_variance and value_mean are averages of per-process values.
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                         device=accelerator.device)
+        t = accelerator.reduce(t, "sum") / accelerator.num_processes
+        metrics = dict(zip(keys, t.tolist(), strict=True))
+        n_rows *= accelerator.num_processes
+    kl_ctl.update(metrics["kl"], n_rows)
     return metrics, rollout
 
 
@@ -395,29 +454,90 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               sample_fn: Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]],
               config: PPOConfig, n_steps: int, lr: float = 1e-3, seed: int = 0,
               callback: Callable[[int, dict[str, float], Rollout], None] | None = None,
-              progress: bool = True) -> list[dict[str, float]]:
+              progress: bool = True, checkpoint_dir: str | Path | None = None,
+              checkpoint_every: int = 0, keep_checkpoints: int = 2,
+              accelerator: Any = None) -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
     seeds the model initialisation. ``callback(step, metrics, rollout)`` runs after each step.
+
+    ``accelerator``: an ``accelerate.Accelerator`` for one or several processes (DDP). Then
+    ``sample_fn`` must sample this process's share of each step's batch from the shared
+    generator (:func:`lm_sampler` with ``num_processes``/``process_index``), minibatch order
+    comes from a second, per-process generator, and :func:`ppo_update` whitens and averages
+    over every process's tokens; only the main process writes checkpoints.
+
+    ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end, the policy (actor and
+    critic), Adam's state, the generator's and the global RNG states, the KL coefficient, the
+    step and the history go atomically to ``checkpoint_dir/step-XXXXXXXX`` (the engine's
+    checkpoints, newest ``keep_checkpoints`` kept). A later call with the same directory resumes
+    from the newest one and ends where an uninterrupted run would. ``ref_model`` is not saved:
+    the caller rebuilds it from the initial model.
     """
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     kl_ctl = config.kl_controller()
+    model, bare, order_generator, sample, main = policy, policy, None, sample_fn, True
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(policy, optimizer)
+        bare = accelerator.unwrap_model(model)
+        order_generator = torch.Generator().manual_seed(
+            seed + 1_000_003 * (1 + accelerator.process_index))
+
+        def sample(_: nn.Module, g: torch.Generator | None) -> dict[str, Tensor]:
+            return sample_fn(bare, g)  # generate from the bare model, not the DDP wrapper
+
+        main = accelerator.is_main_process
     history: list[dict[str, float]] = []
-    steps: Any = range(n_steps)
-    if progress:
+    start = 0
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt_dir is not None:
+        from rlcourse.engine import _checkpoints, _load_checkpoint
+
+        # A constant schedule, so that the engine's checkpoint functions can be used as they are.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        found = _checkpoints(ckpt_dir)
+        if found:
+            device = next(bare.parameters()).device
+            state = _load_checkpoint(found[-1], bare, optimizer, scheduler, device)
+            generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+            if order_generator is not None:
+                order_generator.set_state(torch.tensor(state["order_generators"][
+                    accelerator.process_index], dtype=torch.uint8))
+            kl_ctl.value = state["kl_coef"]
+            history, start = state["history"], state["step"]
+            print(f"resuming from {found[-1]} (step {start})")
+    steps: Any = range(start, n_steps)
+    if progress and main:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="PPO", leave=False)
+        steps = tqdm(steps, desc="PPO", leave=False, initial=start, total=n_steps)
     for step in steps:
-        metrics, rollout = ppo_step(policy, ref_model, reward_fn, sample_fn, optimizer, config,
-                                    kl_ctl, generator)
+        metrics, rollout = ppo_step(model, ref_model, reward_fn, sample, optimizer, config,
+                                    kl_ctl, generator, accelerator, order_generator)
         metrics["step"] = step
         history.append(metrics)
+        done = step + 1
+        if ckpt_dir is not None and (done == n_steps or (checkpoint_every
+                                                         and done % checkpoint_every == 0)):
+            from rlcourse.engine import _save_checkpoint
+
+            state = {"step": done, "history": history, "kl_coef": float(kl_ctl.value),
+                     "generator": generator.get_state().tolist()}
+            if order_generator is not None:  # every process's minibatch-order generator
+                mine = order_generator.get_state().to(accelerator.device)
+                state["order_generators"] = [t.cpu().tolist()
+                                             for t in accelerator.gather(mine[None])]
+            if main:
+                _save_checkpoint(ckpt_dir, state, bare, optimizer, scheduler, keep_checkpoints)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
         if callback is not None:
             callback(step, metrics, rollout)
+    if accelerator is not None:
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history
 
 

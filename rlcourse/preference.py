@@ -46,7 +46,13 @@ from rlcourse.data import (
     tokenize_preferences,
     tokenize_unpaired,
 )
-from rlcourse.engine import TrainConfig, dropout_disabled, planned_indices, train
+from rlcourse.engine import (
+    TrainConfig,
+    dropout_disabled,
+    loss_eval_fn,
+    planned_indices,
+    train,
+)
 from rlcourse.losses import (
     OBJECTIVES,
     dpo_loss,
@@ -198,6 +204,10 @@ def tokenize_kto(
         if not isinstance(r["label"], (bool, np.bool_)):
             where = r.where if isinstance(r, Record) else f"row {i}"
             raise DataError(f"{where}: field 'label' must be true or false, got {r['label']!r}")
+    if len(rows) < 2:
+        source = rows[0].source if isinstance(rows[0], Record) and rows[0].source else "data"
+        raise DataError(f"{source}: KTO's reference point pairs each example with another "
+                        "one's completion, so it needs at least 2 examples; got 1")
     items = tokenize_unpaired(tokenizer, rows, max_length, truncation=truncation)
     partners = mismatched_partners([r["prompt"] for r in rows], seed)
     prompts, completions, formatted = render_rows(tokenizer, rows, "completion")
@@ -607,6 +617,7 @@ def train_preference(
     reference_batch_size: int = 64,
     engine_kwargs: dict[str, Any] | None = None,
     disable_dropout: bool = True,
+    eval_data: Any = None,
     **hyperparameters: Any,
 ) -> PreferenceRun:
     """Train ``model`` in place with preference method ``method`` on ``data``.
@@ -623,6 +634,11 @@ def train_preference(
     ``disable_dropout`` (default, as TRL): the policy trains with its dropout off
     (:func:`rlcourse.engine.dropout_disabled`), so that it is scored the way the reference was
     (in eval mode) and the first DPO loss is exactly ``ln 2``; ``False`` keeps the dropout.
+
+    ``eval_data`` (rows or items, like ``data``): every ``config.eval_every`` steps and at the
+    end, the method's loss and metrics on it join the history as ``eval_loss``,
+    ``eval_rewards/accuracies``, ... (:func:`rlcourse.engine.loss_eval_fn`; its reference
+    log-probs come from the same reference, computed once with the training data's).
     """
     method = method.lower()
     objective = OBJECTIVES[method]
@@ -631,6 +647,8 @@ def train_preference(
 
     # 1. Tokenise once.
     items = prepare_items(method, data, tokenizer, max_length=max_length, seed=seed)
+    eval_items = None if eval_data is None else prepare_items(
+        method, eval_data, tokenizer, max_length=max_length, seed=seed)
 
     # 2. Reference log-probs once, of the examples training will read, then release the
     #    reference model. Under LoRA the reference is the policy with its adapters switched off.
@@ -642,10 +660,16 @@ def train_preference(
             with adapters_disabled(model):
                 items = precompute_reference_logps(model, items, reference_batch_size, pad_id,
                                                    indices=indices)
+                if eval_items is not None and not has_reference(eval_items):
+                    eval_items = precompute_reference_logps(model, eval_items,
+                                                            reference_batch_size, pad_id)
         else:
             reference = reference_model if reference_model is not None else copy.deepcopy(model)
             items = precompute_reference_logps(reference, items, reference_batch_size, pad_id,
                                                indices=indices)
+            if eval_items is not None and not has_reference(eval_items):
+                eval_items = precompute_reference_logps(reference, eval_items,
+                                                        reference_batch_size, pad_id)
             del reference
         reference_model = None
         gc.collect()
@@ -659,13 +683,19 @@ def train_preference(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    engine_kwargs = dict(engine_kwargs or {})
+    if eval_items is not None:
+        engine_kwargs["eval_fn"] = loss_eval_fn(loss_fn, eval_items,
+                                                getattr(config, "batch_size", 8))
     with dropout_disabled(model, disable_dropout):
-        history = train(model, loss_fn, items, config, **(engine_kwargs or {}))
+        history = train(model, loss_fn, items, config, **engine_kwargs)
     train_seconds = time.perf_counter() - start
 
-    # 4. Costs: tokens forwarded per second (chosen + rejected, all epochs), peak memory.
-    epochs = float(getattr(config, "epochs", 1) or 1)
-    tokens = n_tokens(items) * epochs
+    # 4. Costs: the engine's throughput (non-padding tokens of the batches it trained on, all
+    #    processes, over the wall time of the training steps alone), peak memory.
+    totals = history.totals
+    tokens_per_second = (totals["tokens"] / totals["step_seconds"]
+                         if totals.get("step_seconds") else math.nan)
     peak, kind = _peak_memory(_device_of(model))
     defaults = {k: p.default for k, p in inspect.signature(LOSS_FNS[method]).parameters.items()
                 if k not in ("model", "batch")}
@@ -676,7 +706,7 @@ def train_preference(
         items=items,
         reference_seconds=reference_seconds,
         train_seconds=train_seconds,
-        tokens_per_second=tokens / train_seconds if train_seconds > 0 else math.nan,
+        tokens_per_second=tokens_per_second,
         peak_memory_bytes=peak,
         memory_kind=kind,
     )

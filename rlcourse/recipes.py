@@ -10,16 +10,19 @@ A recipe is thin wiring, not a trainer: it reads the YAML (:func:`load_recipe`),
 causal LM with :func:`rlcourse.models.load_model`, reads the JSONL data with
 :mod:`rlcourse.data`, and calls the functions the book teaches: :func:`rlcourse.engine.train`
 with :func:`rlcourse.engine.sft_loss_fn` (SFT), :func:`rlcourse.preference.train_preference`
-(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`, and
-:func:`rlcourse.ppo.train_ppo`. The trained model is saved atomically to ``OUTPUT/model``.
+(DPO, IPO, R-DPO, KTO, ORPO, SimPO), :func:`rlcourse.reward_model.train_reward_model`,
+:func:`rlcourse.ppo.train_ppo` and :func:`rlcourse.grpo.train_group_lm` (GRPO, RLOO). The
+trained model is saved atomically to ``OUTPUT/model``.
 
 A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfig` fields,
 ``loss`` the keyword arguments of the method's loss function, e.g. ``beta`` of
 :func:`rlcourse.preference.dpo_loss_fn`)::
 
-    method: dpo                 # sft | reward_model | ppo | dpo | ipo | rdpo | kto | orpo | simpo
+    method: dpo                 # sft | reward_model | ppo | grpo | rloo | dpo | ipo | rdpo | kto
+                                # | orpo | simpo
     model: path/to/model        # a local directory holding a causal LM and its tokenizer
     data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
+    eval_data: null             # held-out rows: loss and metrics every train.eval_every steps
     output: runs/dpo
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
@@ -47,13 +50,47 @@ malformed row, an over-long example) reach the command line as one line ``file:l
 with exit code 2; a run whose loss or weights turn NaN/inf stops with exit code 1, saving
 nothing from that point (the last good checkpoint stays).
 
+Watching a run: ``OUTPUT/history.jsonl`` gets one row per log step as training goes (flushed,
+rewritten from the checkpoint when a run resumes, so no step appears twice); with ``eval_data``
+the rows of every ``train.eval_every``-th step and of the last step also hold ``eval_loss`` and
+the method's metrics on it (``eval_rewards/accuracies``, ...); ``train.report_to: tensorboard``
+writes them to ``OUTPUT/tensorboard`` too (``train.logging_dir`` defaults to OUTPUT).
+``tokens_per_s`` (rows) and ``tokens_per_second`` (``recipe.json``'s summary) count non-padding
+tokens over the wall time of the training steps only (see the book's glossary).
+
 PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
-``rollout`` section (:class:`PPORollout`); it runs in one process and does not resume.
+``rollout`` section (:class:`PPORollout`); it resumes from ``OUTPUT/checkpoints`` like the
+other recipes, and on N processes each answers ``rollout.batch_size / N`` prompts per step
+(advantages whitened and losses averaged over every process's tokens).
+
+GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
+``prompts`` too, and no ``train`` section::
+
+    reward_model: runs/rm/model # the reward: a reward model directory, OR
+    reward_fn: my_verifiers:exact_match   # a function 'module:function' or 'file.py:function',
+                                # fn(prompts: list[str], completions: list[str]) -> floats
+    reference_model: null       # used when group.kl_coef > 0; default: a frozen copy of model
+    group: {advantage: grpo, loss_type: grpo, group_size: 8, n_prompts: 16, kl_coef: 0.04,
+            clip_eps: 0.2, epochs: 1, minibatch_size: null, max_grad_norm: 1.0,
+            temperature: 1.0}   # rlcourse.grpo.GroupConfig
+    rollout: {steps: 200, max_new_tokens: 128, lr: 1.0e-6, weight_decay: 0.0, device: auto,
+              mixed_precision: "no", checkpoint_every: 10, keep_checkpoints: 2}  # GroupRollout
+
+``group.advantage``: ``grpo`` ((r - mean) / std) or ``dr_grpo`` (r - mean) for GRPO, ``rloo``
+(r - mean of the other K-1) for RLOO. ``group.loss_type``: ``grpo`` (mean over each answer's
+tokens, then over answers), ``dapo`` (mean over all tokens of the batch, counted over every
+process) or ``dr_grpo`` (sum over tokens / (answers x max_new_tokens)). ``reward_fn`` is
+imported when the recipe is read: a string that is not ``module:function``, a module that
+cannot be imported, a missing or non-callable name are errors naming file, line and key.
+Each of N processes answers ``n_prompts / N`` prompts of every step (the same samples one
+process would draw), and checkpoints go to ``OUTPUT/checkpoints``.
 
 Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
 again after a crash and training continues from the newest checkpoint, exactly where it stopped
-(the engine restores optimiser, scheduler, RNG states and the position in the epoch).
+(the engine restores optimiser, scheduler, RNG states and the position in the epoch; GRPO and
+RLOO restore policy, optimizer, RNG states and step, and draw each step's samples from the
+seed and the step alone).
 ``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, and
 the SHA-256 of the data): a rerun with another method, data or hyperparameter into the same
 OUTPUT is an error naming the keys that differ, a rerun of a finished run says so and trains
@@ -66,7 +103,12 @@ writes files. Each process computes the reference log-probs once, of the example
 reads (all of them for a full epoch; :func:`rlcourse.engine.planned_indices`).
 Launched by ``torchrun`` on a machine without GPUs, the processes train together on the CPU
 (gloo), as with ``train.device=cpu``; ``accelerate launch --cpu --num_processes N`` (which
-starts one process) is refused with the command that works.
+starts one process) is refused with the command that works. Several processes give what one
+process with the global batch gives (tested with 2 CPU processes: SFT's token mean, the reward
+model, DPO, GRPO); logged metrics are averaged over processes. FSDP or DeepSpeed asked for by an
+``accelerate`` config is refused (:func:`_refuse_sharding` says why): on CPU accelerate runs DDP
+instead, and the saving is not shard-aware; on GPUs use DDP with ``lora`` and
+``train.gradient_checkpointing``.
 """
 
 from __future__ import annotations
@@ -84,20 +126,28 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from rlcourse.files import atomic_write_text
+
 __all__ = [
     "METHODS",
+    "GroupRollout",
     "PPORollout",
     "Recipe",
     "RecipeError",
     "load_recipe",
+    "load_reward_fn",
     "main",
     "parse_overrides",
     "run_recipe",
 ]
 
 #: Every method a recipe can name.
-METHODS = ("sft", "reward_model", "ppo", "dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+METHODS = ("sft", "reward_model", "ppo", "grpo", "rloo", "dpo", "ipo", "rdpo", "kto", "orpo",
+           "simpo")
 PREFERENCE_METHODS = ("dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
+#: Methods that sample from the policy: they read ``prompts`` and have a ``rollout`` section.
+ONLINE_METHODS = ("ppo", "grpo", "rloo")
+GROUP_METHODS = ("grpo", "rloo")
 
 #: Top-level keys: common to every method, then those of one method only.
 _COMMON_KEYS = {"method", "model", "output", "max_length", "truncation", "dtype",
@@ -106,12 +156,16 @@ _METHOD_KEYS = {
     "sft": {"data", "loss"},
     "reward_model": {"data"},
     "ppo": {"prompts", "reward_model", "ppo", "rollout"},
+    **{m: {"prompts", "reward_model", "reward_fn", "reference_model", "group", "rollout"}
+       for m in GROUP_METHODS},
     # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
     **{m: {"data", "loss", "reference_model", "disable_dropout"}
        for m in ("dpo", "ipo", "rdpo", "kto")},
     **{m: {"data", "loss", "disable_dropout"} for m in ("orpo", "simpo")},
 }
 _METHOD_KEYS["reward_model"] |= {"disable_dropout"}
+for _m in ("sft", "reward_model", *PREFERENCE_METHODS):  # a held-out set, evaluated as it trains
+    _METHOD_KEYS[_m] = _METHOD_KEYS[_m] | {"eval_data"}
 
 
 # Memory (rlcourse.adapters): LoRA for every method trained on the engine, and the batch of the
@@ -133,7 +187,11 @@ class PPORollout:
     ``steps`` PPO iterations of ``batch_size`` prompts, each answered with at most
     ``max_new_tokens`` tokens; Adam at learning rate ``lr``. ``separate_critic``: actor and
     critic as two networks (DeepSpeed-Chat, the slides' four models) instead of one backbone
-    with a value head.
+    with a value head. Every ``checkpoint_every`` steps (0: only at the end) actor, critic,
+    Adam, RNG states, KL coefficient and step go to ``OUTPUT/checkpoints`` (the newest
+    ``keep_checkpoints`` kept); rerunning the same command resumes. ``device``: ``auto`` or
+    ``cpu`` (several processes over gloo); each of N processes answers ``batch_size / N``
+    prompts of every step.
     """
 
     steps: int = 100
@@ -141,6 +199,32 @@ class PPORollout:
     max_new_tokens: int = 64
     lr: float = 1e-6
     separate_critic: bool = True
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    device: str = "auto"
+
+
+@dataclass
+class GroupRollout:
+    """The ``rollout`` section of a GRPO or RLOO recipe (:func:`rlcourse.grpo.train_group_lm`).
+
+    ``steps`` updates, each on ``group.n_prompts`` prompts x ``group.group_size`` answers of at
+    most ``max_new_tokens`` tokens; AdamW at ``lr`` with ``weight_decay``. ``device``:
+    ``auto`` (a GPU per process if there is one) or ``cpu`` (several processes talk over gloo);
+    ``mixed_precision``: ``no``, ``bf16``, ``fp16`` or ``auto``. Every ``checkpoint_every`` steps
+    (0: only at the end) the policy, optimizer, RNG states and step go to
+    ``OUTPUT/checkpoints`` (the newest ``keep_checkpoints`` kept); rerunning the same command
+    resumes.
+    """
+
+    steps: int = 100
+    max_new_tokens: int = 64
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    device: str = "auto"
+    mixed_precision: str = "no"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -155,6 +239,7 @@ class Recipe:
     model: str
     output: str
     data: str | None = None
+    eval_data: str | None = None
     prompts: str | None = None
     reward_model: str | None = None
     reference_model: str | None = None
@@ -166,7 +251,9 @@ class Recipe:
     loss: dict[str, Any] = field(default_factory=dict)
     train: Any = None
     ppo: Any = None
-    rollout: PPORollout | None = None
+    rollout: PPORollout | GroupRollout | None = None
+    group: Any = None
+    reward_fn: str | None = None
     disable_dropout: bool = True
     lora: Any = None
     reference_batch_size: int = 64
@@ -178,7 +265,7 @@ class Recipe:
         from dataclasses import asdict
 
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lines"}
-        for key in ("train", "ppo", "rollout"):
+        for key in ("train", "ppo", "rollout", "group"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
         if out["lora"] is not None:
@@ -218,7 +305,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=1e-4", "loss.beta=0.5"]`` -> ``{"train.lr": 1e-4, "loss.beta": 0.5}``.
 
     Values are read as YAML (``true``, ``null``, numbers, ``[0.9, 0.95]``); numbers written
-    ``1e-4`` become floats although YAML 1.1 would keep them as strings.
+    ``1e-4`` become floats although YAML 1.1 would keep them as strings, and ``no``/``yes``/
+    ``on``/``off`` stay strings (only ``true``/``false`` are booleans).
     """
     import yaml
 
@@ -227,7 +315,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"command line: override {item!r} is not of the form key=value")
-        out[key.strip()] = _number_or(yaml.safe_load(text) if text.strip() else None)
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text.strip()  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision=no
+        out[key.strip()] = _number_or(value)
     return out
 
 
@@ -292,7 +383,9 @@ def _typed(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}")
+            hint_ = " (YAML reads unquoted no, yes, on, off as booleans: quote it)" \
+                if isinstance(value, bool) else ""
+            raise RecipeError(f"{where}: expected a string, got {_type_name(value)}{hint_}")
         return value
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -337,6 +430,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
     "train.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
                      "one of auto, cpu, cuda, mps"),
+    "train.report_to": (lambda v: v in ("none", "tensorboard"), "one of none, tensorboard"),
     "loss.beta": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.tau": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.lam": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
@@ -350,6 +444,27 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "rollout.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "rollout.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "rollout.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "rollout.device": (lambda v: v in ("auto", "cpu", "cuda", "mps"),
+                       "one of auto, cpu, cuda, mps"),
+    "rollout.mixed_precision": (lambda v: v in ("no", "bf16", "fp16", "auto"),
+                                "one of no, bf16, fp16, auto"),
+    "rollout.checkpoint_every": (lambda v: v >= 0, "an integer >= 0"),
+    "rollout.keep_checkpoints": (lambda v: v >= 1, "an integer >= 1"),
+    "group.advantage": (lambda v: v in ("grpo", "rloo", "dr_grpo"),
+                        "one of grpo, rloo, dr_grpo"),
+    "group.loss_type": (lambda v: v in ("grpo", "dapo", "dr_grpo"),
+                        "one of grpo, dapo, dr_grpo"),
+    "group.group_size": (lambda v: v >= 2, "an integer >= 2 (a group baseline needs siblings)"),
+    "group.n_prompts": (lambda v: v >= 1, "an integer >= 1"),
+    "group.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "group.clip_eps": (lambda v: v is None or (_finite(v) and v > 0),
+                       "null or a finite number > 0"),
+    "group.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "group.minibatch_size": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "group.max_grad_norm": (lambda v: v is None or (_finite(v) and v > 0),
+                            "null or a finite number > 0"),
+    "group.temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "ppo.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "ppo.ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.minibatch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -409,8 +524,9 @@ def _loss_signature(method: str) -> dict[str, inspect.Parameter]:
     from rlcourse.preference import LOSS_FNS
 
     fn = sft_loss_fn if method == "sft" else LOSS_FNS[method]
+    # num_tokens is the engine's to pass (the global batch's token count), not a recipe key.
     return {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items()
-            if k not in ("model", "batch")}
+            if k not in ("model", "batch", "num_tokens")}
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
@@ -454,8 +570,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
                           f"{', '.join(METHODS)}, got {raw.get('method')!r}")
     known = _COMMON_KEYS | _METHOD_KEYS[method]
     _check_keys(raw, sorted(known), "", source, lines, f"a {method} recipe")
-    for key in ("model", "output", *(("prompts", "reward_model") if method == "ppo"
-                                     else ("data",))):
+    needed = {"ppo": ("prompts", "reward_model"), "grpo": ("prompts",), "rloo": ("prompts",)}
+    for key in ("model", "output", *needed.get(method, ("data",))):
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
                               f"command line, e.g. --{key.replace('_', '-')} PATH)")
@@ -463,7 +579,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
     hints = typing.get_type_hints(Recipe)
     top: dict[str, Any] = {}
-    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora"}):
+    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora", "group"}):
         if key in raw:
             where = _where(source, lines, key)
             top[key] = _typed(raw[key], hints[key], where)
@@ -478,10 +594,16 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             raise RecipeError(f"{_where(source, lines, 'train')}: a PPO recipe takes its "
                               "settings from the 'ppo' and 'rollout' sections")
         return recipe
+    if method in GROUP_METHODS:
+        return _group_sections(recipe, raw, lines)
     train = _section(raw, "train", source)
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
+    train.setdefault("logging_dir", str(recipe.output))
     recipe.train = _dataclass_section(TrainConfig, train, "train.", source, lines)
+    if recipe.train.eval_every and not recipe.eval_data:
+        raise RecipeError(f"{_where(source, lines, 'train.eval_every')}: evaluates the "
+                          "eval_data set, and the recipe gives none (add eval_data: FILE)")
     if method == "kto" and recipe.train.batch_size < 2:
         # KTO's reference point z0 is the batch mean of mismatched (prompt, completion) pairs;
         # with one example it is that example's own partner, so the loss degenerates (TRL
@@ -500,6 +622,76 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             recipe.loss[k] = _typed(v, params[k].annotation, where)
             _check_range(f"loss.{k}", recipe.loss[k], where)
     return recipe
+
+
+def _group_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, int]
+                    ) -> Recipe:
+    """GRPO / RLOO: the reward (a model directory or a function), ``group`` and ``rollout``."""
+    from rlcourse.grpo import GroupConfig
+
+    source, method = recipe.source, recipe.method
+    if bool(recipe.reward_model) == bool(recipe.reward_fn):
+        key = "reward_fn" if recipe.reward_fn else "reward_model"
+        raise RecipeError(f"{_where(source, lines, key)}: give exactly one of reward_model (a "
+                          "reward model directory) and reward_fn (a Python function "
+                          "'module:function')")
+    if recipe.reward_fn:
+        load_reward_fn(recipe.reward_fn, _where(source, lines, "reward_fn"))
+    if "train" in raw:
+        raise RecipeError(f"{_where(source, lines, 'train')}: a {method} recipe takes its "
+                          "settings from the 'group' and 'rollout' sections")
+    group = _section(raw, "group", source)
+    advantage = group.setdefault("advantage", method)
+    allowed = ("grpo", "dr_grpo") if method == "grpo" else ("rloo",)
+    if advantage not in allowed:
+        raise RecipeError(f"{_where(source, lines, 'group.advantage')}: a {method} recipe "
+                          f"takes advantage {' or '.join(allowed)}, got {advantage!r}")
+    recipe.group = _dataclass_section(GroupConfig, group, "group.", source, lines)
+    recipe.rollout = _dataclass_section(GroupRollout, _section(raw, "rollout", source),
+                                        "rollout.", source, lines)
+    return recipe
+
+
+def load_reward_fn(spec: Any, where: str = "reward_fn") -> Any:
+    """The function a recipe's ``reward_fn: module:function`` names, imported.
+
+    ``module`` is a dotted module name (importable from the working directory or the Python
+    path) or a path to a ``.py`` file. The function is called as ``fn(prompts, completions)``
+    with two lists of strings and returns one float per completion. Any problem is a
+    :class:`RecipeError` that starts with ``where`` (the file, line and key).
+    """
+    import importlib
+    import importlib.util
+
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise RecipeError(f"{where}: expected 'module:function' (e.g. my_verifiers:exact_match "
+                          f"or path/to/verifiers.py:exact_match), got {spec!r}")
+    module_name, fn_name = (part.strip() for part in spec.split(":"))
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise RecipeError(f"{where}: {path}: no such file")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does: the working directory
+            module = importlib.import_module(module_name)
+    except RecipeError:
+        raise
+    except ModuleNotFoundError as err:
+        raise RecipeError(f"{where}: cannot import module {module_name!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 -- any error while importing the user's module
+        raise RecipeError(f"{where}: importing {module_name!r} failed: "
+                          f"{type(err).__name__}: {err}") from None
+    if not hasattr(module, fn_name):
+        raise RecipeError(f"{where}: module {module_name!r} has no function {fn_name!r}")
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise RecipeError(f"{where}: {module_name}:{fn_name} is not callable")
+    return fn
 
 
 def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
@@ -537,14 +729,22 @@ class RecipeResult:
     finished_before: bool = False
 
 
-def _read_data(recipe: Recipe) -> list[Any]:
-    """The JSONL rows in the format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import DataError, load_preferences, load_sft, load_unpaired, read_jsonl
+def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
+    """The JSONL rows of ``key`` (default ``data``; PPO ``prompts``; or ``eval_data``) in the
+    format the method reads (KTO: unpaired rows, or pairs to split)."""
+    from rlcourse.data import (
+        TEXT,
+        DataError,
+        load_preferences,
+        load_sft,
+        load_unpaired,
+        read_jsonl,
+    )
 
-    key = "prompts" if recipe.method == "ppo" else "data"
+    key = key or ("prompts" if recipe.method in ONLINE_METHODS else "data")
     path = Path(getattr(recipe, key))
     if not path.is_file():
-        raise RecipeError(f"{recipe.source}: {key}: {path}: no such file")
+        raise RecipeError(f"{recipe.where(key)}: {path}: no such file")
     if recipe.method == "sft":
         return load_sft(path)
     if recipe.method == "kto":
@@ -558,17 +758,15 @@ def _read_data(recipe: Recipe) -> list[Any]:
         return load_preferences(path) if paired else load_unpaired(path)
     if recipe.method in PREFERENCE_METHODS or recipe.method == "reward_model":
         return load_preferences(path)
-    prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": TEXT})]
     if not prompts:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return prompts
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`rlcourse.files.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,7 +775,8 @@ def _write_json(path: Path, obj: Any) -> None:
 #: Keys that do not change the trained model: a run may resume with other values of these.
 _NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train.eval_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
-                 "train.device"}
+                 "train.device", "train.logging_dir", "train.report_to", "eval_data",
+                 "rollout.checkpoint_every", "rollout.keep_checkpoints", "rollout.device"}
 #: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
 _RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
               "checkpoints", "tensorboard")
@@ -594,7 +793,8 @@ def _launch_device(recipe: Recipe) -> str:
     """
     import torch
 
-    device = getattr(recipe.train, "device", "auto") if recipe.train is not None else "auto"
+    settings = recipe.train if recipe.train is not None else recipe.rollout
+    device = getattr(settings, "device", "auto")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if ("WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ
             and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"):
@@ -604,8 +804,8 @@ def _launch_device(recipe: Recipe) -> str:
             "processes run: torchrun --nproc_per_node N -m rlcourse.recipes RECIPE ... "
             "train.device=cpu")
     if world > 1 and device == "auto" and not torch.cuda.is_available():
-        if recipe.train is not None:
-            recipe.train.device = "cpu"
+        if hasattr(settings, "device"):
+            settings.device = "cpu"
         return "cpu"
     return device
 
@@ -629,12 +829,16 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
 
     def walk(obj: Any, prefix: str) -> None:
         for k, v in obj.items():
-            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora"):
+            if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora",
+                                                      "group"):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
 
     walk(recipe.to_dict(), "")
+    for key in ("model", "data", "prompts", "reward_model", "reference_model"):
+        if isinstance(flat.get(key), str):  # ./m and m are the same model
+            flat[key] = os.path.abspath(flat[key])
     for key in ("data", "prompts"):
         if getattr(recipe, key, None):
             flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
@@ -659,18 +863,19 @@ def _check_output(recipe: Recipe, overwrite: bool) -> str:
             "run.json saying which recipe wrote them; pass --overwrite to start afresh, or "
             "choose another output")
     info = json.loads(info_path.read_text(encoding="utf-8"))
-    checkpoints = Path(recipe.train.checkpoint_dir) if recipe.train is not None and \
-        recipe.train.checkpoint_dir else None
+    checkpoints = (Path(recipe.train.checkpoint_dir) if recipe.train.checkpoint_dir else None) \
+        if recipe.train is not None else out / "checkpoints"  # GRPO/RLOO/PPO: OUTPUT/checkpoints
     if info.get("status") != "finished" and not (checkpoints and any(checkpoints.glob("step-*"))):
         return "fresh"  # stopped before its first checkpoint: nothing to resume or to protect
     before, now = info.get("identity", {}), _identity(recipe)
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differ:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
+        kind = "a finished" if info.get("status") == "finished" else "an unfinished"
         raise RecipeError(
             f"{recipe.where(differ[0] if differ[0] in recipe.lines else 'output')}: {out} holds "
-            f"a {info.get('status', 'partial')} run of a different recipe ({len(differ)} "
-            f"key(s) differ: {shown}{' ...' if len(differ) > 8 else ''}); resuming it would "
+            f"{kind} run of a different recipe ({len(differ)} key(s) differ: {shown}"
+            f"{' ...' if len(differ) > 8 else ''}); resuming it would "
             "mix two runs. Pass --overwrite to start afresh, or choose another output")
     return "finished" if info.get("status") == "finished" else "resume"
 
@@ -695,6 +900,27 @@ def _max_positions(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _refuse_sharding(recipe: Recipe) -> None:
+    """FSDP (and DeepSpeed) asked for by an ``accelerate`` config are refused, not ignored.
+
+    On CPU, accelerate (1.16) turns FSDP on only for accelerator devices (``MULTI_GPU``,
+    ``MULTI_XPU``, ...), never for ``MULTI_CPU``: an FSDP config with ``use_cpu: true`` runs
+    plain DDP, and without it every process would train alone. On GPUs the recipes' checkpoints
+    and ``OUTPUT/model`` are written by the main process from its unwrapped model, which under
+    FSDP holds only its own shard of each weight. Either way the user would not get what the
+    config says, so the run stops here.
+    """
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise RecipeError(
+                f"{recipe.source}: the accelerate config asks for {name} ({var}=true), which "
+                "the recipes do not support: on CPU accelerate ignores FSDP and runs DDP, and "
+                "the checkpoints and OUTPUT/model are written from the main process's "
+                "unwrapped model (under sharding, only its shard). Use data parallelism "
+                "(accelerate launch --multi_gpu, or torchrun) and fit a large model with "
+                "lora: and train.gradient_checkpointing: true")
 
 
 def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
@@ -737,16 +963,21 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
     # (torchrun / accelerate launch) talk over gloo; on GPUs each process takes its own GPU.
+    _refuse_sharding(recipe)
     state = PartialState(cpu=train_device == "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world != state.num_processes:
         raise RecipeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a "
                           f"group of {state.num_processes} ({state.distributed_type}); each "
                           "process would train alone. Set train.device to match the machine")
-    if recipe.method == "ppo" and state.num_processes > 1:
-        raise RecipeError(f"{recipe.source}: the PPO recipe runs in one process "
-                          "(rlcourse.ppo.train_ppo is not distributed); launch it without "
-                          "accelerate launch --num_processes")
+    if recipe.method in ONLINE_METHODS:
+        per = recipe.group.n_prompts if recipe.method in GROUP_METHODS else \
+            recipe.rollout.batch_size
+        if per % state.num_processes:
+            key = "group.n_prompts" if recipe.method in GROUP_METHODS else "rollout.batch_size"
+            raise RecipeError(f"{recipe.where(key)}: {per} prompts per step cannot be split "
+                              f"over {state.num_processes} processes (each answers whole "
+                              "prompts): use a multiple of the number of processes")
     out = Path(recipe.output)
     status = _check_output(recipe, overwrite) if save else "fresh"
     if status == "finished":
@@ -756,11 +987,12 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
                                   trust_remote_code=recipe.trust_remote_code)
     positions = _max_positions(model)
     key, length = (("rollout.max_new_tokens", recipe.rollout.max_new_tokens)
-                   if recipe.method == "ppo" else ("max_length", recipe.max_length))
+                   if recipe.method in ONLINE_METHODS else ("max_length", recipe.max_length))
     if positions is not None and length > positions:  # else an IndexError deep in the model
         raise RecipeError(f"{recipe.where(key)}: {length} is longer than the model's "
                           f"{positions} positions (max_position_embeddings of {recipe.model})")
     rows = _read_data(recipe)
+    eval_rows = _read_data(recipe, "eval_data") if recipe.eval_data else None
     state.wait_for_everyone()  # every process has read OUTPUT before the main one changes it
     if save and state.is_main_process:
         if status == "fresh":
@@ -775,8 +1007,11 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     summary: dict[str, Any] = {}
     if recipe.method == "ppo":
         model, history = _run_ppo(recipe, model, tokenizer, rows, progress)
+    elif recipe.method in GROUP_METHODS:
+        model, history, summary = _run_group(recipe, model, tokenizer, rows, progress)
     else:
-        model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows)
+        model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows,
+                                                           eval_rows)
     model.eval()
     summary["num_processes"] = state.num_processes
     saved = None
@@ -822,23 +1057,41 @@ def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, o
     return model, saved
 
 
-def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
+               eval_rows: list[Any] | None = None):
     from rlcourse.data import pad_collate, tokenize_sft
-    from rlcourse.engine import sft_loss_fn, train
+    from rlcourse.engine import loss_eval_fn, sft_loss_fn, train
 
     items = tokenize_sft(tokenizer, rows, recipe.max_length, truncation=recipe.truncation)
-    pad_id = tokenizer.pad_token_id or 0
-    history = train(model, partial(sft_loss_fn, **recipe.loss), items, recipe.train,
-                    collate_fn=partial(pad_collate, pad_id=pad_id))
-    return model, history.to_rows(), {"n_examples": len(items)}
+    collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
+    loss_fn = partial(sft_loss_fn, **recipe.loss)
+    eval_fn = None
+    if eval_rows is not None:
+        eval_items = tokenize_sft(tokenizer, eval_rows, recipe.max_length,
+                                  truncation=recipe.truncation)
+        eval_fn = loss_eval_fn(loss_fn, eval_items, recipe.train.batch_size, collate)
+    history = train(model, loss_fn, items, recipe.train, eval_fn=eval_fn, collate_fn=collate)
+    return model, history.to_rows(), {"n_examples": len(items), **_throughput(history)}
 
 
-def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
+def _throughput(history: Any) -> dict[str, float]:
+    """``tokens_per_second`` of the run: the engine's non-padding tokens over the wall time of
+    its training steps (evaluation, checkpoints and logging excluded)."""
+    t = history.totals
+    return {"tokens_per_second": round(t["tokens"] / t["step_seconds"], 1)} \
+        if t.get("step_seconds") else {}
+
+
+def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
+                      eval_rows: list[Any] | None = None):
     from rlcourse.models import load_model
     from rlcourse.preference import prepare_items, train_preference
 
     items = prepare_items(recipe.method, rows, tokenizer, max_length=recipe.max_length,
                           seed=recipe.seed, truncation=recipe.truncation)
+    eval_items = None if eval_rows is None else prepare_items(
+        recipe.method, eval_rows, tokenizer, max_length=recipe.max_length, seed=recipe.seed,
+        truncation=recipe.truncation)
     reference = None
     if recipe.reference_model:
         reference, _ = load_model(recipe.reference_model, device=str(model.device),
@@ -846,18 +1099,26 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
     run = train_preference(recipe.method, model, items, recipe.train, tokenizer=tokenizer,
                            reference_model=reference, max_length=recipe.max_length,
                            seed=recipe.seed, reference_batch_size=recipe.reference_batch_size,
-                           disable_dropout=recipe.disable_dropout,
+                           disable_dropout=recipe.disable_dropout, eval_data=eval_items,
                            **recipe.loss)
     return model, run.history.to_rows(), {**run.summary(), "n_examples": len(items)}
 
 
-def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any]):
-    from rlcourse.reward_model import train_reward_model
+def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
+                        eval_rows: list[Any] | None = None):
+    from rlcourse.data import tokenize_preferences
+    from rlcourse.engine import loss_eval_fn
+    from rlcourse.reward_model import reward_loss_fn, train_reward_model
 
+    eval_fn = None
+    if eval_rows is not None:
+        eval_items = tokenize_preferences(tokenizer, eval_rows, recipe.max_length,
+                                          truncation="right")
+        eval_fn = loss_eval_fn(reward_loss_fn, eval_items, recipe.train.batch_size)
     rm, history = train_reward_model(model, tokenizer, rows, recipe.train,
                                      max_length=recipe.max_length, seed=recipe.seed,
-                                     disable_dropout=recipe.disable_dropout)
-    return rm, history.to_rows(), {"n_pairs": len(rows)}
+                                     eval_fn=eval_fn, disable_dropout=recipe.disable_dropout)
+    return rm, history.to_rows(), {"n_pairs": len(rows), **_throughput(history)}
 
 
 _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
@@ -867,7 +1128,8 @@ _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
 def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool):
     """PPO with the four models of the slides: actor, critic, reward model, reference."""
     from rlcourse import ppo
-    from rlcourse.models import RewardModel, ValueHeadModel
+    from rlcourse.engine import TrainConfig, _make_accelerator
+    from rlcourse.models import RewardModel, ValueHeadModel, freeze_untied_lm_head
 
     device = str(next(model.parameters()).device)
     reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
@@ -875,14 +1137,56 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
     reference = ppo.freeze(model)
     r = recipe.rollout
     if r.separate_critic:
-        policy = ppo.ActorCritic(model, ValueHeadModel(copy.deepcopy(model), seed=recipe.seed))
+        critic = ValueHeadModel(copy.deepcopy(model), seed=recipe.seed)
+        freeze_untied_lm_head(critic.model)  # the critic's logits are never used
+        policy = ppo.ActorCritic(model, critic)
     else:
         policy = ValueHeadModel(model, seed=recipe.seed)
+    accelerator = _make_accelerator(TrainConfig(device=r.device))
     sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
-                             temperature=recipe.ppo.temperature)
+                             temperature=recipe.ppo.temperature,
+                             num_processes=accelerator.num_processes,
+                             process_index=accelerator.process_index)
     history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
-                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress)
+                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
+                            checkpoint_dir=Path(recipe.output) / "checkpoints",
+                            checkpoint_every=r.checkpoint_every,
+                            keep_checkpoints=r.keep_checkpoints, accelerator=accelerator)
     return ppo.language_model(policy), history
+
+
+def _run_group(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str],
+               progress: bool):
+    """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
+    function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
+    from rlcourse import grpo, ppo
+    from rlcourse.models import RewardModel, load_model
+
+    device = str(next(model.parameters()).device)
+    if recipe.reward_fn:
+        fn = load_reward_fn(recipe.reward_fn, f"{recipe.source}: reward_fn")
+    else:
+        from rlcourse.online import reward_model_scorer
+
+        rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
+                                         trust_remote_code=recipe.trust_remote_code)
+        fn = reward_model_scorer(rm, tokenizer)
+    reference = None
+    if recipe.group.kl_coef:
+        if recipe.reference_model:
+            reference, _ = load_model(recipe.reference_model, device=device, dtype=recipe.dtype,
+                                      trust_remote_code=recipe.trust_remote_code)
+            reference = ppo.freeze(reference)
+        else:
+            reference = ppo.freeze(model)
+    r = recipe.rollout
+    history = grpo.train_group_lm(
+        model, tokenizer, prompts, fn, recipe.group, r.steps, lr=r.lr,
+        max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
+        checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
+        keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
+        weight_decay=r.weight_decay, progress=progress)
+    return model, history, {"n_prompts_in_file": len(prompts)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -896,8 +1200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "e.g. train.lr=1e-4 loss.beta=0.5.")
     parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
-    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO 'prompts')")
-    parser.add_argument("--reward-model", help="PPO: reward model directory")
+    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO and RLOO "
+                                       "'prompts')")
+    parser.add_argument("--reward-model", help="PPO, GRPO, RLOO: reward model directory")
     parser.add_argument("--output", help="output directory (overrides 'output')")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved recipe, train nothing")
@@ -918,7 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             method = (yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}).get(
                 "method", "")
-            overrides["prompts" if str(method).lower() == "ppo" else "data"] = args.data
+            overrides["prompts" if str(method).lower() in ONLINE_METHODS else "data"] = args.data
         recipe = load_recipe(args.recipe, overrides)
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))

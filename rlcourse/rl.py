@@ -247,7 +247,13 @@ def k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 def last_token_index(mask: Tensor) -> Tensor:
-    """Index of the last real token of every row of ``mask`` (B, T) -> (B,) (0 if none)."""
+    """Index of the last real (mask 1) token of every row of ``mask`` (B, T) -> (B,).
+
+    ``max_t { t : mask[b, t] = 1 }``, a scan over positions, so it is right for left, right and
+    both-sided padding alike (``mask.sum(-1) - 1`` is right only for right padding and a mask
+    that starts at column 0). A row without any real token gets 0, never ``T - 1``: a padding
+    position there would silently score or reward padding.
+    """
     T = mask.shape[-1]
     positions = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask > 0, positions, torch.zeros_like(positions)).amax(-1)

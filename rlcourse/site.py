@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse.config import REPO_ROOT
+from rlcourse.files import atomic_write_text
 
 try:  # POSIX: lets concurrent test workers share one build (see build_once)
     import fcntl
@@ -62,7 +63,7 @@ PARTS: tuple[tuple[int, int, str], ...] = (
     (1, 3, "Part I: Foundations"),
     (4, 8, "Part II: Policies, rewards and PPO"),
     (9, 13, "Part III: Preference optimisation"),
-    (14, 15, "Part IV: Scaling up and beyond"),
+    (14, 16, "Part IV: Scaling up and beyond"),
 )
 #: The pages around the chapters: the landing page (root of the toc) and the reference part.
 LANDING_PAGE = "intro"
@@ -98,7 +99,7 @@ def part_of(number: int) -> int:
 def make_toc(book_dir: Path = BOOK_DIR) -> dict[str, Any]:
     """The Jupyter Book table of contents (``jb-book`` format) for the chapters present.
 
-    Parts I-IV hold the chapters by number (01-03, 04-08, 09-13, 14-15), numbered continuously
+    Parts I-IV hold the chapters by number (01-03, 04-08, 09-13, 14-16), numbered continuously
     (chapter titles only: a chapter's own headings stay as its author wrote them); a part with
     no chapter yet is left out. The reference part (notation, glossary,
     bibliography) comes last and is not numbered.
@@ -127,7 +128,7 @@ def write_toc(book_dir: Path, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by `python -m rlcourse.site build` from the chapters present; do not edit\n"
-    path.write_text(header + yaml.safe_dump(make_toc(book_dir), sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, header + yaml.safe_dump(make_toc(book_dir), sort_keys=False))
     return path
 
 
@@ -322,9 +323,9 @@ def build_once(output: Path, source: Path = BOOK_DIR, **options: Any) -> BuildRe
             try:
                 result = build(source, output, **options)
             except SiteBuildError as error:
-                record.write_text(json.dumps({"error": str(error)}), encoding="utf-8")
+                atomic_write_text(record, json.dumps({"error": str(error)}))
                 raise
-            record.write_text(
+            atomic_write_text(record,
                 json.dumps(
                     {"html": str(result.html), "pages": result.pages, "warnings": result.warnings,
                      "seconds": result.seconds}

@@ -309,3 +309,116 @@ def test_infinite_lr_never_writes_a_nan_checkpoint(tok, items, tmp_path):
         train(_model(tok), sft_loss_fn, items,
               _cfg(lr=float("inf"), checkpoint_every=1, checkpoint_dir=str(tmp_path)))
     assert not list(tmp_path.glob("step-*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Watching a run: history.jsonl as it trains, evaluation, TensorBoard, honest tokens/s
+# --------------------------------------------------------------------------------------------
+def _jsonl(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_history_jsonl_is_appended_as_training_goes_with_evaluation_in_its_row(tok, items,
+                                                                             tmp_path):
+    seen = []
+
+    def look(step, history, model):  # what a reader of the file sees during training
+        seen.append([r["step"] for r in _jsonl(tmp_path / "history.jsonl")])
+
+    def eval_fn(model):
+        return {"eval_score": 1.0}
+
+    h = train(_model(tok), sft_loss_fn, items, _cfg(max_steps=4, logging_dir=str(tmp_path),
+                                                    eval_every=2),
+              eval_fn=eval_fn, callbacks=[look])
+    assert seen == [[1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]
+    rows = _jsonl(tmp_path / "history.jsonl")
+    assert rows == h.rows  # one line per step, evaluation metrics in the row of their step
+    assert [("eval_score" in r) for r in rows] == [False, True, False, True]
+
+
+def test_history_jsonl_after_a_crash_and_resume_has_each_step_once(tok, items, tmp_path):
+    cfg = dict(max_steps=7, checkpoint_every=3, checkpoint_dir=str(tmp_path / "ck"),
+               logging_dir=str(tmp_path))
+
+    def crash_at_5(step, history, model):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(tok), sft_loss_fn, items, _cfg(**cfg), callbacks=[crash_at_5])
+    assert [r["step"] for r in _jsonl(tmp_path / "history.jsonl")] == [1, 2, 3, 4, 5]
+    h = train(_model(tok), sft_loss_fn, items, _cfg(**cfg))  # resumes from step 3
+    rows = _jsonl(tmp_path / "history.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 8)) and rows == h.rows
+
+
+def test_tokens_per_second_counts_real_tokens_over_training_step_time_only(tok, items,
+                                                                         monkeypatch):
+    """A fake clock: every micro-batch takes 1 s, every evaluation 100 s. tokens_per_s must be
+    the non-padding tokens of the row's batches over the seconds of those steps alone."""
+    import types
+
+    import rlcourse.engine as engine
+
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=lambda: clock.t))
+    real_tokens = []
+
+    def timed_loss(model, batch):
+        clock.t += 1.0
+        real_tokens.append(int(batch["attention_mask"].sum()))
+        return sft_loss_fn(model, batch)
+
+    def slow_eval(model):
+        clock.t += 100.0
+        return {"eval_x": 0.0}
+
+    # 16 examples, batch 4, accumulation 2: 2 micro-batches per step; rows every 2 steps.
+    h = train(_model(tok), timed_loss, items[:16], _cfg(max_steps=4, grad_accum_steps=2,
+                                                    log_every=2, eval_every=1),
+              eval_fn=slow_eval)
+    assert len(real_tokens) == 8
+    assert h.series("tokens_per_s")[1] == [sum(real_tokens[:4]) / 4.0,
+                                           sum(real_tokens[4:]) / 4.0]
+    assert h.totals == {"tokens": sum(real_tokens), "step_seconds": 8.0}
+    padded = sum(int(b.numel()) for b in [pad_collate(items[i:i + 4])["attention_mask"]
+                                          for i in range(0, 16, 4)])
+    assert sum(real_tokens) < 2 * padded  # padding is not counted
+
+
+def test_tensorboard_receives_the_rows(tok, items, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    h = train(_model(tok), sft_loss_fn, items, _cfg(max_steps=3, logging_dir=str(tmp_path),
+                                                    report_to="tensorboard"))
+    files = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files, list(tmp_path.rglob("*"))
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in h.rows]
+    with pytest.raises(ValueError, match="needs a logging_dir"):
+        train(_model(tok), sft_loss_fn, items, _cfg(max_steps=1, report_to="tensorboard"))
+
+
+def test_loss_eval_fn_is_the_mean_over_examples(tok, items):
+    from rlcourse.engine import loss_eval_fn
+
+    def loss(model, batch):
+        return sft_loss_fn(model, batch, reduction="sequence")
+
+    model = _model(tok)
+    per_example = [loss(model, pad_collate([it]))[0].item() for it in items[:7]]
+    got = loss_eval_fn(loss, items[:7], batch_size=3)(model)
+    assert got["eval_loss"] == pytest.approx(sum(per_example) / 7, abs=1e-6)
+
+
+def test_train_config_booleans_must_be_booleans(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 1.0e-3\ndrop_last: 'false'\n")  # a string: truthy, would drop batches
+    with pytest.raises(ValueError, match=r"c.yaml: TrainConfig.drop_last must be true or false"):
+        TrainConfig.from_yaml(p)

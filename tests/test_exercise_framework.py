@@ -163,13 +163,27 @@ NAMED_PITFALLS = [
         -adv * torch.exp(lp - old).clamp(1 - eps, 1 + eps)).mean()),
     # chapter 7: log(sigmoid(x)) underflows; logsigmoid does not
     ("bradley_terry_loss", lambda w, r: -torch.log(torch.sigmoid(w - r)).mean()),
+    # chapter 4, "Sum or mean over tokens": the policy gradient sums over a text's tokens
+    ("reinforce_loss", lambda lp, G, b: -((G - b) * lp).mean()),
+    # chapter 5, the shift: logits at t score token t + 1, so the mask is shifted too
+    ("response_logprob", lambda logits, ids, mask: (torch.log_softmax(
+        logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, :-1]).sum(-1)),
+    # chapter 6, "The ceiling": a win rate of 0.65 is not 0.65 out of 1
+    ("share_of_gain", lambda a, b, best: (float(np.mean(
+        np.where(np.asarray(a) > b, 1.0, np.where(np.asarray(a) < b, 0.0, 0.5)))) - 0.5) / 0.5),
 ]
 
 
 @pytest.mark.parametrize("name,wrong", NAMED_PITFALLS, ids=[n for n, _ in NAMED_PITFALLS])
 def test_check_rejects_the_mistake_its_chapter_warns_about(name, wrong):
     result = run_check(name, wrong)
-    assert result.status in {"failed", "error"}, f"{name} accepted the chapter's named pitfall"
+    assert result.status == "failed", f"{name} accepted the chapter's named pitfall"
+    assert "likely mistake:" in result.message, f"{name}: the check does not name the mistake"
+
+
+def test_underflowing_log_sigmoid_is_named_as_such():
+    result = run_check("bradley_terry_loss", lambda w, r: -torch.log(torch.sigmoid(w - r)).mean())
+    assert "use logsigmoid" in result.message
 
 
 def test_kl_shaped_rewards_has_masks_that_start_after_the_prompt():
@@ -180,3 +194,63 @@ def test_kl_shaped_rewards_has_masks_that_start_after_the_prompt():
 def test_orpo_log_odds_accepts_the_log1mexp_answer_in_float32():
     # the answer the chapter teaches (expm1 near 0) passes, so the float32 cases are fair
     assert run_check("orpo_log_odds", lambda m: m - torch.log(-torch.expm1(m))).passed
+
+
+# ---- build-it-yourself exercises ---------------------------------------------------------------
+GRADED = {"ppo_iteration": "08_ppo", "dpo_train": "09_dpo",
+          "build_reward_model": "07_reward_models"}
+
+
+def test_graded_exercises_are_registered_with_a_grade_and_a_solution():
+    from rlcourse.exercises import solutions
+
+    for name, chapter in GRADED.items():
+        ex = exercises.get(name)
+        assert ex.chapter == chapter and ex.grade is not None
+        assert ex.solution is getattr(solutions, name)
+
+
+@pytest.mark.parametrize("name", sorted(GRADED))
+def test_graded_stub_is_not_attempted(name):
+    def stub(*args, **kwargs):
+        raise NotImplementedError
+
+    result = run_check(name, stub)
+    assert result.status == "not_attempted" and "not attempted yet" in result.message
+
+
+def test_graded_crash_is_reported_not_raised():
+    result = run_check("build_reward_model", lambda pairs: 1 / 0)
+    assert result.status == "error" and "ZeroDivisionError" in result.message
+
+
+def test_check_prints_the_solution_only_on_request(capsys):
+    def stub(pairs):
+        raise NotImplementedError
+
+    exercises.check("build_reward_model", stub)
+    assert "def build_reward_model" not in capsys.readouterr().out
+    exercises.check("build_reward_model", stub, show_solution=True)
+    out = capsys.readouterr().out
+    assert "not attempted yet" in out and "def build_reward_model(" in out
+    assert "F.logsigmoid(diff @ w)" in out
+
+
+@pytest.mark.parametrize("name", sorted(GRADED))
+def test_solution_is_not_in_the_chapter_and_its_cell_is_collapsed(name):
+    import inspect
+
+    from rlcourse.config import REPO_ROOT
+    from rlcourse.exercises import solutions
+
+    notebook = json.loads((REPO_ROOT / "book" / f"{GRADED[name]}.ipynb").read_text())
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    body = [line.strip() for line in inspect.getsource(getattr(solutions, name)).splitlines()
+            if len(line.strip()) > 40 and not line.strip().startswith(('"""', "#", "def "))]
+    assert body, "the solution has no lines to look for"
+    for line in body:
+        assert not any(line in source for source in code), f"solution line in the chapter: {line}"
+    shown = [c for c in notebook["cells"] if f'show_solution("{name}")' in "".join(c["source"])]
+    assert len(shown) == 1, f"{GRADED[name]}: no cell shows the solution of {name}"
+    assert "hide-output" in shown[0]["metadata"].get("tags", [])
+    assert shown[0]["metadata"].get("jupyter", {}).get("outputs_hidden") is True

@@ -154,3 +154,53 @@ def test_no_critic_in_memory():
     assert method_memory_gib("ppo", n) * 2**30 == 36 * n
     assert sum(r.bytes for r in grpo.group_model_roles(n, kl_penalty=False,
                                                         reward_model=False)) == 16 * n
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_loss_normalisations_follow_their_formulas(loss_type):
+    """Responses of unequal length (masks cut short, as after EOS): one SGD step must equal the
+    gradient of the loss written out by hand for each normalisation, at ratio 1:
+    grpo ``-(1/G) sum_i (1/|y_i|) sum_t A_i log pi``; dapo ``-sum_{i,t} A_i log pi / sum|y_i|``;
+    dr_grpo ``-sum_{i,t} A_i log pi / (G * T)``."""
+    mdp = small_world()
+    policy = PrefixPolicy(mdp, "tabular")
+    with torch.no_grad():
+        policy.logits_table.normal_(generator=torch.Generator().manual_seed(1))
+    config = grpo.GroupConfig(advantage="rloo", group_size=4, n_prompts=4, epochs=1,
+                              max_grad_norm=None, loss_type=loss_type)
+    batch = grpo.group_sampler(mdp.prompt, config, mdp.horizon)(
+        policy, torch.Generator().manual_seed(3))
+    lengths = torch.tensor([1, 2, 3] * 5 + [2])[:16]
+    comp = batch["completion_mask"].clone()
+    for i, n in enumerate(lengths.tolist()):  # keep the first n response tokens of row i
+        on = comp[i].nonzero().flatten()
+        comp[i, on[n:]] = 0
+    batch = {**batch, "completion_mask": comp}
+    mask = comp[:, 1:].float()
+
+    oracle = copy.deepcopy(policy)
+    rewards = mdp.score(batch["input_ids"]).view(4, 4)
+    adv = (rewards - (rewards.sum(1, keepdim=True) - rewards) / 3).reshape(-1, 1)
+    logits = oracle.logits_table[oracle.state_ids(batch["input_ids"])][:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    per_row = (adv * logp * mask).sum(-1)  # sum_t A_i log pi over row i's real tokens
+    if loss_type == "grpo":
+        loss = -(per_row / mask.sum(-1)).mean()
+    elif loss_type == "dapo":
+        loss = -per_row.sum() / mask.sum()
+    else:
+        loss = -per_row.sum() / (16 * mask.shape[1])
+    loss.backward()
+    expected = oracle.logits_table.detach() - 0.5 * oracle.logits_table.grad
+
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    grpo.group_update(policy, None, batch, mdp.score(batch["input_ids"]), optimizer, config)
+    torch.testing.assert_close(policy.logits_table.detach(), expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(oracle.logits_table.grad, torch.zeros(()))
+
+
+def test_bad_loss_type_and_group_size_are_named():
+    with pytest.raises(ValueError, match="loss_type must be one of grpo, dapo, dr_grpo"):
+        grpo.GroupConfig(loss_type="token")
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        grpo.GroupConfig(group_size=1)

@@ -464,3 +464,14 @@ def test_generate_without_chat_format_continues_raw_text(tok, model):
     assert g.completion_ids[0, 0].item() == first
     with pytest.raises(ValueError, match="zero tokens"):
         generate(model, tok, [""], chat=False)
+
+
+def test_last_token_index_is_one_function_and_all_padding_gives_zero():
+    """``rlcourse.models`` and ``rlcourse.rl`` once had two versions that disagreed on a row
+    without real tokens (``T - 1`` vs 0): the reward head read a padding position there."""
+    from rlcourse import rl
+
+    assert last_token_index is rl.last_token_index
+    mask = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0]])
+    # hand-computed: no real token -> 0; otherwise the largest t with mask 1
+    assert last_token_index(mask).tolist() == [0, 1, 2]

@@ -24,10 +24,7 @@ from rlcourse.models import RewardModel, build_model, build_tokenizer, save_mode
 
 torch.set_num_threads(1)
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed"),
-]
+needs_torchrun = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
 
 PAIRS = [  # completions of different lengths: token means of halves differ from the whole's
     {"prompt": "what is rain ?", "chosen": "rain is wet .", "rejected": "rain is dry ."},
@@ -104,6 +101,8 @@ def _assert_same_run(one: Path, two: Path, reward: bool = False, atol: float = 1
                 assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
 
 
+@pytest.mark.slow
+@needs_torchrun
 def test_sft_token_mean_two_processes_with_accumulation_equal_one(workdir, tmp_path):
     """Default SFT (``reduction: token``): 2 processes x batch 1 x grad_accum 2 must give the
     model and the logged loss of 1 process x batch 4: the denominator is the global batch's
@@ -116,6 +115,8 @@ def test_sft_token_mean_two_processes_with_accumulation_equal_one(workdir, tmp_p
     _assert_same_run(one, two)
 
 
+@pytest.mark.slow
+@needs_torchrun
 def test_reward_model_with_untied_output_layer_two_processes_equal_one(workdir, tmp_path):
     """The LM head takes no part in a reward; untied, DDP used to stop with "Expected to have
     finished reduction in the prior iteration"."""
@@ -128,3 +129,51 @@ def test_reward_model_with_untied_output_layer_two_processes_equal_one(workdir, 
     # turns into steps of size lr in either direction, so it is not compared. Other elements
     # with tiny gradients get the same amplification: hence 5e-5 (lr 1e-2).
     _assert_same_run(one, two, reward=True, atol=5e-5, skip=("head.bias",))
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_ppo_two_processes_equal_one(workdir, tmp_path):
+    """PPO (separate critic on the untied model, whose LM head the critic never uses): 2
+    processes answering 2 prompts each per step must give the samples, scores, losses and
+    model of 1 process answering 4 (one minibatch per step, so the order cannot differ;
+    advantages whitened and token means taken over both processes)."""
+    from rlcourse.models import load_model
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+
+    def args(out: str) -> list[str]:
+        return [str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+                "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "prompts.jsonl"),
+                "--output", str(tmp_path / out), "rollout.steps=2", "rollout.batch_size=4",
+                "rollout.max_new_tokens=4", "rollout.lr=1e-2", "rollout.device=cpu",
+                "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.adaptive_kl=true",
+                "ppo.kl_target=0.01"]
+
+    assert recipes.main(args("one")) == 0
+    _two_processes(args("two"))
+    h1, h2 = (json.loads((tmp_path / p / "history.json").read_text()) for p in ("one", "two"))
+    assert [r["step"] for r in h2] == [0, 1]
+    for r1, r2 in zip(h1, h2, strict=True):
+        for key in ("score", "kl", "kl_coef", "response_length", "policy_loss", "value_loss",
+                    "entropy"):
+            assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
+    one, two = _state(tmp_path / "one" / "model"), _state(tmp_path / "two" / "model")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)  # measured 4.8e-7
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharding_asked_for_by_an_accelerate_config_is_refused_not_ignored(workdir, tmp_path,
+                                                                           monkeypatch, var):
+    """``accelerate launch --config_file`` with ``distributed_type: FSDP`` sets
+    ``ACCELERATE_USE_FSDP=true``; on CPU accelerate 1.16 then runs plain DDP (measured: the
+    prepared model is a DistributedDataParallel), so the recipe stops and says why."""
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(recipes.RecipeError, match="do not support"):
+        recipes.run_recipe(recipes.load_recipe(_args(workdir, "dpo", tmp_path)[0], {
+            "model": str(workdir / "model"), "data": str(workdir / "pairs.jsonl"),
+            "output": str(tmp_path / "o")}))
+    assert not (tmp_path / "o").exists()

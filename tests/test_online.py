@@ -303,3 +303,41 @@ def test_fits_recover_known_parameters_and_peaks():
                                                  abs=1e-3)
     with pytest.raises(ValueError, match="d = sqrt"):
         online.fit_rl([0.0, 1.0], [0.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark's summary: means over seeds, reruns replace, quick rows and other keys untouched
+# --------------------------------------------------------------------------------------------
+def test_benchmark_summary_of_runs(tmp_path):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_online_methods.py"
+    spec = importlib.util.spec_from_file_location("run_online_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(method, seed, wr, se, quick=False, base="online_dpo"):
+        r = {k: 0.0 for k in bench.METRICS}
+        r.update(method=method, base_method=base, seed=seed, quick=quick, win_rate=wr,
+                 win_rate_stderr=se, train_seconds=10.0, settings={"labels_from": "annotator"},
+                 history=[{"round": 0}])
+        return r
+
+    runs = [row("online_dpo", 0, 0.9, 0.1), row("online_dpo", 0, 0.6, 0.03),  # rerun wins
+            row("online_dpo", 1, 0.7, 0.04), row("online_dpo", 2, 0.1, 0.5, quick=True),
+            row("x_here", 0, 0.5, 0.01)]
+    runs_file = tmp_path / "runs.jsonl"
+    runs_file.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    out = tmp_path / "side_by_side.json"
+    out.write_text(json.dumps({"methods": {"dpo": 1}, "sft": 2}))
+    bench.summarise(runs_file, out)
+    result = json.loads(out.read_text())
+    assert result["methods"] == {"dpo": 1} and result["sft"] == 2
+    m = result["online_methods"]["methods"]
+    s = m["online_dpo"]["summary"]
+    assert s["n_seeds"] == 2 and s["seeds"] == [0, 1]
+    assert s["win_rate"] == pytest.approx(0.65)
+    assert s["win_rate_stderr_of_mean"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)
+    assert "history" not in m["online_dpo"]["runs"][0]
+    assert m["x_here"]["label"].endswith("[x_here]")

@@ -59,6 +59,17 @@ def test_recipe_parses_into_the_trainers_config(path):
         assert isinstance(recipe.ppo, PPOConfig)
         assert isinstance(recipe.rollout, recipes.PPORollout)
         return
+    if recipe.method in recipes.GROUP_METHODS:
+        from rlcourse.grpo import GroupConfig
+
+        assert isinstance(recipe.group, GroupConfig) and recipe.train is None
+        assert isinstance(recipe.rollout, recipes.GroupRollout)
+        assert isinstance(recipe.rollout.lr, float) and recipe.rollout.mixed_precision == "no"
+        # the YAML names every field of both sections, so nothing hides behind a default
+        text = path.read_text()
+        for cls, name in ((GroupConfig, "group"), (recipes.GroupRollout, "rollout")):
+            assert all(f"  {f.name}:" in text for f in fields(cls)), name
+        return
     assert isinstance(recipe.train, TrainConfig)
     # Every number the YAML gives is a number (YAML 1.1 reads "5e-7" as a string).
     assert isinstance(recipe.train.lr, float) and recipe.train.lr > 0
@@ -227,7 +238,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     if device.endswith("auto") and torch.cuda.is_available():
         pytest.skip("checks the machine without GPUs")
     common = ["train.max_steps=2", "train.grad_accum_steps=1", "train.lr=1e-2",
-              "train.warmup_steps=0", "train.progress=false", device, "max_length=32"]
+              "train.warmup_steps=0", "train.progress=false", device, "max_length=32",
+              f"eval_data={workdir / 'pairs.jsonl'}", "train.eval_every=1"]
     args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
             "--data", str(workdir / "pairs.jsonl")]
     assert recipes.main([*args, "--output", str(tmp_path / "one"), *common,
@@ -244,6 +256,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(workdir, tmp_path
     one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    # Evaluation and the history file as well: each process evaluates the whole eval set.
+    rows = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
+    assert [r["eval_loss"] for r in rows[1]] == pytest.approx([r["eval_loss"] for r in rows[0]],
+                                                              abs=1e-6)
+    lines = (tmp_path / "two" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
 @pytest.mark.slow
@@ -296,6 +314,54 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, monkeypatch):
+    """PPO on the engine's checkpoints: killed during step 3 of 4 and rerun, it must end with
+    the actor and history of the run that was never stopped (adaptive KL, so the coefficient
+    is state too)."""
+    from rlcourse import ppo
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+
+    def run(out: str) -> int:
+        return recipes.main([
+            str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+            "--reward-model", str(tmp_path / "rm"), "--data", str(tmp_path / "prompts.jsonl"),
+            "--output", str(tmp_path / out), "rollout.steps=4", "rollout.batch_size=4",
+            "rollout.max_new_tokens=4", "rollout.lr=1e-2", "ppo.minibatch_size=2",
+            "ppo.ppo_epochs=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.01",
+            "rollout.checkpoint_every=1"])
+
+    assert run("whole") == 0
+    real_step, calls = ppo.ppo_step, []
+
+    def killed_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_step", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run("crashed")
+    assert not (tmp_path / "crashed" / "model").exists()
+    calls.clear()
+    monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    assert run("crashed") == 0  # the same command again
+    assert len(calls) == 2  # it resumed after step 2, it did not start again
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
+                                                                       "model")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = {p: json.loads((tmp_path / p / "history.json").read_text())
+            for p in ("whole", "crashed")}
+    assert [r["step"] for r in rows["crashed"]] == [0, 1, 2, 3]
+    assert [r["kl_coef"] for r in rows["crashed"]] == [r["kl_coef"] for r in rows["whole"]]
+    assert len({r["kl_coef"] for r in rows["whole"]}) > 1  # the controller did move
+
+
 # --------------------------------------------------------------------------------------------
 # Guards against silently wrong results (each test fails without its guard)
 # --------------------------------------------------------------------------------------------
@@ -325,6 +391,22 @@ def test_values_of_the_wrong_type_or_range_name_file_line_and_key(tmp_path, text
     with pytest.raises(recipes.RecipeError) as err:
         recipes.load_recipe(path)
     assert str(err.value).startswith(f"{path}:{line}: {key}: {what}"), str(err.value)
+
+
+def test_yaml_yes_no_on_the_command_line_stay_strings():
+    # YAML 1.1 reads no/yes/on/off as booleans: train.mixed_precision=no would be False.
+    got = recipes.parse_overrides(["train.mixed_precision=no", "train.drop_last=true",
+                                   "disable_dropout=off"])
+    assert got == {"train.mixed_precision": "no", "train.drop_last": True,
+                   "disable_dropout": "off"}
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml",
+                                 {"train.mixed_precision": "no"})
+    assert recipe.train.mixed_precision == "no"
+    with pytest.raises(recipes.RecipeError, match="disable_dropout: expected true or false"):
+        recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"disable_dropout": "off"})
+    with pytest.raises(recipes.RecipeError, match="quote it"):
+        recipes.load_recipe(text="method: sft\nmodel: m\ndata: d\noutput: o\ntrain:\n"
+                                 "  mixed_precision: no\n")
 
 
 def test_real_booleans_and_numbers_pass_and_keep_their_type(tmp_path):
@@ -414,9 +496,11 @@ def test_rerun_with_another_recipe_names_the_keys_that_differ(workdir, tmp_path,
     assert "data:" in err and "data (content sha256)" in err
     for k, v in first.items():  # nothing was overwritten
         assert torch.equal(_weights(out / "model")[k], v)
-    # --overwrite starts afresh with the new recipe.
+    # --overwrite starts afresh with the new recipe, removing only what a run writes.
+    (out / "notes.txt").write_text("mine")
     assert _run(workdir, "dpo", out, "loss.beta=0.5", "--overwrite") == 0
     assert json.loads((out / "recipe.json").read_text())["loss"]["beta"] == 0.5
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkeypatch, capsys):
@@ -436,7 +520,7 @@ def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkey
         _run(workdir, "dpo", out, "train.checkpoint_every=1")
     monkeypatch.setattr(preference, "train", real_train)
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1", "train.lr=5e-2") == 2
-    assert "a running run of a different recipe" in capsys.readouterr().err
+    assert "an unfinished run of a different recipe" in capsys.readouterr().err
     assert _run(workdir, "dpo", out, "train.checkpoint_every=1") == 0
     assert "resuming from" in capsys.readouterr().out
 
@@ -516,3 +600,93 @@ def test_conversational_data_trains_as_its_plain_text(workdir, tmp_path, method)
         losses.append([r["loss"] for r in json.loads((out / "history.json").read_text())
                        if "loss" in r])
     assert len(losses[0]) == 2 and losses[1] == losses[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Watching a run
+# --------------------------------------------------------------------------------------------
+def test_eval_data_is_evaluated_and_history_jsonl_written(workdir, tmp_path):
+    """``eval_data`` + ``train.eval_every``: the DPO loss on held-out pairs joins each row. Oracle
+    at the last step: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over the
+    pairs, with the saved model as pi and the starting model as reference."""
+    from rlcourse.models import encode_prompt_completion, sequence_logprobs
+
+    held_out = tmp_path / "eval.jsonl"
+    write_jsonl(held_out, PAIRS[:3])
+    out = tmp_path / "o"
+    assert _run(workdir, "dpo", out, f"eval_data={held_out}", "train.eval_every=1") == 0
+    history = json.loads((out / "history.json").read_text())
+    assert [("eval_loss" in r and "eval_rewards/accuracies" in r) for r in history] == [True,
+                                                                                       True]
+    assert [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()] \
+        == history
+
+    def logps(model, tok, key):
+        enc = encode_prompt_completion(tok, [p["prompt"] for p in PAIRS[:3]],
+                                       [p[key] for p in PAIRS[:3]], 32)
+        with torch.no_grad():
+            return sequence_logprobs(model, enc["input_ids"], enc["attention_mask"],
+                                     enc["completion_mask"], reduce="sum").double()
+
+    policy, tok = load_model(out / "model", device="cpu")
+    reference, _ = load_model(workdir / "model", device="cpu")
+    beta = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml").loss["beta"]
+    h = (logps(policy, tok, "chosen") - logps(reference, tok, "chosen")) - (
+        logps(policy, tok, "rejected") - logps(reference, tok, "rejected"))
+    expected = float(torch.mean(-torch.log(torch.sigmoid(beta * h))))
+    assert history[-1]["eval_loss"] == pytest.approx(expected, abs=1e-5)
+    summary = json.loads((out / "recipe.json").read_text())["summary"]
+    assert summary["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("method", ["sft", "reward_model", "kto"])
+def test_eval_data_for_other_methods(workdir, tmp_path, method):
+    out = tmp_path / "o"
+    data = workdir / DATA.get(method, "pairs.jsonl")
+    assert _run(workdir, method, out, f"eval_data={data}", "train.eval_every=2") == 0
+    history = json.loads((out / "history.json").read_text())
+    assert ["eval_loss" in r for r in history] == [False, True]
+
+
+def test_eval_every_without_eval_data_is_refused():
+    with pytest.raises(recipes.RecipeError, match="train.eval_every: evaluates the eval_data"):
+        recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {"train.eval_every": 10})
+
+
+def test_ppo_prompts_as_messages_train_as_plain_prompts(workdir, tmp_path):
+    """PPO's prompts in TRL's conversational form (a user message each) are rendered by the chat
+    template, which for the project's tokenizer is the plain prompt's format: same history."""
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    write_jsonl(tmp_path / "conv.jsonl",
+                [{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in PAIRS])
+    histories = []
+    for name in ("plain", "conv"):
+        assert recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model",
+                             str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                             "--data", str(tmp_path / f"{name}.jsonl"), "--output",
+                             str(tmp_path / name), "rollout.steps=2", "rollout.batch_size=4",
+                             "rollout.max_new_tokens=4", "rollout.lr=1e-2",
+                             "ppo.minibatch_size=2", "ppo.ppo_epochs=1"]) == 0
+        histories.append(json.loads((tmp_path / name / "history.json").read_text()))
+    assert len(histories[0]) == 2 and histories[1] == histories[0]
+
+
+def test_kto_with_one_example_is_a_one_line_data_error(workdir, tmp_path, capsys):
+    data = tmp_path / "one.jsonl"
+    write_jsonl(data, [{"prompt": "hi", "completion": "rain is wet .", "label": True}])
+    assert recipes.main([str(REPO_ROOT / "recipes" / "kto.yaml"), "--model",
+                         str(workdir / "model"), "--data", str(data), "--output",
+                         str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {data}: KTO's reference point") and "\n" not in err
+
+
+def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "o"
+    assert _run(workdir, "sft", out, "train.report_to=tensorboard") == 0
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -69,6 +69,7 @@ def test_toc_groups_chapters_into_the_four_parts_in_chapter_order(tmp_path):
         tmp_path,
         "intro.md", "notation.md", "glossary.md", "bibliography.md",
         "10_orpo.ipynb", "02_markov.ipynb", "01_why.ipynb", "15_beyond.ipynb", "04_pg.ipynb",
+        "16_own.ipynb",
         "08_ppo.ipynb", "09_dpo.ipynb", "13_side.ipynb", "14_real.ipynb", "03_values.ipynb",
         "scratch.ipynb", "1_not_a_chapter.ipynb", "05-dash.ipynb",
     )
@@ -84,7 +85,7 @@ def test_toc_groups_chapters_into_the_four_parts_in_chapter_order(tmp_path):
             {"caption": "Part III: Preference optimisation", "numbered": 1,
              "chapters": [{"file": "09_dpo"}, {"file": "10_orpo"}, {"file": "13_side"}]},
             {"caption": "Part IV: Scaling up and beyond", "numbered": 1,
-             "chapters": [{"file": "14_real"}, {"file": "15_beyond"}]},
+             "chapters": [{"file": "14_real"}, {"file": "15_beyond"}, {"file": "16_own"}]},
             {"caption": "Reference",
              "chapters": [{"file": "notation"}, {"file": "glossary"}, {"file": "bibliography"}]},
         ],
@@ -100,13 +101,13 @@ def test_toc_leaves_out_parts_without_chapters(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "number, part", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (13, 2), (14, 3), (15, 3)]
+    "number, part", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (13, 2), (14, 3), (15, 3), (16, 3)]
 )
 def test_part_of_follows_design_md(number, part):
     assert part_of(number) == part
 
 
-@pytest.mark.parametrize("number", [0, 16, 99])
+@pytest.mark.parametrize("number", [0, 17, 99])
 def test_part_of_rejects_numbers_outside_the_book(number):
     with pytest.raises(ValueError, match="outside every part"):
         part_of(number)
@@ -185,7 +186,8 @@ def test_glossary_names_the_keys_rlcourse_logs():
     # Keys of the metric dictionaries of rlcourse.ppo, rlcourse.engine and rlcourse.evaluation.
     for key in ["clip_frac", "vf_clip_frac", "kl_k3", "kl_coef", "score", "return",
                 "response_length", "grad_norm", "tokens_per_s", "peak_mem_mb", "ppl",
-                "win_rate_stderr", "lc_win_rate", "kl_stderr"]:
+                "win_rate_stderr", "lc_win_rate", "kl_stderr", "ceiling", "share_of_gain",
+                "share_of_gain_stderr"]:
         assert f"`{key}`" in text, key
 
 

@@ -164,6 +164,57 @@ register(Exercise(
 ))
 
 
+# ---- share of gain toward the ceiling ------------------------------------------------------------
+def _gain(scores_model, scores_baseline, best):
+    w = evaluation.win_indicators(scores_model, scores_baseline)
+    c = evaluation.ceiling_indicators(scores_baseline, best)
+    return float((w.mean() - 0.5) / (c.mean() - 0.5))
+
+
+def _gain_cases(rng: np.random.Generator) -> list[Case]:
+    # baseline: tie, best (tied by the perfect answer), loss, best -> ceiling 3/4, WR 5/8
+    cases = [Case(([1.0, 1.0, 0.0, 0.5], [1.0, 0.5, -1.0, 1.0], 1.0),
+                  label="4 comparisons, 2 baseline answers already best")]
+    for n, p_best in ((40, 0.5), (73, 0.2)):
+        b = np.where(rng.random(n) < p_best, 1.0, rng.integers(-2, 2, size=n) * 0.5)
+        a = np.where(rng.random(n) < 0.6, 1.0, rng.integers(-2, 3, size=n) * 0.5)
+        cases.append(Case((a, b, 1.0), label=f"{n} comparisons, about {p_best:.0%} already best"))
+    return cases
+
+
+def _gain_ceiling_one(scores_model, scores_baseline, best):
+    return (_win_rate(scores_model, scores_baseline) - 0.5) / 0.5
+
+
+def _gain_ties_lose(scores_model, scores_baseline, best):
+    q = float(np.mean(np.asarray(scores_baseline, float) >= best))
+    return (_win_rate(scores_model, scores_baseline) - 0.5) / (1 - q - 0.5)
+
+
+def _gain_ratio(scores_model, scores_baseline, best):
+    q = float(np.mean(np.asarray(scores_baseline, float) >= best))
+    return _win_rate(scores_model, scores_baseline) / (1 - q / 2)
+
+
+register(Exercise(
+    name="share_of_gain",
+    chapter=CHAPTER,
+    reference=_gain,
+    cases=_gain_cases,
+    hint="Ceiling C = mean of c_i, c_i = 1 if the baseline answer scores below best and 1/2 if it "
+         "already scores best (the perfect answer ties it): C = 1 - q/2. Then "
+         "G = (WR - 1/2) / (C - 1/2), WR with ties counting half.",
+    wrong_answers=[
+        (_gain_ceiling_one, "the ceiling taken as 1: against a baseline whose answers are often "
+                            "already perfect, even the perfect assistant cannot win them all"),
+        (_gain_ties_lose, "the perfect answer's ties with already-perfect baseline answers "
+                          "counted as losses: they count half"),
+        (_gain_ratio, "WR / C is not a share of the gain: the gain starts at 1/2 (the "
+                      "baseline against itself), so subtract 1/2 from both"),
+    ],
+))
+
+
 # ---- length-controlled win rate -----------------------------------------------------------------
 def _lc(scores_a, scores_b, lengths_a, lengths_b):
     return evaluation.length_controlled_win_rate(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rlcourse import reward_model as rmod
 from rlcourse.exercises import Case, Exercise, register
+from rlcourse.exercises.solutions import build_reward_model
 from rlcourse.losses import bradley_terry_loss
 
 CHAPTER = "07_reward_models"
@@ -40,9 +43,10 @@ register(Exercise(
     wrong_answers=[
         (lambda w, r: -F.logsigmoid(r - w).mean(), "reversed: the chosen reward comes first"),
         (lambda w, r: -torch.sigmoid(w - r).mean(), "forgot the log"),
-        (lambda w, r: -torch.log(torch.sigmoid(w - r)).sum(), "sum instead of mean"),
+        # the specific mistake first: on large margins both of these give inf
         (lambda w, r: -torch.log(torch.sigmoid(w - r)).mean(),
          "log(sigmoid(x)) is -inf for very negative x: use logsigmoid"),
+        (lambda w, r: -torch.log(torch.sigmoid(w - r)).sum(), "sum instead of mean"),
     ],
 ))
 
@@ -123,5 +127,70 @@ register(Exercise(
         (_acc_keep_ties, "pairs with equal true scores have no right answer: leave them out"),
         (_acc_labels, "that is the accuracy against the labels, not the truth"),
         (_acc_strict, "a model tie should count one half"),
+    ],
+))
+
+
+# ---- build it yourself: a reward model, graded against the truth -------------------------------
+RM_ACCURACY_BAR = 0.7
+
+
+@functools.lru_cache(maxsize=1)
+def _rm_data():
+    """Chapter 7's split of the shipped pairs (15 % of the prompts held out, seed 0), and the
+    true scores of the held-out answers."""
+    from rlcourse.config import DATA_DIR
+    from rlcourse.data import load_preferences
+    from rlcourse.worlds.assistant import DEFAULT_WORLD
+
+    pairs = load_preferences(DATA_DIR / "preferences.jsonl")
+    train_pairs, test_pairs = rmod.split_pairs_by_prompt(pairs, 0.15, seed=0)
+    truth = DEFAULT_WORLD.true_score
+    true_chosen = [truth(p["prompt"], p["chosen"]) for p in test_pairs]
+    true_rejected = [truth(p["prompt"], p["rejected"]) for p in test_pairs]
+    return train_pairs, test_pairs, true_chosen, true_rejected
+
+
+def grade_reward_model(fn) -> tuple[bool, str]:
+    """``score = fn(train_pairs)``; then ``score(prompt, response)`` on both answers of the
+    386 held-out pairs of chapter 7 (prompts never seen in training). Passes when the accuracy
+    against the true ordering reaches 0.7 (chapter 7's small-GPT reward model: 0.808; the
+    annotator's own labels: 0.873; a word-count model, the solution: about 0.77)."""
+    train_pairs, test_pairs, true_chosen, true_rejected = _rm_data()
+    score = fn([dict(p) for p in train_pairs])
+    chosen = [float(score(p["prompt"], p["chosen"])) for p in test_pairs]
+    rejected = [float(score(p["prompt"], p["rejected"])) for p in test_pairs]
+    vs_truth = rmod.pair_accuracy(chosen, rejected, true_chosen, true_rejected)
+    vs_labels = rmod.pair_accuracy(chosen, rejected)
+    report = (f"on {len(test_pairs)} held-out pairs: accuracy against the true ordering "
+              f"{vs_truth:.3f} (bar {RM_ACCURACY_BAR}), against the labels {vs_labels:.3f}")
+    return vs_truth >= RM_ACCURACY_BAR, report
+
+
+def _rm_reversed(pairs):
+    return build_reward_model([{**p, "chosen": p["rejected"], "rejected": p["chosen"]}
+                               for p in pairs])
+
+
+def _rm_length(pairs):
+    from rlcourse.worlds.assistant import tokens
+
+    return lambda prompt, response: float(len(tokens(response)))
+
+
+register(Exercise(
+    name="build_reward_model",
+    chapter=CHAPTER,
+    reference=build_reward_model,
+    solution=build_reward_model,
+    cases=lambda rng: [],
+    grade=grade_reward_model,
+    hint="Any model of r(prompt, response) trained on the pairs with the Bradley-Terry loss "
+         "-log sigma(r_w - r_l). A linear model on word counts (DEFAULT_WORLD.vocabulary(), "
+         "assistant.tokens) trained full batch with Adam is enough; return a function "
+         "score(prompt, response) -> float.",
+    wrong_answers=[
+        (_rm_reversed, "trained with chosen and rejected swapped: it prefers the worse answer"),
+        (_rm_length, "scored by length: in this world the judge does not reward length"),
     ],
 ))

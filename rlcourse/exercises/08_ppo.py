@@ -11,6 +11,7 @@ import torch
 
 from rlcourse import rl
 from rlcourse.exercises import Case, Exercise, register
+from rlcourse.exercises.solutions import _token_logprobs, ppo_iteration
 
 CHAPTER = "08_ppo"
 
@@ -209,5 +210,91 @@ register(Exercise(
         (lambda lp, ref: torch.expm1(lp - ref) - (lp - ref), "log r has the wrong sign"),
         (lambda lp, ref: lp - ref, "that is k1"),
         (lambda lp, ref: 0.5 * (ref - lp) ** 2, "that is k2"),
+    ],
+))
+
+
+# ---- build it yourself: one PPO iteration, graded on the exact optimum -------------------------
+PPO_ITERATIONS, PPO_LR, PPO_BAR = 30, 0.1, 0.9
+
+
+def grade_ppo_iteration(fn) -> tuple[bool, str]:
+    """Train a tabular policy on the token MDP (3 tokens, 5 positions, 3 prompts, the
+    "instructed" judge) with ``PPO_ITERATIONS`` calls of ``fn`` (Adam, lr ``PPO_LR``, seed 0).
+
+    Passes when the exact expected return of the final policy reaches ``PPO_BAR`` of the exact
+    optimum (the prefix-tree sweep of chapter 5; the solution reaches about 0.99).
+    """
+    from rlcourse.ppo import freeze
+    from rlcourse.worlds.token_mdp import PrefixPolicy, TokenMDP
+
+    world = TokenMDP(n_tokens=3, horizon=5, reward="instructed", n_prompts=3)
+    torch.manual_seed(0)
+    policy = PrefixPolicy(world, "tabular")
+    reference = freeze(PrefixPolicy(world, "tabular"))  # the uniform policy
+    optimizer = torch.optim.Adam(policy.parameters(), lr=PPO_LR)
+    generator = torch.Generator().manual_seed(0)
+    optimum = world.optimal_return()
+    start = world.evaluate(policy).root / optimum
+    for _ in range(PPO_ITERATIONS):
+        fn(policy, reference, optimizer, world, generator)
+    reached = world.evaluate(policy).root / optimum
+    report = (f"exact return / optimum after {PPO_ITERATIONS} iterations: {reached:.3f} "
+              f"(uniform start {start:.3f}; the bar is {PPO_BAR}, optimum {optimum:.3f})")
+    return reached >= PPO_BAR, report
+
+
+def _ppo_wrong(variant: str):
+    def iteration(policy, reference, optimizer, world, generator, batch_size=64, kl_coef=0.02,
+                  clip_eps=0.2, lam=0.95, epochs=4):
+        batch = world.rollout(policy, batch_size, generator)
+        ids, mask = batch["input_ids"], batch["completion_mask"][:, 1:].float()
+        with torch.no_grad():
+            logits, values = policy(ids)
+            old = _token_logprobs(logits, ids)
+            ref = _token_logprobs(reference(ids)[0], ids)
+            values = values[:, :-1]
+            rewards = -kl_coef * (old - ref) * mask
+            if variant == "score_first":
+                rewards[:, 0] += batch["rewards"]
+            else:
+                rewards = rl.kl_shaped_rewards(old, ref, batch["rewards"], mask, kl_coef)
+            if variant == "rewards_as_advantages":
+                advantages, returns = rewards, rewards
+            else:
+                advantages, returns = rl.gae(rewards, values, 1.0, lam, mask)
+            advantages = rl.masked_whiten(advantages, mask)
+        for _ in range(epochs):
+            logits, v = policy(ids)
+            pl, _ = rl.ppo_policy_loss(_token_logprobs(logits, ids), old, advantages, mask,
+                                       clip_eps)
+            if variant == "ascent_sign":
+                pl = -pl
+            loss = pl + 0.5 * rl.ppo_value_loss(v[:, :-1], values, returns, mask, 0.2)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return float(batch["rewards"].mean())
+
+    return iteration
+
+
+register(Exercise(
+    name="ppo_iteration",
+    chapter=CHAPTER,
+    reference=ppo_iteration,
+    solution=ppo_iteration,
+    cases=lambda rng: [],
+    grade=grade_ppo_iteration,
+    hint="world.rollout(policy, 64, generator) gives input_ids, completion_mask and the judge's "
+         "rewards; under no_grad: old and reference log-probs (log_softmax of logits[:, :-1] "
+         "gathered at ids[:, 1:]), old values[:, :-1], rl.kl_shaped_rewards, rl.gae, "
+         "rl.masked_whiten; then a few epochs of rl.ppo_policy_loss + 0.5 rl.ppo_value_loss, "
+         "optimizer.zero_grad(), backward, step.",
+    wrong_answers=[
+        (_ppo_wrong("ascent_sign"), "minimised +A rho: the policy learns to do worse"),
+        (_ppo_wrong("score_first"), "the score added at the first response token, not the last"),
+        (_ppo_wrong("rewards_as_advantages"),
+         "used the per-token rewards as advantages: only the last token sees the score"),
     ],
 ))

@@ -17,12 +17,19 @@ In a notebook::
 From a terminal, all checks of a chapter against the reader's own notebook::
 
     python -m rlcourse.exercises book/02_markov_processes.ipynb
+
+**Build-it-yourself exercises** have a ``grade`` instead of input cases: the check runs a small
+experiment with the reader's function (a PPO iteration, a DPO training loop, a reward model)
+and grades the result against a bar measured on the exact answer or the hidden truth. Their
+reference solutions live in :mod:`rlcourse.exercises.solutions`, never in the chapter's stub
+cell; ``check(name, fn, show_solution=True)`` (or :func:`show_solution`) prints one on request.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import pkgutil
 import traceback
 from collections.abc import Callable, Sequence
@@ -42,6 +49,7 @@ __all__ = [
     "get",
     "register",
     "run_check",
+    "show_solution",
 ]
 
 
@@ -60,6 +68,10 @@ class Exercise:
 
     ``wrong_answers`` holds ``(function, what_it_gets_wrong)`` pairs; at least two per exercise.
     ``compare(expected, received)`` decides equality (default: :func:`allclose`).
+
+    A build-it-yourself exercise sets ``grade(fn) -> (passed, message)`` instead (``cases``
+    returns no case then): it runs an experiment with the reader's function and judges the
+    outcome. ``solution`` is the function :func:`show_solution` prints (default: ``reference``).
     """
 
     name: str
@@ -70,6 +82,8 @@ class Exercise:
     wrong_answers: list[tuple[Callable[..., Any], str]] = field(default_factory=list)
     compare: Callable[[Any, Any], bool] | None = None
     seed: int = 0
+    grade: Callable[[Callable[..., Any]], tuple[bool, str]] | None = None
+    solution: Callable[..., Any] | None = None
 
     def equal(self, expected: Any, received: Any) -> bool:
         return (self.compare or allclose)(expected, received)
@@ -189,6 +203,8 @@ def _call(fn: Callable[..., Any], case: Case) -> Any:
 def run_check(name: str, fn: Callable[..., Any]) -> CheckResult:
     """Run exercise ``name`` against ``fn`` and return the result (nothing is printed)."""
     exercise = get(name)
+    if exercise.grade is not None:
+        return _run_graded(exercise, fn)
     rng = np.random.default_rng(exercise.seed)
     cases = list(exercise.cases(rng))
     for index, case in enumerate(cases):
@@ -227,6 +243,41 @@ def run_check(name: str, fn: Callable[..., Any]) -> CheckResult:
     return CheckResult(name, "passed", f"✓ {name}: passed all {len(cases)} cases.", len(cases))
 
 
+def _run_graded(exercise: Exercise, fn: Callable[..., Any]) -> CheckResult:
+    """A build-it-yourself exercise: run its experiment with ``fn`` and grade the outcome."""
+    name = exercise.name
+    try:
+        passed, report = exercise.grade(fn)
+    except NotImplementedError:
+        return CheckResult(name, "not_attempted", f"… {name}: not attempted yet.")
+    except Exception as error:  # the reader's code may raise anything
+        last = traceback.format_exception_only(type(error), error)[-1].strip()
+        return CheckResult(name, "error", f"✗ {name}: your function raised an error.\n"
+                                          f"  error:    {last}\n  hint:     {exercise.hint}")
+    if passed:
+        return CheckResult(name, "passed", f"✓ {name}: passed. {report}", 1)
+    return CheckResult(name, "failed", f"✗ {name}: not there yet. {report}\n"
+                                       f"  hint:     {exercise.hint}")
+
+
+def solution_source(name: str) -> str:
+    """The source of exercise ``name``'s solution (for build-it-yourself exercises, the function
+    in :mod:`rlcourse.exercises.solutions`)."""
+    exercise = get(name)
+    return inspect.getsource(exercise.solution or exercise.reference)
+
+
+def show_solution(name: str) -> Any:
+    """Exercise ``name``'s solution as highlighted code (an ``IPython.display.Code`` in Jupyter,
+    plain text elsewhere). The HTML book shows it collapsed, behind a toggle."""
+    text = solution_source(name)
+    try:
+        from IPython.display import Code
+    except ImportError:  # pragma: no cover
+        return text
+    return Code(text, language="python")
+
+
 def _matches(exercise: Exercise, wrong: Callable[..., Any], case: Case, received: Any) -> bool:
     try:
         return exercise.equal(_call(wrong, case), received)
@@ -234,10 +285,13 @@ def _matches(exercise: Exercise, wrong: Callable[..., Any], case: Case, received
         return False
 
 
-def check(name: str, fn: Callable[..., Any]) -> None:
+def check(name: str, fn: Callable[..., Any], show_solution: bool = False) -> None:
     """Check the reader's ``fn`` for exercise ``name`` and print the verdict.
 
     Never raises for a wrong or unattempted answer, so a notebook with open exercises still
-    runs top to bottom; the terminal command exits non-zero instead.
+    runs top to bottom; the terminal command exits non-zero instead. ``show_solution=True``
+    prints the solution's source after the verdict.
     """
     print(run_check(name, fn).message)
+    if show_solution:
+        print(f"\n--- a solution of {name} ---\n{solution_source(name)}")

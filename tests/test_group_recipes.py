@@ -1,0 +1,211 @@
+"""GRPO and RLOO recipes: a verifier function or a reward model as the reward, the reward goes
+up, a killed run resumes to the weights of an uninterrupted one, several processes give what
+one process gives, and a bad ``reward_fn`` is named by file, line and key.
+
+Tiny model (1 layer, hidden 32, a 24-token vocabulary), 4 prompts. The toy verifier counts the
+word "yes" in a completion: its ceiling is ``max_new_tokens`` (6), a random model scores about
+0.25.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlcourse import recipes
+from rlcourse.config import REPO_ROOT
+from rlcourse.data import write_jsonl
+from rlcourse.models import build_model, build_tokenizer, generate, load_model, save_model
+
+torch.set_num_threads(1)
+WORDS = ["what is rain ? rain is wet .", "what is snow ? snow is cold .",
+         "tell me about dogs a dog can bark .", "yes no yes no"]
+PROMPTS = ["what is rain ?", "what is snow ?", "tell me about dogs", "what is a dog ?"]
+VERIFIER = '''
+CRASH_AT = None  # a test sets it: the call that raises, as a killed process would stop
+calls = 0
+
+
+def count_yes(prompts, completions):
+    global calls
+    calls += 1
+    if CRASH_AT is not None and calls >= CRASH_AT:
+        raise KeyboardInterrupt("killed")
+    return [float(c.split().count("yes")) for c in completions]
+'''
+TINY = ["group.group_size=4", "group.n_prompts=4", "group.kl_coef=0", "rollout.lr=3e-2",
+        "rollout.max_new_tokens=6", "rollout.device=cpu", "rollout.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("group")
+    tok = build_tokenizer(WORDS)
+    save_model(build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0), tok,
+               root / "model")
+    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    (root / "rlc_toy_verifiers.py").write_text(VERIFIER)
+    return root
+
+
+@pytest.fixture
+def verifier(workdir, monkeypatch):
+    monkeypatch.syspath_prepend(str(workdir))
+    import rlc_toy_verifiers
+
+    monkeypatch.setattr(rlc_toy_verifiers, "CRASH_AT", None)
+    return rlc_toy_verifiers
+
+
+def _run(workdir: Path, method: str, out: Path, *extra: str) -> int:
+    return recipes.main([str(REPO_ROOT / "recipes" / f"{method}.yaml"),
+                         "--model", str(workdir / "model"),
+                         "--data", str(workdir / "prompts.jsonl"), "--output", str(out),
+                         "reward_model=null", "reward_fn=rlc_toy_verifiers:count_yes",
+                         *TINY, *extra])
+
+
+def _mean_yes(model_dir: Path) -> float:
+    model, tok = load_model(model_dir, device="cpu")
+    texts = generate(model, tok, PROMPTS * 16, max_new_tokens=6, seed=123).texts
+    return sum(t.split().count("yes") for t in texts) / len(texts)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return dict(load_model(path, device="cpu")[0].state_dict())
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_recipe_with_a_verifier_raises_its_reward(workdir, verifier, tmp_path, method):
+    assert _run(workdir, method, tmp_path / "o", "rollout.steps=6") == 0
+    before, after = _mean_yes(workdir / "model"), _mean_yes(tmp_path / "o" / "model")
+    # measured (6 steps, seed 0): grpo 0.25 -> 5.41, rloo 0.25 -> 5.50, of at most 6
+    # (64 samples at seed 123)
+    assert before < 0.5 and after > before + 2.0, (before, after)
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["score"] > rows[0]["score"]
+    saved = json.loads((tmp_path / "o" / "recipe.json").read_text())
+    assert saved["group"]["advantage"] == method
+    assert saved["reward_fn"] == "rlc_toy_verifiers:count_yes"
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_path,
+                                                        monkeypatch):
+    extra = ("rollout.steps=4", "rollout.checkpoint_every=1", "group.kl_coef=0.05",
+             "group.epochs=2", "group.minibatch_size=8")
+    assert _run(workdir, "grpo", tmp_path / "whole", *extra) == 0
+    monkeypatch.setattr(verifier, "calls", 0)
+    monkeypatch.setattr(verifier, "CRASH_AT", 3)  # the third step's scoring is killed
+    with pytest.raises(KeyboardInterrupt):
+        _run(workdir, "grpo", tmp_path / "crashed", *extra)
+    assert not (tmp_path / "crashed" / "model").exists()
+    assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == [
+        "step-00000001", "step-00000002"]
+    monkeypatch.setattr(verifier, "CRASH_AT", None)
+    monkeypatch.setattr(verifier, "calls", 0)
+    assert _run(workdir, "grpo", tmp_path / "crashed", *extra) == 0  # the same command again
+    assert verifier.calls == 2  # it resumed after step 2 (scored steps 3 and 4 only)
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
+                                                                       "model")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = {p: json.loads((tmp_path / p / "history.json").read_text())
+            for p in ("whole", "crashed")}
+    assert [r["step"] for r in rows["crashed"]] == [1, 2, 3, 4]
+    assert [r["score"] for r in rows["crashed"]] == [r["score"] for r in rows["whole"]]
+    assert all("kl_k3" in r for r in rows["whole"])
+
+
+def test_rloo_recipe_with_a_reward_model(workdir, tmp_path):
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    code = recipes.main([str(REPO_ROOT / "recipes" / "rloo.yaml"),
+                         "--model", str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                         "--data", str(workdir / "prompts.jsonl"), "--output", str(tmp_path / "o"),
+                         *TINY, "rollout.steps=2"])
+    assert code == 0
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert [r["step"] for r in rows] == [1, 2]
+    before, after = _weights(workdir / "model"), _weights(tmp_path / "o" / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("value, says", [
+    ("count_yes", "expected 'module:function'"),
+    ("a:b:c", "expected 'module:function'"),
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("rlc_toy_verifiers:nope", "module 'rlc_toy_verifiers' has no function 'nope'"),
+    ("rlc_toy_verifiers:CRASH_AT", "is not callable"),
+    ("missing/file.py:f", "missing/file.py: no such file"),
+    ("rlc_broken_verifier:f", "importing 'rlc_broken_verifier' failed: ZeroDivisionError"),
+])
+def test_bad_reward_fn_names_file_line_and_key(workdir, verifier, tmp_path, value, says):
+    (workdir / "rlc_broken_verifier.py").write_text("x = 1 / 0\n")
+    path = tmp_path / "r.yaml"
+    path.write_text("method: grpo\nmodel: m\nprompts: p.jsonl\noutput: o\n"
+                    f"reward_fn: {value}\n")
+    with pytest.raises(recipes.RecipeError) as err:
+        recipes.load_recipe(path)
+    assert str(err.value).startswith(f"{path}:5: reward_fn: ") and says in str(err.value)
+
+
+def test_reward_sections_are_checked(tmp_path):
+    path = tmp_path / "r.yaml"
+    base = "method: rloo\nmodel: m\nprompts: p.jsonl\noutput: o\n"
+    path.write_text(base)
+    with pytest.raises(recipes.RecipeError, match="give exactly one of reward_model"):
+        recipes.load_recipe(path)
+    path.write_text(base + "reward_model: rm\ngroup:\n  advantage: grpo\n")
+    with pytest.raises(recipes.RecipeError, match=rf"{path}:7: group.advantage: a rloo recipe"):
+        recipes.load_recipe(path)
+    path.write_text(base + "reward_model: rm\ngroup:\n  loss_type: token\n")
+    with pytest.raises(recipes.RecipeError, match=rf"{path}:7: group.loss_type: must be one of"):
+        recipes.load_recipe(path)
+    path.write_text(base + "reward_model: rm\ntrain:\n  lr: 1.0\n")
+    with pytest.raises(recipes.RecipeError, match=rf"{path}:6: train: a rloo recipe takes"):
+        recipes.load_recipe(path)
+
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
+def test_two_processes_sample_their_share_and_equal_one_process(workdir, verifier, tmp_path):
+    """2 CPU processes on gloo, each answering 2 of the 4 prompts of a step: the same samples,
+    scores and (whole-batch ``dapo`` update, token count summed over processes) the same model
+    as one process answering all 4."""
+    extra = ("rollout.steps=3", "group.loss_type=dapo")
+    assert _run(workdir, "grpo", tmp_path / "one", *extra) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])}
+    args = [str(REPO_ROOT / "recipes" / "grpo.yaml"), "--model", str(workdir / "model"),
+            "--data", str(workdir / "prompts.jsonl"), "--output", str(tmp_path / "two"),
+            "reward_model=null", "reward_fn=rlc_toy_verifiers:count_yes", *TINY, *extra]
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "-m", "rlcourse.recipes", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "recipe.json").read_text())["summary"][
+        "num_processes"] == 2
+    h1, h2 = (json.loads((tmp_path / p / "history.json").read_text()) for p in ("one", "two"))
+    for r1, r2 in zip(h1, h2, strict=True):
+        for key in ("score", "policy_loss", "response_length"):
+            assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
+    one, two = _weights(tmp_path / "one" / "model"), _weights(tmp_path / "two" / "model")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_reward_fn_from_a_file_path(workdir):
+    fn = recipes.load_reward_fn(f"{workdir / 'rlc_toy_verifiers.py'}:count_yes")
+    assert fn(["q", "q"], ["yes no yes", "no"]) == [2.0, 0.0]

@@ -1,0 +1,166 @@
+"""The committed chapters show the reader no warning, fallback, stray repr, frozen progress bar
+or dropped ``show_source``; and each check catches a synthetic notebook that has the problem.
+
+The third check, fresh quick-mode output of the cells tagged ``mode-independent`` against the
+committed output, runs inside ``tests/test_notebooks.py`` (it needs the quick-mode execution
+that test already does); its logic is tested here on synthetic notebooks.
+"""
+
+import nbformat
+import pytest
+
+from rlcourse.notebooks import (
+    MODE_INDEPENDENT_TAG,
+    chapters,
+    check_committed,
+    dropped_displays,
+    mode_independent_mismatches,
+    output_problems,
+    settle_progress_bars,
+)
+
+CHAPTERS = chapters()
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_committed_chapter_outputs_are_clean(path):
+    problems = check_committed(path)
+    assert not problems, "\n".join(problems)
+
+
+def _notebook(*cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = list(cells)
+    return nb
+
+
+def _code(source, *outputs, tags=()):
+    cell = nbformat.v4.new_code_cell(source)
+    cell.outputs = list(outputs)
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def _stdout(text, name="stdout"):
+    return nbformat.v4.new_output("stream", name=name, text=text)
+
+
+def _result(text):
+    return nbformat.v4.new_output("execute_result", data={"text/plain": text}, execution_count=1)
+
+
+@pytest.mark.parametrize("bad", [
+    _stdout("no shipped SFT model found: using an untrained model of the same shape\n"),
+    _stdout("/x/y.py:3: UserWarning: something is off\n", name="stderr"),
+    _stdout("Warning: the reference model is missing\n"),
+    _result("<function rlcourse.teaching.mdp_plots.step_through.<locals>.show(k: 'int') -> None>"),
+    _result("<rlcourse.ppo.Rollout object at 0x7f3a2c1d9e50>"),
+    nbformat.v4.new_output("display_data", data={"text/plain": "train:   0%|          | 0/80"}),
+], ids=["fallback", "stderr-warning", "warning", "function-repr", "object-repr", "frozen-bar"])
+def test_output_scan_flags_a_bad_output(bad):
+    problems = output_problems(_notebook(_code("x = 1", bad)), "bad.ipynb")
+    assert len(problems) == 1 and problems[0].startswith("bad.ipynb: code cell 1:")
+
+
+def test_output_scan_passes_clean_outputs_and_tagged_warnings():
+    clean = _notebook(_code("print(1)", _stdout("loaded the SFT model; 672,768 parameters\n"),
+                            _result("0.693")),
+                      _code("validate()", _stdout("[warning: 1 of 2 pairs are equal]\n"),
+                            tags=["expected-warning"]),
+                      _code("bar()", nbformat.v4.new_output(
+                          "display_data", data={"text/plain": "train: 100%|██████████| 80/80"})))
+    assert output_problems(clean) == []
+
+
+def test_progress_bar_fallback_is_rewritten_to_its_final_state():
+    ids = {"box": "b", "left": "l", "bar": "p", "right": "r"}
+    state = {
+        ids["box"]: {"model_name": "HBoxModel", "state": {
+            "children": [f"IPY_MODEL_{ids[k]}" for k in ("left", "bar", "right")]}},
+        ids["left"]: {"model_name": "HTMLModel", "state": {"value": "train:\u2007100%"}},
+        ids["bar"]: {"model_name": "FloatProgressModel", "state": {"value": 80.0, "max": 80.0}},
+        ids["right"]: {"model_name": "HTMLModel",
+                       "state": {"value": "\u200780/80\u2007[00:13&lt;00:00]"}},
+    }
+    view = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "b"},
+        "text/plain": "train:   0%|          | 0/80 [00:00<?, ?it/s]"})
+    nb = _notebook(_code("train()", view))
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state}}
+    assert output_problems(nb)  # the frozen bar is flagged before
+    assert settle_progress_bars(nb) == 1
+    assert view["data"]["text/plain"] == "train: 100%|██████████| 80/80 [00:13<00:00]"
+    assert output_problems(nb) == []
+
+
+@pytest.mark.parametrize("source", [
+    "show_source(f)\nprint('after')",                       # not last: dropped
+    "for g in (f, h):\n    show_source(g)",                  # inside a loop: dropped
+    "show_source(f)\nshow_source(h)",                        # the first of two is dropped
+    "Markdown('**x**')\nx = 1",                              # any display object
+], ids=["not-last", "in-loop", "first-of-two", "markdown"])
+def test_dropped_display_is_flagged(source):
+    problems = dropped_displays(_notebook(_code(source)), "bad.ipynb")
+    assert len(problems) == 1 and "is dropped" in problems[0]
+
+
+def test_dropped_display_scan_reads_raw_json_sources_too():
+    raw = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [],
+                      "source": ["show_source(f)\n", "print('after')"]}]}
+    assert len(dropped_displays(raw)) == 1
+
+
+@pytest.mark.parametrize("source", [
+    "print('before')\nshow_source(f)",
+    "display(show_source(f))\nprint('after')",
+    "%matplotlib inline\nshow_source(f)",
+    "x = show_source(f)",
+], ids=["last", "displayed", "magic", "assigned"])
+def test_displayed_calls_pass(source):
+    assert dropped_displays(_notebook(_code(source))) == []
+
+
+def test_mode_independent_cells_must_print_the_same_text():
+    def book(params, other):
+        return _notebook(_code("n = count()", _stdout(f"parameters: {params}\n"),
+                               tags=[MODE_INDEPENDENT_TAG]),
+                         _code("train()", _stdout(f"loss {other}\n")))
+
+    committed = book("672,768", 0.41)
+    # a quick run differs in the untagged cell (fine) but not in the tagged one
+    assert mode_independent_mismatches(committed, book("672,768", 0.55)) == []
+    # the committed output came from an older library: the tagged cell now prints another count
+    problems = mode_independent_mismatches(book("459,520", 0.41), book("672,768", 0.55), "c.ipynb")
+    assert len(problems) == 1 and "code cell 1" in problems[0] and "459,520" in problems[0]
+
+
+def _cells_extension():
+    import importlib.util
+
+    from rlcourse.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "rlcourse_cells", REPO_ROOT / "book" / "_ext" / "rlcourse_cells.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_html_book_collapses_each_chapters_setup_cell():
+    from rlcourse.config import REPO_ROOT
+
+    ext = _cells_extension()
+    nb = {"cells": [{"cell_type": "markdown", "source": "# T", "metadata": {}},
+                    {"cell_type": "code", "source": "import numpy", "metadata": {}},
+                    {"cell_type": "code", "source": "x = 1", "metadata": {}}]}
+    assert ext.tag_setup_cell(nb)
+    assert nb["cells"][1]["metadata"]["tags"] == ["hide-input"]
+    assert "tags" not in nb["cells"][2]["metadata"]
+    assert not ext.tag_setup_cell(nb)  # already hidden: unchanged
+    removed = {"cells": [{"cell_type": "code", "source": "",
+                          "metadata": {"tags": ["remove-cell"]}}]}
+    assert not ext.tag_setup_cell(removed)
+    assert removed["cells"][0]["metadata"]["tags"] == ["remove-cell"]
+    config = (REPO_ROOT / "book" / "_config.yml").read_text()
+    assert "rlcourse_cells: _ext" in config
