@@ -121,6 +121,11 @@ def test_lora_recipe_resumes_after_a_crash(workdir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(workdir, "dpo", tmp_path / "crashed", *extra)
     monkeypatch.setattr(preference, "train", real_train)
+    # Checkpoints under LoRA hold the adapters only, not the frozen base.
+    step = sorted((tmp_path / "crashed" / "checkpoints").glob("step-*"))[-1]
+    assert (step / "adapter.safetensors").exists() and not (step / "model.safetensors").exists()
+    base_bytes = (workdir / "model" / "model.safetensors").stat().st_size
+    assert (step / "adapter.safetensors").stat().st_size < base_bytes / 3
     assert _run(workdir, "dpo", tmp_path / "crashed", *extra) == 0
     ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
     logits = [
