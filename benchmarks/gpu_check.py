@@ -185,7 +185,7 @@ def part_dpo(args, lora: bool = False) -> dict:
     predicted = training_step_memory(
         TransformerShape.from_config(config), 2 * args.pairs, seq_len,
         lora_r=16 if lora else None, checkpointing=lora, weight_bytes=2 if lora else 4,
-        trainable_bytes=4, activation_bytes=2)
+        trainable_bytes=4, activation_bytes=2, foreach=True)
     losses = run.history.series("loss")[1]
     return {"what": "rlcourse DPO step" + (" LoRA r=16 + gradient checkpointing" if lora else
                                            ", full fine-tune"),

@@ -57,6 +57,7 @@ __all__ = [
     "generate",
     "last_token_index",
     "load_model",
+    "load_tokenizer",
     "logprobs_from_logits",
     "position_ids_from_mask",
     "save_model",
@@ -360,6 +361,29 @@ def _as_dtype(dtype: Any) -> Any:
     return dtype
 
 
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved in ``path``: ``AutoTokenizer``, except for a word-level tokenizer
+    (:func:`build_tokenizer`), which is read as the generic fast tokenizer it was saved as.
+
+    Why: ``transformers`` 5 picks the tokenizer class from the model's ``model_type`` and
+    rebuilds its text pipeline; next to a Qwen2 model it makes a ``Qwen2Tokenizer`` whose
+    byte-level splitting finds none of the saved words, so every text encodes to special
+    tokens only and training sees empty prompts and answers without any error.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    spec = path / "tokenizer.json"
+    if spec.is_file():
+        try:
+            kind = json.loads(spec.read_text(encoding="utf-8")).get("model", {}).get("type")
+        except (OSError, ValueError):
+            kind = None
+        if kind == "WordLevel":
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     path: str | os.PathLike,
     device: str = "auto",
@@ -368,17 +392,17 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` from a local directory holding any causal LM and tokenizer.
 
-    Uses ``AutoModelForCausalLM`` / ``AutoTokenizer`` with safetensors only. ``dtype``: ``None``
-    (float32), ``"auto"`` (as saved), a ``torch.dtype`` or a name such as ``"bf16"``.
+    Uses ``AutoModelForCausalLM`` / :func:`load_tokenizer` with safetensors only. ``dtype``:
+    ``None`` (float32), ``"auto"`` (as saved), a ``torch.dtype`` or a name such as ``"bf16"``.
     ``device="auto"`` picks cuda, mps or cpu. Custom model code runs only with
     ``trust_remote_code=True``. The model is returned in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             path,

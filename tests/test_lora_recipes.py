@@ -71,9 +71,13 @@ def test_lora_dpo_recipe_saves_adapter_and_merged_model(workdir, tmp_path):
     assert "model.safetensors" not in saved and "tokenizer.json" in saved
     recorded = json.loads((out / "recipe.json").read_text())
     assert recorded["lora"]["r"] == 4 and recorded["train"]["gradient_checkpointing"] is True
-    # The adapter on its base, and the merged model alone, compute the same logits.
-    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
-    adapted = PeftModel.from_pretrained(base, out / "model")
+    # The adapter on its base (the one adapter_config.json names), and the merged model alone,
+    # compute the same logits.
+    from rlcourse.adapters import load_lora
+
+    adapted, tokenizer = load_lora(out / "model", device="cpu")
+    assert tokenizer("what is rain ?")["input_ids"][0] != tokenizer.unk_token_id
+    assert isinstance(adapted, PeftModel)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
