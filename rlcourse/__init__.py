@@ -12,7 +12,7 @@ Layers (imports point downward only; :data:`LAYERS` is the same table as code, a
    :mod:`rlcourse.recipes`
 4. worlds and evaluation: :mod:`rlcourse.worlds`, :mod:`rlcourse.evaluation`
 5. teaching aids and book tooling: :mod:`rlcourse.teaching`, :mod:`rlcourse.exercises`,
-   :mod:`rlcourse.notebooks`, :mod:`rlcourse.site`
+   :mod:`rlcourse.notebooks`, :mod:`rlcourse.book`, :mod:`rlcourse.site`
 
 Submodules are imported on demand, so ``import rlcourse`` stays cheap.
 """
@@ -31,5 +31,5 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("models", "data", "adapters"),
     3: ("engine", "ppo", "grpo", "preference", "reward_model", "online", "recipes"),
     4: ("worlds", "evaluation"),
-    5: ("teaching", "exercises", "notebooks", "site"),
+    5: ("teaching", "exercises", "notebooks", "book", "site"),
 }
