@@ -161,3 +161,42 @@ def test_ppo_and_simpo_sections():
                                  "output: o\nlora: {r: 4}\n")
     r = recipes.load_recipe(text="method: dpo\nmodel: m\ndata: d\noutput: o\nlora: {}\n")
     assert r.lora is not None and r.lora.target_modules == "all-linear"
+
+
+@pytest.mark.slow
+def test_lora_two_processes_short_run_equal_one_process(workdir, tmp_path):
+    """``torchrun --nproc_per_node 2`` on CPU (gloo), LoRA + checkpointing, one step that reads
+    4 of the 6 pairs: the reference pass scores only those on each process (an unscored one
+    would stop the run) and the adapters equal one process with the global batch."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    common = ["train.max_steps=1", "train.grad_accum_steps=1", "train.lr=1e-2",
+              "train.warmup_steps=0", "train.progress=false", "train.device=cpu",
+              "max_length=32", "lora.r=4", "train.gradient_checkpointing=true"]
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
+            "--data", str(workdir / "pairs.jsonl")]
+    assert recipes.main([*args, "--output", str(tmp_path / "one"), *common,
+                         "train.batch_size=4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "rlcourse.recipes", *args,
+         "--output", str(tmp_path / "two"), *common, "train.batch_size=2"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
+    logits = [
+        _logits(PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(workdir / "model"), tmp_path / d / "model"), ids)
+        for d in ("one", "two")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits[0], _logits(
+        AutoModelForCausalLM.from_pretrained(workdir / "model"), ids))
