@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
             "annotated by benchmarks/annotate_ceiling.py: their error is the win rate's "
             "bootstrap error / (ceiling - 0.5), the ceiling treated as a constant. Entries "
             "without it were written by Evaluation.summary: paired bootstrap.")
-        path.write_text(json.dumps(data, indent=1) + "\n")
+        from rlcourse.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
         print(f"{name}: {len(done)} entries annotated")
 
 

@@ -33,6 +33,7 @@ import torch
 from rlcourse.config import DATA_DIR
 from rlcourse.data import read_jsonl
 from rlcourse.evaluation import WinRate, oracle_best_of_n
+from rlcourse.files import atomic_write_text
 from rlcourse.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ceiling.json"
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n, w in oracle["best_of_n"].items():
         print(f"best-of-{n} by true score    {w}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out} ({seconds:.0f} s)")
     return result
 

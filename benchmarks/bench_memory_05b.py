@@ -13,10 +13,19 @@ resident set (``ru_maxrss``) is its own:
 
 Beside each measurement, :func:`rlcourse.memory.training_step_memory`'s prediction plus the
 process's resident set before the model exists (Python, torch, transformers: measured, not
-predicted). Usage::
+predicted).
+
+Two allocators. The prediction counts the bytes of live tensors; the resident set also holds
+what the C allocator keeps after ``free``. glibc's ``malloc`` serves blocks under its mmap
+threshold (raised at run time up to 32 MiB) from heaps it rarely returns, so the freed
+temporaries of the forward pass fragment them and the resident set grows beyond the live
+tensors; with ``MALLOC_MMAP_THRESHOLD_=1048576`` every block of 1 MiB or more is its own
+mapping, returned at ``free``, and the resident set follows the live tensors. Each
+configuration is measured both ways (``glibc default`` and ``mmap threshold 1 MiB``). Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory_05b.py    # writes results/memory_05b.json
     python benchmarks/bench_memory_05b.py --tiny                # a small model, seconds (a check)
+    python benchmarks/bench_memory_05b.py --allocators mmap    # one allocator, merged into the file
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_05b.json"
+ALLOCATORS = {"default": ("glibc default", {}),
+              "mmap": ("mmap threshold 1 MiB", {"MALLOC_MMAP_THRESHOLD_": "1048576"})}
 CONFIGS = {"full": {}, "lora": {"lora_r": 16}, "lora_gc": {"lora_r": 16, "checkpointing": True}}
 QWEN = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
             num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True,
@@ -117,6 +128,15 @@ def predict(name: str, pairs: int, seq_len: int, tiny: bool) -> dict:
             "predicted_trainable": m.trainable}
 
 
+def _add_prediction(row: dict, pairs: int, seq_len: int, tiny: bool) -> None:
+    row.update(predict(row["config"], pairs, seq_len, tiny))
+    row["predicted_with_baseline_bytes"] = row["predicted_bytes"] + row["baseline_rss_bytes"]
+    row["ratio_measured_to_predicted"] = round(
+        row["peak_rss_bytes"] / row["predicted_with_baseline_bytes"], 4)
+    row["ratio_above_baseline"] = round(
+        (row["peak_rss_bytes"] - row["baseline_rss_bytes"]) / row["predicted_bytes"], 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=2)
@@ -124,30 +144,42 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="a small model (a quick check)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config
+    parser.add_argument("--repredict", action="store_true",
+                        help="recompute the predictions of the saved measurements, measure nothing")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS),
+                        default=list(ALLOCATORS))
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.pairs, args.seq_len, args.prompt_len,
                                  args.tiny)))
         return
+    out = args.out or (RESULTS if not args.tiny else RESULTS.with_name("memory_05b_tiny.json"))
+    if args.repredict:
+        result = json.loads(out.read_text())
+        for row in result["rows"]:
+            _add_prediction(row, result["pairs"], result["seq_len"], args.tiny)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"rewrote the predictions in {out}")
+        return
     rows = []
-    for name in CONFIGS:
+    if out.exists() and set(args.allocators) != set(ALLOCATORS):  # keep the other allocator's
+        rows = [r for r in json.loads(out.read_text())["rows"]
+                if r.get("allocator", "glibc default") not in
+                {ALLOCATORS[a][0] for a in args.allocators}]
+    for allocator, name in [(a, n) for a in args.allocators for n in CONFIGS]:
+        label, malloc_env = ALLOCATORS[allocator]
         cmd = [sys.executable, __file__, "--one", name, "--pairs", str(args.pairs),
                "--seq-len", str(args.seq_len), "--prompt-len", str(args.prompt_len)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **malloc_env}
         proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True,
                               text=True, env=env, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row.update(predict(name, args.pairs, args.seq_len, args.tiny))
-        row["predicted_with_baseline_bytes"] = row["predicted_bytes"] + row["baseline_rss_bytes"]
-        row["ratio_measured_to_predicted"] = round(
-            row["peak_rss_bytes"] / row["predicted_with_baseline_bytes"], 4)
-        row["ratio_above_baseline"] = round(
-            (row["peak_rss_bytes"] - row["baseline_rss_bytes"]) / row["predicted_bytes"], 4)
+        row = {"allocator": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        _add_prediction(row, args.pairs, args.seq_len, args.tiny)
         rows.append(row)
-        print(f"{name:8s} peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB   predicted "
+        print(f"{label:22s} {name:8s} peak {row['peak_rss_bytes'] / 2**30:6.2f} GiB   predicted "
               f"{row['predicted_with_baseline_bytes'] / 2**30:6.2f} GiB ({row['predicted_phase']})"
               f"   ratio {row['ratio_measured_to_predicted']:.3f}   step "
               f"{row['train_seconds']:.1f} s", flush=True)
@@ -167,9 +199,14 @@ def main() -> None:
                      "python": platform.python_version()},
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
     }
-    out = args.out or (RESULTS if not args.tiny else RESULTS.with_name("memory_05b_tiny.json"))
+    for r in rows:
+        r.setdefault("allocator", "glibc default")
+    rows.sort(key=lambda r: (r["allocator"] != "mmap threshold 1 MiB", list(CONFIGS).index(
+        r["config"])))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    from rlcourse.files import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from rlcourse import ppo
+from rlcourse.files import atomic_write_text
 from rlcourse.worlds.token_mdp import PrefixPolicy, TokenMDP
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ppo_token_mdp.json"
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kinds": {kind: run_kind(args, kind) for kind in kinds},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     return result
 
 

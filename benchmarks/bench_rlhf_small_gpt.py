@@ -39,6 +39,7 @@ from rlcourse import reward_model as rmod
 from rlcourse.data import load_preferences, read_jsonl
 from rlcourse.engine import TrainConfig
 from rlcourse.evaluation import evaluate_against
+from rlcourse.files import atomic_write_text
 from rlcourse.models import RewardModel, ValueHeadModel, generate, load_model
 from rlcourse.worlds.assistant import DEFAULT_WORLD
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.perf_counter() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     return result
 
 

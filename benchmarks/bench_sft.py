@@ -107,7 +107,9 @@ def main() -> None:
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    from rlcourse.files import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"written to {args.out}")
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from rlcourse.engine import TrainConfig
+from rlcourse.files import atomic_write_text
 from rlcourse.models import build_model, build_tokenizer, format_prompt
 from rlcourse.preference import (
     make_loss_fn,
@@ -244,7 +245,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

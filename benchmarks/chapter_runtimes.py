@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from rlcourse.files import atomic_write_text
 from rlcourse.notebooks import chapters, execute_notebook
 from rlcourse.teaching.learner_map import full_run_seconds
 
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
         data["chapters"][path.stem] = {"quick_seconds": round(full_run_seconds(executed), 1),
                                        "wall_seconds": seconds}
         print(f"{path.name}: {seconds} s", flush=True)
-        RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(RESULTS, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return 0
 
 

@@ -185,7 +185,7 @@ def part_dpo(args, lora: bool = False) -> dict:
     predicted = training_step_memory(
         TransformerShape.from_config(config), 2 * args.pairs, seq_len,
         lora_r=16 if lora else None, checkpointing=lora, weight_bytes=2 if lora else 4,
-        trainable_bytes=4, activation_bytes=2)
+        trainable_bytes=4, activation_bytes=2, foreach=True)
     losses = run.history.series("loss")[1]
     return {"what": "rlcourse DPO step" + (" LoRA r=16 + gradient checkpointing" if lora else
                                            ", full fine-tune"),
@@ -366,7 +366,9 @@ def main(argv=None) -> int:
     if args.merge:
         result = merge(args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        from rlcourse.files import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(result, indent=1, default=str) + "\n")
         print(json.dumps(result["summary"]))
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -376,7 +378,9 @@ def main(argv=None) -> int:
         result = {"status": f"failed: {type(err).__name__}: {err}",
                   "traceback": traceback.format_exc()[-4000:]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    from rlcourse.files import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(result, indent=1, default=str) + "\n")
     print(args.part, result["status"])
     return 0 if result["status"] == "ok" else 1
 

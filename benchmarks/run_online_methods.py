@@ -49,6 +49,7 @@ from rlcourse.config import DATA_DIR, REPO_ROOT
 from rlcourse.data import load_preferences, read_jsonl
 from rlcourse.engine import TrainConfig
 from rlcourse.evaluation import evaluate_against
+from rlcourse.files import atomic_write_text
 from rlcourse.grpo import GroupConfig
 from rlcourse.models import RewardModel, generate, load_model
 from rlcourse.worlds.assistant import DEFAULT_WORLD, Annotator
@@ -298,7 +299,7 @@ def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str
                 "online_methods_runs.jsonl)",
         "methods": methods,
     }
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=1) + "\n")
     return results["online_methods"]
 
 
@@ -390,7 +391,7 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -41,6 +41,7 @@ from rlcourse.config import DATA_DIR
 from rlcourse.data import load_preferences, read_jsonl
 from rlcourse.engine import TrainConfig
 from rlcourse.evaluation import evaluate_against
+from rlcourse.files import atomic_write_text
 from rlcourse.losses import implicit_rewards
 from rlcourse.models import generate, load_model
 from rlcourse.preference import (
@@ -353,7 +354,7 @@ def main() -> None:
             "note": "CPU, one thread, machine shared with other processes: timings are rough",
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+        atomic_write_text(args.out, json.dumps(results, indent=1, default=_json_default) + "\n")
     print(f"wrote {args.out}")
 
 

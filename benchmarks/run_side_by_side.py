@@ -45,6 +45,7 @@ import torch
 from rlcourse.config import DATA_DIR, REPO_ROOT
 from rlcourse.data import read_jsonl
 from rlcourse.evaluation import evaluate_against
+from rlcourse.files import atomic_write_text
 from rlcourse.models import load_model
 from rlcourse.recipes import load_recipe, run_recipe
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Total wall time of every invocation that wrote this file.
         results["seconds"] = seconds_before + round(time.perf_counter() - t0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     print(f"wrote {args.out}")
     return results
 

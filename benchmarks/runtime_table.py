@@ -34,6 +34,7 @@ import torch
 from rlcourse.config import DATA_DIR
 from rlcourse.data import load_preferences
 from rlcourse.engine import TrainConfig, train
+from rlcourse.files import atomic_write_text
 from rlcourse.models import build_model, load_model
 from rlcourse.preference import make_loss_fn, precompute_reference_logps, tokenize_pairs
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -22,6 +22,7 @@ forward pass (about +33 % compute). Gradients are identical.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "apply_lora",
     "enable_gradient_checkpointing",
     "is_lora",
+    "load_lora",
     "lora_parameter_count",
     "merge_lora",
     "trainable_parameter_count",
@@ -114,8 +116,11 @@ def apply_lora(model: Any, settings: LoraSettings | Mapping[str, Any] | None = N
         target_modules=tm if isinstance(tm, str) else list(tm), bias="none",
         task_type="CAUSAL_LM", **settings.extra,
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
+        # peft asks the model `is_gradient_checkpointing`, which transformers 5 deprecates.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as err:  # e.g. a target module name that the model does not have
@@ -135,6 +140,39 @@ def adapters_disabled(model: Any) -> Iterator[Any]:
             yield model
     else:
         yield model
+
+
+def load_lora(path: Any, base: Any = None, device: str = "auto", dtype: Any = None
+              ) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from an adapter directory (a LoRA recipe's ``OUTPUT/model``).
+
+    ``base``: the base model's directory; by default the one ``adapter_config.json`` names
+    (``base_model_name_or_path``, the recipe's ``model``). The base is read with
+    :func:`rlcourse.models.load_model`, the adapters put on top (``peft``); the tokenizer is the
+    one saved with the adapter.
+    """
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from rlcourse.models import load_model, load_tokenizer
+
+    path = Path(path)
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: missing (not a LoRA adapter directory)")
+    if base is None:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{config}: names no base model; pass base=")
+    model, _ = load_model(base, device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        model = PeftModel.from_pretrained(model, path)
+    model.eval()
+    return model, load_tokenizer(path)
 
 
 def merge_lora(model: Any) -> Any:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rlcourse.files import atomic_write_text
 from rlcourse.models import encode_prompt_completion
 
 __all__ = [
@@ -234,22 +234,10 @@ def load_sft(path: str | os.PathLike) -> list[Record]:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows as JSON lines (UTF-8, keys in insertion order), atomically: a temporary file in
-    the same directory is written, fsynced and renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    the same directory is written, fsynced and renamed over ``path``
+    (:func:`rlcourse.files.atomic_write_text`)."""
+    return atomic_write_text(
+        path, (json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows))
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlcourse.adapters import is_lora
 from rlcourse.data import pad_collate
-from rlcourse.models import atomic_directory_write, sequence_logprobs
+from rlcourse.files import atomic_directory_write, atomic_write_text
+from rlcourse.models import sequence_logprobs
 
 __all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
            "loss_eval_fn", "planned_indices", "sft_loss_fn", "target_tokens", "train"]
@@ -260,12 +262,22 @@ def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
+#: Under LoRA a checkpoint holds only the trained adapters (MiB instead of the model's GiB).
+ADAPTER_CHECKPOINT = "adapter.safetensors"
+
+
 def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, scheduler,
                      keep: int) -> Path:
     from safetensors.torch import save_model
 
     def write(tmp: Path) -> None:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        if is_lora(model):  # the frozen base is what the run loads again: keep the adapters
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters()
+                       if p.requires_grad}, str(tmp / ADAPTER_CHECKPOINT))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         meta, tensors = _rng_state()
@@ -288,7 +300,18 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
     from safetensors.torch import load_model
 
-    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    if (path / ADAPTER_CHECKPOINT).exists():
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path / ADAPTER_CHECKPOINT), device=str(device))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(saved) != trainable:
+            raise ValueError(f"{path}: its adapters do not match this model's trainable "
+                             f"parameters ({len(saved)} saved, {len(trainable)} here): use "
+                             "another checkpoint_dir")
+        model.load_state_dict(saved, strict=False)
+    else:
+        load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
                                          map_location=device))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -426,9 +449,7 @@ class _RunLog:
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.written = len(rows)
 
     def flush(self, history: History) -> None:

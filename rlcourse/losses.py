@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DEFAULTS",
     "OBJECTIVES",
     "Objective",
     "bradley_terry_loss",
@@ -52,6 +53,20 @@ __all__ = [
     "rdpo_loss",
     "simpo_loss",
 ]
+
+
+#: Every preference method's hyperparameter defaults, said once: the loss functions here, the
+#: trainers' loss functions (:mod:`rlcourse.preference`), recipes and :data:`OBJECTIVES` read
+#: them. Each hyperparameter keeps its own name (IPO's ``tau``, ORPO's ``lam``) everywhere.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "dpo": {"beta": 0.1, "label_smoothing": 0.0},
+    "ipo": {"tau": 0.1, "length_normalize": True},
+    "rdpo": {"beta": 0.1, "alpha": 0.01},
+    "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+    "orpo": {"lam": 0.1},
+    "simpo": {"beta": 2.0, "gamma": 1.0, "length_normalize": True},
+    "bt": {},
+}
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -113,8 +128,8 @@ def dpo_loss(
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
+    beta: float = DEFAULTS["dpo"]["beta"],
+    label_smoothing: float = DEFAULTS["dpo"]["label_smoothing"],
 ) -> Tensor:
     r"""DPO loss per example (Rafailov et al., 2023), with cDPO label smoothing.
 
@@ -144,7 +159,7 @@ def ipo_loss(
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
-    tau: float = 0.1,
+    tau: float = DEFAULTS["ipo"]["tau"],
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
 ) -> Tensor:
@@ -174,8 +189,8 @@ def rdpo_loss(
     reference_rejected_logps: Tensor,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    beta: float = 0.1,
-    alpha: float = 0.01,
+    beta: float = DEFAULTS["rdpo"]["beta"],
+    alpha: float = DEFAULTS["rdpo"]["alpha"],
 ) -> Tensor:
     r"""R-DPO loss per example (Park et al., 2024): DPO with a length penalty in the objective.
 
@@ -257,9 +272,9 @@ def kto_loss(
     reference_logps: Tensor,
     desirable: Tensor,
     reference_point: Tensor | float,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    beta: float = DEFAULTS["kto"]["beta"],
+    desirable_weight: float = DEFAULTS["kto"]["desirable_weight"],
+    undesirable_weight: float = DEFAULTS["kto"]["undesirable_weight"],
 ) -> Tensor:
     r"""KTO loss per example (Ethayarajh et al., 2024); needs no pairs.
 
@@ -330,7 +345,7 @@ def orpo_loss(
     policy_rejected_logps: Tensor,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    lam: float = 0.1,
+    lam: float = DEFAULTS["orpo"]["lam"],
 ) -> Tensor:
     r"""ORPO loss per example (Hong et al., 2024): SFT and preference in one stage, no reference.
 
@@ -365,9 +380,9 @@ def simpo_loss(
     policy_rejected_logps: Tensor,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
-    beta: float = 2.0,
-    gamma: float = 1.0,
-    length_normalize: bool = True,
+    beta: float = DEFAULTS["simpo"]["beta"],
+    gamma: float = DEFAULTS["simpo"]["gamma"],
+    length_normalize: bool = DEFAULTS["simpo"]["length_normalize"],
 ) -> Tensor:
     r"""SimPO loss per example (Meng et al., 2024): a reference-free, length-normalised reward.
 
@@ -411,7 +426,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
 def implicit_rewards(
     policy_logps: Tensor,
     reference_logps: Tensor | None = None,
-    beta: float = 0.1,
+    beta: float = DEFAULTS["dpo"]["beta"],
     lengths: Tensor | None = None,
 ) -> Tensor:
     r"""The reward a preference method implicitly assigns to each completion, ``[batch]``.
@@ -434,13 +449,15 @@ def preference_metrics(
     policy_rejected_logps: Tensor,
     reference_chosen_logps: Tensor | None = None,
     reference_rejected_logps: Tensor | None = None,
-    beta: float = 0.1,
+    scale: float = DEFAULTS["dpo"]["beta"],
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
 ) -> dict[str, float]:
     """Batch means of what TRL's preference trainers log, as Python floats.
 
-    * ``rewards/chosen``, ``rewards/rejected``: mean implicit reward (:func:`implicit_rewards`);
+    * ``rewards/chosen``, ``rewards/rejected``: mean implicit reward (:func:`implicit_rewards`
+      with ``scale`` as its ``beta``): the trainers pass their method's own hyperparameter, as
+      TRL logs them: DPO's, R-DPO's and SimPO's ``beta``, IPO's ``tau``, ORPO's ``lam``;
     * ``rewards/margins``: mean of chosen minus rejected reward;
     * ``rewards/accuracies``: fraction of pairs whose chosen reward is strictly larger;
     * ``logps/chosen``, ``logps/rejected``: mean policy log-prob (summed, or per token when
@@ -450,10 +467,10 @@ def preference_metrics(
     DPO chapter shows a run that collapsed into repetition while these looked fine.
     """
     chosen = implicit_rewards(
-        policy_chosen_logps, reference_chosen_logps, beta, chosen_lengths
+        policy_chosen_logps, reference_chosen_logps, scale, chosen_lengths
     )
     rejected = implicit_rewards(
-        policy_rejected_logps, reference_rejected_logps, beta, rejected_lengths
+        policy_rejected_logps, reference_rejected_logps, scale, rejected_lengths
     )
     logps_chosen = policy_chosen_logps.detach()
     logps_rejected = policy_rejected_logps.detach()
@@ -485,8 +502,8 @@ class Objective:
     ``data_format`` is ``"paired"`` (prompt, chosen, rejected) or ``"unpaired"`` (prompt,
     completion, label). ``reduction`` is how per-token log-probs become the per-sequence
     number the loss reads: ``"sum"`` or ``"mean"`` (every loss here takes sums plus lengths and
-    divides itself, so ``"mean"`` says that it does). ``hyperparameters`` are the defaults of
-    the loss function's keyword arguments.
+    divides itself, so ``"mean"`` says that it does). ``hyperparameters`` are the method's
+    defaults (:data:`DEFAULTS`): the keyword arguments of its training loss function.
     """
 
     name: str
@@ -514,7 +531,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=True,
         data_format="paired",
         reduction="sum",
-        hyperparameters={"beta": 0.1, "label_smoothing": 0.0},
+        hyperparameters=DEFAULTS["dpo"],
         latex=rf"-\log \sigma\left({_H}\right)",
         paper="Rafailov et al., 2023, Direct Preference Optimization",
         notes="label_smoothing > 0 is conservative DPO (cDPO).",
@@ -525,7 +542,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=True,
         data_format="paired",
         reduction="mean",
-        hyperparameters={"tau": 0.1},
+        hyperparameters=DEFAULTS["ipo"],
         latex=(
             r"\left(\log \frac{\pi_{\theta}(y_w|x)}{\pi_{ref}(y_w|x)}"
             r" - \log \frac{\pi_{\theta}(y_l|x)}{\pi_{ref}(y_l|x)} - \frac{1}{2\tau}\right)^2"
@@ -541,7 +558,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=True,
         data_format="paired",
         reduction="sum",
-        hyperparameters={"beta": 0.1, "alpha": 0.01},
+        hyperparameters=DEFAULTS["rdpo"],
         latex=rf"-\log \sigma\left({_H} + \alpha |y_w| - \alpha |y_l|\right)",
         paper="Park et al., 2024, Disentangling Length from Quality in Direct Preference "
         "Optimization",
@@ -554,7 +571,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=True,
         data_format="unpaired",
         reduction="sum",
-        hyperparameters={"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+        hyperparameters=DEFAULTS["kto"],
         latex=(
             r"\lambda_y - v(x, y),\quad v = \begin{cases}\lambda_D\,\sigma(\beta(r_\theta - z_0))"
             r" & \text{desirable}\\ \lambda_U\,\sigma(\beta(z_0 - r_\theta)) & \text{undesirable}"
@@ -570,7 +587,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=False,
         data_format="paired",
         reduction="mean",
-        hyperparameters={"lam": 0.1},
+        hyperparameters=DEFAULTS["orpo"],
         latex=(
             r"-\log p_{\theta}(y_w|x) - \lambda \log \sigma\left(\log \frac{p_{\theta}(y_w|x)}"
             r"{1-p_{\theta}(y_w|x)} - \log \frac{p_{\theta}(y_l|x)}{1-p_{\theta}(y_l|x)}\right),"
@@ -587,7 +604,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=False,
         data_format="paired",
         reduction="mean",
-        hyperparameters={"beta": 2.0, "gamma": 1.0, "length_normalize": True},
+        hyperparameters=DEFAULTS["simpo"],
         latex=(
             r"-\log \sigma\left(\frac{\beta}{|y_w|} \log \pi_{\theta}(y_w|x)"
             r" - \frac{\beta}{|y_l|} \log \pi_{\theta}(y_l|x) - \gamma\right)"
@@ -603,7 +620,7 @@ OBJECTIVES: dict[str, Objective] = {
         needs_reference=False,
         data_format="paired",
         reduction="sum",
-        hyperparameters={},
+        hyperparameters=DEFAULTS["bt"],
         latex=r"-\log \sigma\left(r_\phi(x, y_w) - r_\phi(x, y_l)\right)",
         paper="Bradley and Terry, 1952; Ouyang et al., 2022",
         notes="Reads scalar rewards (the reward head at the last token), not log-probs.",

@@ -9,7 +9,13 @@ Mixed-precision training with Adam keeps, per trainable parameter (Rajbhandari e
 
 A frozen model (reward model, reference model) needs only its weights: 2 bytes per parameter in
 bf16. Activations, the KV cache of generation and framework overhead come on top and depend on
-batch size and sequence length; they are left out here on purpose.
+batch size and sequence length; :func:`method_memory_gib` leaves them out on purpose.
+
+:func:`training_step_memory` adds them for one training step of a Llama/Qwen2-style decoder
+(:class:`TransformerShape`): weights, gradients, AdamW, the activations autograd keeps (with and
+without gradient checkpointing, full fine-tuning or LoRA), the logits, and the phase whose sum
+is the peak. ``benchmarks/bench_memory_05b.py`` checks it against a measured DPO step of a
+Qwen2.5-0.5B-sized model.
 """
 
 from __future__ import annotations
@@ -202,6 +208,7 @@ def training_step_memory(
     activation_bytes: int = 4,
     reference_copy: bool = False,
     reference_sequences: int | None = None,
+    foreach: bool = False,
 ) -> StepMemory:
     """Peak memory of one AdamW step on ``n_sequences`` sequences of ``seq_len`` tokens.
 
@@ -209,19 +216,24 @@ def training_step_memory(
     ``T`` tokens, ``a`` bytes per activation and ``w``/``t`` bytes per frozen/trained weight:
 
     * weights ``W = w (N - P) + t P``; gradients ``G = t P``; AdamW ``2 t P`` (first and second
-      moments), plus one temporary the size of the largest trained tensor during the update;
+      moments), plus its temporaries during the update: one tensor at a time (PyTorch's
+      default on a CPU) the square root of the second moment and its quotient, two tensors the
+      size of the largest trained one; with ``foreach=True`` (the default on GPUs) a square root
+      of every second moment at once, ``t P``;
     * layer activations ``A = a S T L v`` with ``v`` from :func:`activation_values_per_token`,
       or with checkpointing ``a S T (L H + v)`` (every layer's input, one layer recomputed);
-    * the logits: ``S T V`` values of logits, then of their log-softmax (fp32, kept for
-      backward), and two such buffers again in backward (4 bytes each): ``2 * 4 S T V``, plus
+    * the logits, ``3 * 4 S T V`` bytes (fp32): at the end of the forward pass the logits, the
+      contiguous copy ``log_softmax`` makes of ``logits[:, :-1]`` and the log-softmax (kept for
+      backward); at the start of backward the kept log-softmax and two gradient buffers; plus
       the trained output layer's gradient ``t V H`` when the embeddings train;
     * the reference pass (DPO, IPO, R-DPO, KTO) before training: a no-grad forward whose peak is
-      its logits and log-softmax, ``2 * 4 S_ref T V``, plus a copy of the weights unless the
-      reference is the model with adapters disabled (``reference_copy``).
+      the same three logit-sized buffers, ``3 * 4 S_ref T V``, plus a copy of the weights unless
+      the reference is the model with adapters disabled (``reference_copy``).
 
-    The peak is the largest of three phases: reference pass ``W (+ W) + 8 S_ref T V``; the start
-    of backward ``W + A + logits + output-layer gradient``; the optimizer step
-    ``W + G + 2 t P + largest tensor``. Framework overhead (the Python process, CUDA context)
+    The peak is the largest of three phases: reference pass ``W (+ W) + 12 S_ref T V``; the end
+    of the forward / start of backward ``W + A + logits + output-layer gradient``; the optimizer
+    step
+    ``W + G + 2 t P + temporaries``. Framework overhead (the Python process, CUDA context)
     comes on top.
     """
     n = shape.n_params
@@ -234,22 +246,23 @@ def training_step_memory(
         largest = trainable_bytes * max(lora_r * max(lin[t]) for t in _targets(target_modules))
     else:
         largest = trainable_bytes * shape.vocab * shape.hidden
+    update_temporaries = trainable_bytes * p if foreach else 2 * largest
     tokens = n_sequences * seq_len
     per_layer = activation_values_per_token(shape, lora_r, target_modules)
     if checkpointing:
         activations = activation_bytes * tokens * (shape.layers * shape.hidden + per_layer)
     else:
         activations = activation_bytes * tokens * shape.layers * per_layer
-    logits = 2 * 4 * tokens * shape.vocab
+    logits = 3 * 4 * tokens * shape.vocab
     head_grad = 0 if lora_r else trainable_bytes * shape.vocab * shape.hidden
     ref_tokens = (reference_sequences or n_sequences) * seq_len
     reference = 0
     if reference_sequences is not None:
-        reference = weights * (2 if reference_copy else 1) + 2 * 4 * ref_tokens * shape.vocab
+        reference = weights * (2 if reference_copy else 1) + 3 * 4 * ref_tokens * shape.vocab
     phases = {
         "reference pass": reference,
         "backward": weights + activations + logits + head_grad,
-        "optimizer step": weights + grads + optimizer + largest,
+        "optimizer step": weights + grads + optimizer + update_temporaries,
     }
     phase = max(phases, key=phases.get)
     return StepMemory(weights=weights, gradients=grads, optimizer=optimizer,

@@ -16,8 +16,6 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlcourse.config import resolve_device
+from rlcourse.files import atomic_directory_write  # re-exported: its old home
 
 # One implementation of the last-real-token index (layer 1), re-exported here for the heads.
 from rlcourse.rl import last_token_index
@@ -58,6 +57,7 @@ __all__ = [
     "generate",
     "last_token_index",
     "load_model",
+    "load_tokenizer",
     "logprobs_from_logits",
     "position_ids_from_mask",
     "save_model",
@@ -361,6 +361,29 @@ def _as_dtype(dtype: Any) -> Any:
     return dtype
 
 
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved in ``path``: ``AutoTokenizer``, except for a word-level tokenizer
+    (:func:`build_tokenizer`), which is read as the generic fast tokenizer it was saved as.
+
+    Why: ``transformers`` 5 picks the tokenizer class from the model's ``model_type`` and
+    rebuilds its text pipeline; next to a Qwen2 model it makes a ``Qwen2Tokenizer`` whose
+    byte-level splitting finds none of the saved words, so every text encodes to special
+    tokens only and training sees empty prompts and answers without any error.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    spec = path / "tokenizer.json"
+    if spec.is_file():
+        try:
+            kind = json.loads(spec.read_text(encoding="utf-8")).get("model", {}).get("type")
+        except (OSError, ValueError):
+            kind = None
+        if kind == "WordLevel":
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     path: str | os.PathLike,
     device: str = "auto",
@@ -369,17 +392,17 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` from a local directory holding any causal LM and tokenizer.
 
-    Uses ``AutoModelForCausalLM`` / ``AutoTokenizer`` with safetensors only. ``dtype``: ``None``
-    (float32), ``"auto"`` (as saved), a ``torch.dtype`` or a name such as ``"bf16"``.
+    Uses ``AutoModelForCausalLM`` / :func:`load_tokenizer` with safetensors only. ``dtype``:
+    ``None`` (float32), ``"auto"`` (as saved), a ``torch.dtype`` or a name such as ``"bf16"``.
     ``device="auto"`` picks cuda, mps or cpu. Custom model code runs only with
     ``trust_remote_code=True``. The model is returned in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -390,39 +413,6 @@ def load_model(
     model.to(resolve_device(device))
     model.eval()
     return model, tokenizer
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def atomic_directory_write(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(tmp_dir)``, fsync the files, then move ``tmp_dir`` to ``path``.
-
-    The temporary directory sits next to ``path`` (same file system, so the rename is atomic).
-    An existing ``path`` is first renamed aside and removed only after the new one is in place,
-    so a crash leaves either the old or the new directory, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def save_model(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:

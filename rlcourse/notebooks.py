@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse.config import REPO_ROOT
+from rlcourse.files import atomic_write_text
 
 BOOK_DIR = REPO_ROOT / "book"
 
@@ -136,8 +137,9 @@ def execute_notebook(
             else:
                 os.environ[key] = value
     settle_progress_bars(notebook)
-    if write:
-        nbformat.write(notebook, path)
+    if write:  # atomically: an interrupted write must not leave a committed chapter truncated
+        text = nbformat.writes(notebook)
+        atomic_write_text(path, text if text.endswith("\n") else text + "\n")
     return notebook
 
 

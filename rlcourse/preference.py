@@ -54,6 +54,7 @@ from rlcourse.engine import (
     train,
 )
 from rlcourse.losses import (
+    DEFAULTS,
     OBJECTIVES,
     dpo_loss,
     ipo_loss,
@@ -401,18 +402,24 @@ def _reference(batch: Mapping[str, Tensor], key: str, device: torch.device) -> T
 
 
 def dpo_loss_fn(
-    model: Any, batch: Mapping[str, Tensor], beta: float = 0.1, label_smoothing: float = 0.0
+    model: Any,
+    batch: Mapping[str, Tensor],
+    beta: float = DEFAULTS["dpo"]["beta"],
+    label_smoothing: float = DEFAULTS["dpo"]["label_smoothing"],
 ) -> tuple[Tensor, dict[str, float]]:
     """DPO on a paired batch: summed log-probs, precomputed reference, :func:`dpo_loss`."""
     pc, pr, _, _ = policy_logps(model, batch)
     rc = _reference(batch, "reference_chosen_logps", pc.device)
     rr = _reference(batch, "reference_rejected_logps", pc.device)
     loss = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing).mean()
-    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, beta=beta)}
+    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
 
 
 def ipo_loss_fn(
-    model: Any, batch: Mapping[str, Tensor], tau: float = 0.1, length_normalize: bool = True
+    model: Any,
+    batch: Mapping[str, Tensor],
+    tau: float = DEFAULTS["ipo"]["tau"],
+    length_normalize: bool = DEFAULTS["ipo"]["length_normalize"],
 ) -> tuple[Tensor, dict[str, float]]:
     """IPO on a paired batch; per-token averaged log-ratios unless ``length_normalize=False``."""
     pc, pr, lc, lr = policy_logps(model, batch)
@@ -421,28 +428,31 @@ def ipo_loss_fn(
     lengths = (lc, lr) if length_normalize else (None, None)
     loss = ipo_loss(pc, pr, rc, rr, tau=tau, chosen_lengths=lengths[0],
                     rejected_lengths=lengths[1]).mean()
-    metrics = preference_metrics(pc, pr, rc, rr, beta=tau, chosen_lengths=lengths[0],
+    metrics = preference_metrics(pc, pr, rc, rr, scale=tau, chosen_lengths=lengths[0],
                                  rejected_lengths=lengths[1])
     return loss, {"loss": loss.item(), **metrics}
 
 
 def rdpo_loss_fn(
-    model: Any, batch: Mapping[str, Tensor], beta: float = 0.1, alpha: float = 0.01
+    model: Any,
+    batch: Mapping[str, Tensor],
+    beta: float = DEFAULTS["rdpo"]["beta"],
+    alpha: float = DEFAULTS["rdpo"]["alpha"],
 ) -> tuple[Tensor, dict[str, float]]:
     """R-DPO on a paired batch: DPO plus ``α(|y_w| − |y_l|)`` inside the sigmoid."""
     pc, pr, lc, lr = policy_logps(model, batch)
     rc = _reference(batch, "reference_chosen_logps", pc.device)
     rr = _reference(batch, "reference_rejected_logps", pc.device)
     loss = rdpo_loss(pc, pr, rc, rr, lc, lr, beta=beta, alpha=alpha).mean()
-    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, beta=beta)}
+    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
 
 
 def kto_loss_fn(
     model: Any,
     batch: Mapping[str, Tensor],
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    beta: float = DEFAULTS["kto"]["beta"],
+    desirable_weight: float = DEFAULTS["kto"]["desirable_weight"],
+    undesirable_weight: float = DEFAULTS["kto"]["undesirable_weight"],
 ) -> tuple[Tensor, dict[str, float]]:
     """KTO on an unpaired batch.
 
@@ -478,7 +488,9 @@ def kto_loss_fn(
 
 
 def orpo_loss_fn(
-    model: Any, batch: Mapping[str, Tensor], lam: float = 0.1
+    model: Any,
+    batch: Mapping[str, Tensor],
+    lam: float = DEFAULTS["orpo"]["lam"],
 ) -> tuple[Tensor, dict[str, float]]:
     """ORPO on a paired batch: per-token NLL of the chosen answer plus ``λ`` times the
     odds-ratio term; no reference model."""
@@ -486,7 +498,7 @@ def orpo_loss_fn(
     loss = orpo_loss(pc, pr, lc, lr, lam=lam).mean()
     mean_c, mean_r = (pc / lc).detach(), (pr / lr).detach()
     log_odds_ratio = orpo_log_odds(mean_c) - orpo_log_odds(mean_r)
-    metrics = preference_metrics(pc, pr, beta=lam, chosen_lengths=lc, rejected_lengths=lr)
+    metrics = preference_metrics(pc, pr, scale=lam, chosen_lengths=lc, rejected_lengths=lr)
     return loss, {
         "loss": loss.item(),
         "nll_loss": (-mean_c).mean().item(),
@@ -498,9 +510,9 @@ def orpo_loss_fn(
 def simpo_loss_fn(
     model: Any,
     batch: Mapping[str, Tensor],
-    beta: float = 2.0,
-    gamma: float = 1.0,
-    length_normalize: bool = True,
+    beta: float = DEFAULTS["simpo"]["beta"],
+    gamma: float = DEFAULTS["simpo"]["gamma"],
+    length_normalize: bool = DEFAULTS["simpo"]["length_normalize"],
 ) -> tuple[Tensor, dict[str, float]]:
     """SimPO on a paired batch: length-normalised log-probs, target margin ``γ``, no
     reference model (``length_normalize=False`` is the "w/o LN" ablation)."""
@@ -508,7 +520,7 @@ def simpo_loss_fn(
     loss = simpo_loss(pc, pr, lc, lr, beta=beta, gamma=gamma,
                       length_normalize=length_normalize).mean()
     lengths = (lc, lr) if length_normalize else (None, None)
-    metrics = preference_metrics(pc, pr, beta=beta, chosen_lengths=lengths[0],
+    metrics = preference_metrics(pc, pr, scale=beta, chosen_lengths=lengths[0],
                                  rejected_lengths=lengths[1])
     return loss, {"loss": loss.item(), **metrics}
 
@@ -675,8 +687,8 @@ def train_preference(
         gc.collect()
         reference_seconds = time.perf_counter() - start
     if method == "kto":
-        _warn_kto_balance(items, hyperparameters.get("desirable_weight", 1.0),
-                          hyperparameters.get("undesirable_weight", 1.0))
+        weights = {**DEFAULTS["kto"], **hyperparameters}
+        _warn_kto_balance(items, weights["desirable_weight"], weights["undesirable_weight"])
 
     # 3. Train on the shared loop.
     device = _device_of(model)

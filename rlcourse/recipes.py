@@ -126,6 +126,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from rlcourse.files import atomic_write_text
+
 __all__ = [
     "METHODS",
     "GroupRollout",
@@ -763,10 +765,8 @@ def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (:func:`rlcourse.files.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 # --------------------------------------------------------------------------------------------

@@ -289,3 +289,18 @@ def test_lora_with_gradient_checkpointing_same_gradients(tok, pairs):
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_a_saved_word_tokenizer_encodes_the_same_next_to_any_model(tok, tmp_path, arch):
+    # transformers 5 builds a Qwen2Tokenizer next to a Qwen2 model, which encoded every word of
+    # the book's word-level tokenizer to nothing: training then saw empty texts, silently.
+    from rlcourse.models import load_model, save_model
+
+    model = build_model(tok, arch=arch, n_layers=1, hidden_size=16, n_heads=2)
+    save_model(model, tok, tmp_path / arch)
+    _, loaded = load_model(tmp_path / arch, device="cpu")
+    text = "what is rain ? rain is wet ."
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert len(tok(text)["input_ids"]) == 8
+    assert loaded.chat_template == tok.chat_template and loaded.pad_token_id == 0

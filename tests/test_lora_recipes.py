@@ -71,9 +71,13 @@ def test_lora_dpo_recipe_saves_adapter_and_merged_model(workdir, tmp_path):
     assert "model.safetensors" not in saved and "tokenizer.json" in saved
     recorded = json.loads((out / "recipe.json").read_text())
     assert recorded["lora"]["r"] == 4 and recorded["train"]["gradient_checkpointing"] is True
-    # The adapter on its base, and the merged model alone, compute the same logits.
-    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
-    adapted = PeftModel.from_pretrained(base, out / "model")
+    # The adapter on its base (the one adapter_config.json names), and the merged model alone,
+    # compute the same logits.
+    from rlcourse.adapters import load_lora
+
+    adapted, tokenizer = load_lora(out / "model", device="cpu")
+    assert tokenizer("what is rain ?")["input_ids"][0] != tokenizer.unk_token_id
+    assert isinstance(adapted, PeftModel)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
@@ -117,6 +121,11 @@ def test_lora_recipe_resumes_after_a_crash(workdir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(workdir, "dpo", tmp_path / "crashed", *extra)
     monkeypatch.setattr(preference, "train", real_train)
+    # Checkpoints under LoRA hold the adapters only, not the frozen base.
+    step = sorted((tmp_path / "crashed" / "checkpoints").glob("step-*"))[-1]
+    assert (step / "adapter.safetensors").exists() and not (step / "model.safetensors").exists()
+    base_bytes = (workdir / "model" / "model.safetensors").stat().st_size
+    assert (step / "adapter.safetensors").stat().st_size < base_bytes / 3
     assert _run(workdir, "dpo", tmp_path / "crashed", *extra) == 0
     ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
     logits = [
@@ -152,3 +161,42 @@ def test_ppo_and_simpo_sections():
                                  "output: o\nlora: {r: 4}\n")
     r = recipes.load_recipe(text="method: dpo\nmodel: m\ndata: d\noutput: o\nlora: {}\n")
     assert r.lora is not None and r.lora.target_modules == "all-linear"
+
+
+@pytest.mark.slow
+def test_lora_two_processes_short_run_equal_one_process(workdir, tmp_path):
+    """``torchrun --nproc_per_node 2`` on CPU (gloo), LoRA + checkpointing, one step that reads
+    4 of the 6 pairs: the reference pass scores only those on each process (an unscored one
+    would stop the run) and the adapters equal one process with the global batch."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    common = ["train.max_steps=1", "train.grad_accum_steps=1", "train.lr=1e-2",
+              "train.warmup_steps=0", "train.progress=false", "train.device=cpu",
+              "max_length=32", "lora.r=4", "train.gradient_checkpointing=true"]
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(workdir / "model"),
+            "--data", str(workdir / "pairs.jsonl")]
+    assert recipes.main([*args, "--output", str(tmp_path / "one"), *common,
+                         "train.batch_size=4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "rlcourse.recipes", *args,
+         "--output", str(tmp_path / "two"), *common, "train.batch_size=2"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
+    logits = [
+        _logits(PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(workdir / "model"), tmp_path / d / "model"), ids)
+        for d in ("one", "two")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits[0], _logits(
+        AutoModelForCausalLM.from_pretrained(workdir / "model"), ids))

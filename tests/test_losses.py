@@ -7,6 +7,7 @@ overflows in float64 itself). The library's vectorised, stable versions must agr
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -421,7 +422,7 @@ def test_simpo_without_ln_sees_only_differences(pc, pr, shift):
 
 def test_preference_metrics_by_hand():
     m = preference_metrics(t([-10.0, -20.0]), t([-12.0, -18.0]), t([-11.0, -20.0]),
-                           t([-11.0, -19.0]), beta=0.5)
+                           t([-11.0, -19.0]), scale=0.5)
     # chosen rewards 0.5*(1, 0) = (0.5, 0); rejected 0.5*(-1, 1) = (-0.5, 0.5)
     assert m["rewards/chosen"] == pytest.approx(0.25)
     assert m["rewards/rejected"] == pytest.approx(0.0)
@@ -430,7 +431,7 @@ def test_preference_metrics_by_hand():
     assert m["logps/chosen"] == pytest.approx(-15.0)
     assert m["logps/rejected"] == pytest.approx(-15.0)
     # Reference-free (SimPO): rewards are beta times the mean log-prob.
-    m = preference_metrics(t([-10.0]), t([-12.0]), beta=2.0, chosen_lengths=t([5.0]),
+    m = preference_metrics(t([-10.0]), t([-12.0]), scale=2.0, chosen_lengths=t([5.0]),
                            rejected_lengths=t([3.0]))
     assert m["rewards/chosen"] == pytest.approx(-4.0)
     assert m["rewards/rejected"] == pytest.approx(-8.0)
@@ -446,12 +447,86 @@ def test_registry_is_the_objectives_table():
     for key, obj in OBJECTIVES.items():
         assert obj.loss.__module__ == losses.__name__, key
         assert obj.latex and obj.paper, key
-        # The defaults listed are the loss function's own keyword defaults.
-        import inspect
+        assert obj.hyperparameters is losses.DEFAULTS[key], key  # one source
 
-        params = inspect.signature(obj.loss).parameters
-        for name, value in obj.hyperparameters.items():
-            assert params[name].default == value, (key, name)
+
+def _keyword_defaults(fn, skip=()):
+    """A function's keyword defaults that are hyperparameters (numbers or flags, not None)."""
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if k not in skip and p.default is not inspect.Parameter.empty
+            and p.default is not None}
+
+
+def test_every_loss_functions_defaults_are_the_objectives_table():
+    from rlcourse.preference import LOSS_FNS, make_loss_fn
+    from rlcourse.recipes import _loss_signature
+
+    assert set(LOSS_FNS) | {"bt"} == set(losses.DEFAULTS) == set(OBJECTIVES)
+    for method, trainer_fn in LOSS_FNS.items():
+        table = OBJECTIVES[method].hyperparameters
+        # The trainer's loss function takes exactly the table's hyperparameters, same defaults,
+        # same names (IPO's tau and ORPO's lam are not called beta on the way).
+        assert _keyword_defaults(trainer_fn, ("model", "batch")) == table, method
+        # The pure loss takes a subset (IPO's length_normalize is the trainer's: it passes
+        # lengths or None), with the same defaults.
+        pure = _keyword_defaults(OBJECTIVES[method].loss)
+        assert pure and pure.items() <= table.items(), method
+        # A recipe's loss section defaults come from the same signature.
+        recipe = {k: p.default for k, p in _loss_signature(method).items()}
+        assert recipe == table, method
+        assert make_loss_fn(method).keywords == {}  # nothing bound: the defaults apply
+    for fn in (losses.implicit_rewards, losses.preference_metrics):
+        assert set(_keyword_defaults(fn).values()) == {losses.DEFAULTS["dpo"]["beta"]}, fn
+
+
+def test_no_hyperparameter_default_is_written_twice():
+    """No loss function (losses.py's, the trainers' in preference.py, the metrics) spells a
+    hyperparameter's default as a literal: each reads DEFAULTS, so a default is one edit."""
+    import ast
+
+    from rlcourse import preference
+
+    names = {k for hp in losses.DEFAULTS.values() for k in hp} | {"scale"}
+    functions = ({o.loss.__name__ for o in OBJECTIVES.values()}
+                 | {f.__name__ for f in preference.LOSS_FNS.values()}
+                 | {"implicit_rewards", "preference_metrics"})
+    for module in (losses, preference):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name not in functions:
+                continue
+            args = node.args.args + node.args.kwonlyargs
+            defaults = [*([None] * (len(node.args.args) - len(node.args.defaults))),
+                        *node.args.defaults, *node.args.kw_defaults]
+            for arg, default in zip(args, defaults, strict=True):
+                if arg.arg in names and isinstance(default, ast.Constant):
+                    raise AssertionError(f"{module.__name__}.{node.name}: {arg.arg} = "
+                                         f"{default.value!r} is a literal; read DEFAULTS")
+
+
+def test_ipo_and_orpo_log_rewards_scaled_by_their_own_hyperparameter():
+    """rewards/* of IPO are tau times the (per-token) log-ratio and ORPO's lam times the mean
+    log-prob (as TRL logs them), so doubling tau or lam doubles them."""
+    from rlcourse.data import pad_collate
+    from rlcourse.models import build_model, build_tokenizer
+    from rlcourse.preference import ipo_loss_fn, orpo_loss_fn, policy_logps, tokenize_pairs
+
+    pairs = [{"prompt": "rain is", "chosen": "wet .", "rejected": "dry and hot ."}]
+    tok = build_tokenizer(["rain is wet dry and hot ."])
+    model = build_model(tok, n_layers=1, hidden_size=16, n_heads=2, seed=0)
+    batch = pad_collate(tokenize_pairs(tok, pairs))
+    with torch.no_grad():
+        pc, pr, lc, lr = policy_logps(model, batch)
+        for lam in (0.1, 0.2):
+            _, m = orpo_loss_fn(model, batch, lam=lam)
+            assert m["rewards/chosen"] == pytest.approx(lam * (pc / lc).item(), rel=1e-5)
+            assert m["rewards/rejected"] == pytest.approx(lam * (pr / lr).item(), rel=1e-5)
+        batch["reference_chosen_logps"] = pc - 1.0
+        batch["reference_rejected_logps"] = pr + 2.0
+        for tau in (0.1, 0.2):
+            _, m = ipo_loss_fn(model, batch, tau=tau)
+            assert m["rewards/chosen"] == pytest.approx(tau * 1.0 / lc.item(), rel=1e-4)
+            assert m["rewards/rejected"] == pytest.approx(tau * -2.0 / lr.item(), rel=1e-4)
 
 
 def test_kl_regularized_optimum_is_the_closed_form_and_beats_other_policies():

@@ -114,13 +114,16 @@ def test_training_step_memory_by_hand():
     # N = 800 + 2 * (64 + 32 + 32 + 64 + 3 * 128 + 16) + 8 = 1,992 (head dim 4, H_kv = 4).
     assert s.n_params == 1992
     m = training_step_memory(s, n_sequences=2, seq_len=5)
-    # fp32: W = G = 4N, AdamW 8N, largest tensor the 100 x 8 embedding (3,200 bytes).
+    # fp32: W = G = 4N, AdamW 8N; the update's temporaries: two tensors of the size of the
+    # largest trained one, the 100 x 8 embedding (2 x 3,200 bytes).
     assert (m.weights, m.gradients, m.optimizer) == (7968, 7968, 15936)
     # Activations: 4 bytes * 10 tokens * 2 layers * (64 + 8 + 64 + 2 + 2) = 11,200;
-    # logits 2 * 4 * 10 * 100 = 8,000; output-layer gradient 3,200.
-    assert (m.activations, m.logits) == (11200, 8000)
-    assert m.peak == max(7968 + 11200 + 8000 + 3200, 7968 * 2 + 15936 + 3200) == 35072
+    # logits 3 * 4 * 10 * 100 = 12,000; output-layer gradient 3,200.
+    assert (m.activations, m.logits) == (11200, 12000)
+    assert m.peak == max(7968 + 11200 + 12000 + 3200, 7968 * 2 + 15936 + 6400) == 38272
     assert m.phase == "optimizer step"
+    # foreach AdamW (GPUs): a square root of every second moment at once, 4N bytes.
+    assert training_step_memory(s, 2, 5, foreach=True).peak == 7968 * 3 + 15936
     g = training_step_memory(s, 2, 5, lora_r=2, checkpointing=True, weight_bytes=2)
     # LoRA r=2: 2 layers * 2 * (16 + 12 + 12 + 16 + 24 + 24 + 24) = 512 adapter numbers.
     assert g.trainable == 512

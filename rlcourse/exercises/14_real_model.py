@@ -118,3 +118,36 @@ register(Exercise(
         (lambda m: m.long().cumsum(-1) - 1, "padding positions must not be -1: clamp at 0"),
     ],
 ))
+
+
+# ---- LoRA: how many numbers are trained ------------------------------------------------------
+def _lora_count(shapes: list[tuple[int, int]], r: int) -> int:
+    return sum(r * (d_in + d_out) for d_in, d_out in shapes)
+
+
+def _qwen_layer(hidden: int, kv: int, mlp: int) -> list[tuple[int, int]]:
+    return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, mlp),
+            (hidden, mlp), (mlp, hidden)]
+
+
+register(Exercise(
+    name="lora_parameters",
+    chapter=CHAPTER,
+    reference=_lora_count,
+    cases=lambda rng: [Case(([(896, 896)], 16), label="one square layer"),
+                       Case((_qwen_layer(896, 128, 4864), 16),
+                            label="the seven linear layers of one Qwen2.5-0.5B layer, r=16"),
+                       Case((_qwen_layer(3584, 512, 18944) * 28, 8),
+                            label="all 28 layers of Qwen2.5-7B, r=8"),
+                       Case(([(int(a), int(b)) for a, b in rng.integers(1, 500, (5, 2))],
+                             int(rng.integers(1, 9))), label="random shapes")],
+    hint="An adapted layer W0 (d_out x d_in) gets A (r x d_in) and B (d_out x r): r (d_in + d_out) "
+         "trained numbers; W0 itself is frozen. Sum over the adapted layers.",
+    wrong_answers=[
+        (lambda shapes, r: sum(a * b for a, b in shapes), "that counts the frozen weights W0; "
+         "LoRA trains only A and B"),
+        (lambda shapes, r: sum(r * a for a, b in shapes), "B (d_out x r) is trained too"),
+        (lambda shapes, r: sum(r * r for _ in shapes),
+         "A is r x d_in and B is d_out x r, not r x r"),
+    ],
+))

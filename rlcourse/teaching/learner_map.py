@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse.config import REPO_ROOT
+from rlcourse.files import atomic_write_text
 
 BOOK_DIR = REPO_ROOT / "book"
 RUNTIMES = REPO_ROOT / "benchmarks" / "results" / "chapter_runtimes.json"
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     block = render()
     if args.write:
         intro = BOOK_DIR / "intro.md"
-        intro.write_text(refresh(intro, block), encoding="utf-8")
+        atomic_write_text(intro, refresh(intro, block))
         print(f"wrote {intro}")
     else:
         print(block)

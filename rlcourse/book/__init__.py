@@ -1,0 +1,9 @@
+"""Book tooling (layer 5), kept apart from the library a practitioner imports.
+
+- :mod:`rlcourse.book.build`: the HTML book (table of contents, vendored JavaScript,
+  ``jupyter-book build``, one shared build for parallel tests);
+- :mod:`rlcourse.book.browser`: a local HTTP server and a headless Chromium (DevTools protocol);
+- :mod:`rlcourse.book.checks`: what each page should show and the problems a browser sees.
+
+``python -m rlcourse.site build|check`` is the command line (:mod:`rlcourse.site`).
+"""
