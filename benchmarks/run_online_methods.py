@@ -96,7 +96,7 @@ LABELS = {"online_dpo": "online DPO (annotator, ref SFT, 8 rounds, beta 0.5)",
           "online_dpo_prev_2p": "online DPO (annotator, ref previous, 16 rounds, 2 pairs/prompt)",
           "online_dpo_rm_prev": "online DPO (RM labels, ref previous round, 16 rounds)",
           "grpo_kl02": "GRPO (RM reward, KL coef 0.2)",
-          "online_dpo_rm": "online DPO (reward-model labels)",
+          "online_dpo_rm": "online DPO (RM labels, ref SFT, 8 rounds, beta 0.5)",
           "rsft": "rejection-sampling FT (RM best-of-8)",
           "grpo": "GRPO (RM reward)", "rloo": "RLOO (RM reward)"}
 METRICS = ("win_rate", "win_rate_stderr", "lc_win_rate", "model_mean_length",
