@@ -309,10 +309,38 @@ def _printed(cell: Any) -> str:
                    if o.get("output_type") in ("stream", "execute_result"))
 
 
+def shows_source(cell: Any) -> bool:
+    """Whether the cell's last statement is a ``show_source(...)`` call (its output is the
+    library's source, which cannot depend on quick or full mode)."""
+    source = cell.get("source", "")
+    source = "".join(source) if isinstance(source, list) else source
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    try:
+        body = ast.parse("\n".join(lines)).body
+    except SyntaxError:
+        return False
+    return bool(body) and isinstance(body[-1], ast.Expr) and \
+        _call_name(body[-1].value) == "show_source"
+
+
 def tagged_texts(notebook: Any, tag: str = MODE_INDEPENDENT_TAG) -> dict[int, str]:
-    """``{code cell number: its text outputs joined}`` for the cells tagged ``tag``."""
-    return {number: _printed(cell) for number, cell in _code_cells(notebook)
-            if tag in _tags(cell)}
+    """``{code cell number: its text outputs joined}`` for the cells tagged ``tag``.
+
+    For the ``mode-independent`` tag, every cell that ends in ``show_source(...)`` counts as
+    tagged: a committed chapter that displays an older version of a library function is stale.
+    """
+    texts = {}
+    for number, cell in _code_cells(notebook):
+        if tag in _tags(cell):
+            texts[number] = _printed(cell)
+        elif tag == MODE_INDEPENDENT_TAG and shows_source(cell):
+            texts[number] = _result(cell)  # the source shown, not what the cell printed before
+    return texts
+
+
+def _result(cell: Any) -> str:
+    return "".join(_text(o) for o in cell.get("outputs", [])
+                   if o.get("output_type") == "execute_result")
 
 
 def mode_independent_mismatches(committed: Any, executed: Any, name: str = "notebook"
@@ -324,13 +352,17 @@ def mode_independent_mismatches(committed: Any, executed: Any, name: str = "note
     difference means the committed outputs come from an older library or an older chapter.
     """
     old, cells = tagged_texts(committed), dict(_code_cells(executed))
+    committed_cells = dict(_code_cells(committed))
     problems = []
     for number in sorted(old):
-        a, b = old[number], _printed(cells[number]) if number in cells else None
+        tagged = MODE_INDEPENDENT_TAG in _tags(committed_cells[number])
+        fresh = _printed if tagged else _result
+        a, b = old[number], fresh(cells[number]) if number in cells else None
         if a != b:
             diff = next(((x, y) for x, y in zip((a or "").splitlines(), (b or "").splitlines(),
                                                 strict=False) if x != y), (a, b))
-            problems.append(f"{name}: code cell {number} (tagged {MODE_INDEPENDENT_TAG}) prints "
+            kind = f"tagged {MODE_INDEPENDENT_TAG}" if tagged else "shows library source"
+            problems.append(f"{name}: code cell {number} ({kind}) prints "
                             f"differently now:\n  committed: {str(diff[0])[:160]}\n"
                             f"  fresh run: {str(diff[1])[:160]}")
     return problems

@@ -135,6 +135,24 @@ def test_mode_independent_cells_must_print_the_same_text():
     assert len(problems) == 1 and "code cell 1" in problems[0] and "459,520" in problems[0]
 
 
+def test_a_cell_showing_library_source_must_show_the_current_source():
+    """Without a tag: a cell ending in ``show_source(...)`` displays library code, which no mode
+    changes, so a committed chapter showing an older version of the function is stale."""
+    def book(source_text, printed):
+        return _notebook(_code("print(run())\nshow_source(dpo_loss_fn)", _stdout(printed),
+                               _result(source_text)))
+
+    current = "def dpo_loss_fn(model, batch, beta=DEFAULTS['dpo']['beta']): ..."
+    # what the cell printed before the source may differ between modes (not compared)
+    assert mode_independent_mismatches(book(current, "loss 0.41\n"),
+                                       book(current, "loss 0.55\n")) == []
+    old = "def dpo_loss_fn(model, batch, beta=0.1): ..."
+    problems = mode_independent_mismatches(book(old, "loss 0.41\n"),
+                                           book(current, "loss 0.41\n"), "c.ipynb")
+    assert len(problems) == 1 and "shows library source" in problems[0]
+    assert "beta=0.1" in problems[0]
+
+
 def _cells_extension():
     import importlib.util
 
