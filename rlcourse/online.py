@@ -169,7 +169,8 @@ class OnlineDPOConfig:
 
 def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_fn: LabelFn,
                config: OnlineDPOConfig, seed: int = 0,
-               callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None
+               callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None,
+               start_round: int = 0, reference_model: nn.Module | None = None
                ) -> list[dict[str, Any]]:
     r"""Online (iterative) DPO: train ``model`` in place; returns one metrics row per round.
 
@@ -181,12 +182,21 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
 
     with :math:`\pi_\text{ref}` the starting model (``reference="sft"``) or
     :math:`\pi_{\theta_k}` (``"previous"``). ``callback(round, row, model)`` after each round.
+
+    Resuming after round ``start_round - 1`` (``model`` holding the weights saved then): rounds
+    ``start_round ..`` run as they would have (each round's seeds depend on ``seed`` and its
+    index alone; the prompt draws of the skipped rounds are replayed), with ``reference_model``
+    the starting model for ``reference="sft"`` (default: a copy of ``model`` as given). Only
+    the rows of the rounds run are returned.
     """
     if config.reference not in ("sft", "previous"):
         raise ValueError(f"reference must be 'sft' or 'previous', got {config.reference!r}")
     prompts = list(prompts)
     rng = np.random.default_rng(seed)
-    start = copy.deepcopy(model).eval() if config.reference == "sft" else None
+    start = None
+    if config.reference == "sft":
+        start = reference_model.eval() if reference_model is not None else \
+            copy.deepcopy(model).eval()
     rows = []
     for k in range(config.rounds):
         if config.prompts_per_round and config.prompts_per_round < len(prompts):
@@ -194,6 +204,8 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
             batch = [prompts[i] for i in idx]
         else:
             batch = prompts
+        if k < start_round:  # done before a resume: only its prompt draw is replayed
+            continue
         batch = [p for p in batch for _ in range(config.pairs_per_prompt)]
         a, b = sample_pairs(model, tokenizer, batch, seed=seed * 100_003 + 2 * k,
                             max_new_tokens=config.max_new_tokens)
@@ -280,18 +292,21 @@ class RSFTConfig:
 
 def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
                           reward_fn: TextRewardFn, config: RSFTConfig, seed: int = 0,
-                          callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None
-                          ) -> list[dict[str, Any]]:
+                          callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None,
+                          start_round: int = 0) -> list[dict[str, Any]]:
     r"""Rejection-sampling fine-tuning: train ``model`` in place; one metrics row per round.
 
     Round k: for each prompt :math:`y^* = \arg\max_{i \le n} r(x, y_i)`,
     :math:`y_i \sim \pi_{\theta_k}`, then minimise the SFT loss
     :math:`-\frac{1}{\sum|y^*|}\sum \log \pi_\theta(y^*|x)` (:func:`rlcourse.engine.sft_loss_fn`).
+    ``callback(round, row, model)`` after each round; ``start_round``: resume after round
+    ``start_round - 1`` (``model`` holding the weights saved then; each round's seeds depend on
+    ``seed`` and its index alone), returning the rows of the rounds run.
     """
     prompts = list(prompts) * config.samples_per_prompt
     rows = []
     pad_id = tokenizer.pad_token_id or 0
-    for k in range(config.rounds):
+    for k in range(start_round, config.rounds):
         bon = best_of_n(model, tokenizer, prompts, config.n, reward_fn,
                         seed=seed * 100_003 + k * 7919, max_new_tokens=config.max_new_tokens)
         keep = [i for i, t in enumerate(bon.best_texts) if t.strip()]

@@ -18,8 +18,8 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
 ``loss`` the keyword arguments of the method's loss function, e.g. ``beta`` of
 :func:`rlcourse.preference.dpo_loss_fn`)::
 
-    method: dpo                 # sft | reward_model | ppo | grpo | rloo | dpo | ipo | rdpo | kto
-                                # | orpo | simpo
+    method: dpo                 # sft | reward_model | ppo | grpo | rloo | online_dpo | rsft
+                                # | dpo | ipo | rdpo | kto | orpo | simpo
     model: path/to/model        # a local directory holding a causal LM and its tokenizer
     data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
     eval_data: null             # held-out rows: loss and metrics every train.eval_every steps
@@ -86,6 +86,28 @@ cannot be imported, a missing or non-callable name are errors naming file, line 
 Each of N processes answers ``n_prompts / N`` prompts of every step (the same samples one
 process would draw), and checkpoints go to ``OUTPUT/checkpoints``.
 
+Online (iterative) DPO and rejection-sampling fine-tuning (``method: online_dpo`` / ``rsft``;
+:func:`rlcourse.online.online_dpo`, :func:`rlcourse.online.rejection_sampling_ft`) read
+``prompts`` and the reward as GRPO does (``reward_model`` or ``reward_fn``), in rounds::
+
+    online: {rounds: 8, prompts_per_round: null, pairs_per_prompt: 1, beta: 0.5, lr: 5.0e-4,
+             epochs: 1.0, batch_size: 32, reference: sft, max_new_tokens: 48,
+             max_length: 128, loss: dpo, device: auto}   # rlcourse.online.OnlineDPOConfig
+    rsft: {rounds: 2, n: 8, samples_per_prompt: 1, lr: 5.0e-4, epochs: 1.0, batch_size: 32,
+           max_new_tokens: 48, max_length: 128, device: auto}   # rlcourse.online.RSFTConfig
+
+Online DPO: each round samples two answers per prompt from the current policy; the answer
+with the higher reward is ``chosen`` (equal rewards: the pair is dropped;
+:func:`rlcourse.online.reward_labeller`), then DPO epochs on the new pairs against the
+starting model (``reference: sft``) or the round's starting policy (``previous``). RSFT:
+each round keeps, per prompt, the answer of highest reward among ``n`` samples
+(:func:`rlcourse.online.best_of_n`) and fine-tunes on those winners. Neither takes ``train``,
+``max_length`` or ``truncation`` at the top (``online.max_length`` / ``rsft.max_length``), and
+both run in one process (several are refused). After every round the policy, the round index
+and the rows so far go atomically to ``OUTPUT/checkpoints/step-<rounds done>``; rerunning the
+same command continues after the last finished round and gives the weights of an
+uninterrupted run (a round cut short is redone).
+
 Resuming: ``train.checkpoint_dir`` defaults to ``OUTPUT/checkpoints``; run the same command
 again after a crash and training continues from the newest checkpoint, exactly where it stopped
 (the engine restores optimiser, scheduler, RNG states and the position in the epoch; GRPO and
@@ -144,12 +166,17 @@ __all__ = [
 ]
 
 #: Every method a recipe can name.
-METHODS = ("sft", "reward_model", "ppo", "grpo", "rloo", "dpo", "ipo", "rdpo", "kto", "orpo",
-           "simpo")
+METHODS = ("sft", "reward_model", "ppo", "grpo", "rloo", "online_dpo", "rsft", "dpo", "ipo",
+           "rdpo", "kto", "orpo", "simpo")
 PREFERENCE_METHODS = ("dpo", "ipo", "rdpo", "kto", "orpo", "simpo")
 #: Methods that sample from the policy: they read ``prompts`` and have a ``rollout`` section.
 ONLINE_METHODS = ("ppo", "grpo", "rloo")
 GROUP_METHODS = ("grpo", "rloo")
+#: Methods that learn in rounds from their own samples, scored by a reward (rlcourse.online):
+#: they read ``prompts`` too, and have an ``online`` / ``rsft`` section.
+ROUND_METHODS = ("online_dpo", "rsft")
+#: Methods whose data file is ``prompts`` (JSONL of ``{"prompt"}``).
+PROMPT_METHODS = ONLINE_METHODS + ROUND_METHODS
 
 #: Top-level keys: common to every method, then those of one method only.
 _COMMON_KEYS = {"method", "model", "output", "max_length", "truncation", "dtype",
@@ -160,6 +187,8 @@ _METHOD_KEYS = {
     "ppo": {"prompts", "reward_model", "ppo", "rollout"},
     **{m: {"prompts", "reward_model", "reward_fn", "reference_model", "group", "rollout"}
        for m in GROUP_METHODS},
+    "online_dpo": {"prompts", "reward_model", "reward_fn", "online"},
+    "rsft": {"prompts", "reward_model", "reward_fn", "rsft"},
     # Only the methods with a reference model (OBJECTIVES[m].needs_reference) accept one.
     **{m: {"data", "loss", "reference_model", "disable_dropout"}
        for m in ("dpo", "ipo", "rdpo", "kto")},
@@ -255,6 +284,8 @@ class Recipe:
     ppo: Any = None
     rollout: PPORollout | GroupRollout | None = None
     group: Any = None
+    online: Any = None
+    rsft: Any = None
     reward_fn: str | None = None
     disable_dropout: bool = True
     lora: Any = None
@@ -267,7 +298,7 @@ class Recipe:
         from dataclasses import asdict
 
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lines"}
-        for key in ("train", "ppo", "rollout", "group"):
+        for key in ("train", "ppo", "rollout", "group", "online", "rsft"):
             if out[key] is not None:
                 out[key] = asdict(out[key])
         if out["lora"] is not None:
@@ -467,6 +498,22 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "group.max_grad_norm": (lambda v: v is None or (_finite(v) and v > 0),
                             "null or a finite number > 0"),
     "group.temperature": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    **{f"{sec}.{key}": rule for sec in ("online", "rsft") for key, rule in {
+        "rounds": (lambda v: v >= 1, "an integer >= 1"),
+        "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        "epochs": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+        "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+        "max_length": (lambda v: v >= 2, "an integer >= 2"),
+        "device": (lambda v: v in ("auto", "cpu", "cuda", "mps"), "one of auto, cpu, cuda, mps"),
+    }.items()},
+    "online.prompts_per_round": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "online.pairs_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
+    "online.beta": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "online.reference": (lambda v: v in ("sft", "previous"), "one of sft, previous"),
+    "online.loss": (lambda v: v == "dpo", "dpo (the only paired loss taking beta alone)"),
+    "rsft.n": (lambda v: v >= 1, "an integer >= 1"),
+    "rsft.samples_per_prompt": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.kl_coef": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "ppo.ppo_epochs": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.minibatch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -572,7 +619,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
                           f"{', '.join(METHODS)}, got {raw.get('method')!r}")
     known = _COMMON_KEYS | _METHOD_KEYS[method]
     _check_keys(raw, sorted(known), "", source, lines, f"a {method} recipe")
-    needed = {"ppo": ("prompts", "reward_model"), "grpo": ("prompts",), "rloo": ("prompts",)}
+    needed = {"ppo": ("prompts", "reward_model"), **{m: ("prompts",) for m in
+                                                     (*GROUP_METHODS, *ROUND_METHODS)}}
     for key in ("model", "output", *needed.get(method, ("data",))):
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
@@ -581,7 +629,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
     hints = typing.get_type_hints(Recipe)
     top: dict[str, Any] = {}
-    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora", "group"}):
+    for key in sorted(known - {"method", "train", "loss", "ppo", "rollout", "lora", "group",
+                               "online", "rsft"}):
         if key in raw:
             where = _where(source, lines, key)
             top[key] = _typed(raw[key], hints[key], where)
@@ -598,6 +647,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         return recipe
     if method in GROUP_METHODS:
         return _group_sections(recipe, raw, lines)
+    if method in ROUND_METHODS:
+        return _round_sections(recipe, raw, lines)
     train = _section(raw, "train", source)
     train.setdefault("seed", recipe.seed)
     train.setdefault("checkpoint_dir", str(Path(recipe.output) / "checkpoints"))
@@ -632,13 +683,7 @@ def _group_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, 
     from rlcourse.grpo import GroupConfig
 
     source, method = recipe.source, recipe.method
-    if bool(recipe.reward_model) == bool(recipe.reward_fn):
-        key = "reward_fn" if recipe.reward_fn else "reward_model"
-        raise RecipeError(f"{_where(source, lines, key)}: give exactly one of reward_model (a "
-                          "reward model directory) and reward_fn (a Python function "
-                          "'module:function')")
-    if recipe.reward_fn:
-        load_reward_fn(recipe.reward_fn, _where(source, lines, "reward_fn"))
+    _check_reward(recipe, lines)
     if "train" in raw:
         raise RecipeError(f"{_where(source, lines, 'train')}: a {method} recipe takes its "
                           "settings from the 'group' and 'rollout' sections")
@@ -651,6 +696,36 @@ def _group_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, 
     recipe.group = _dataclass_section(GroupConfig, group, "group.", source, lines)
     recipe.rollout = _dataclass_section(GroupRollout, _section(raw, "rollout", source),
                                         "rollout.", source, lines)
+    return recipe
+
+
+def _check_reward(recipe: Recipe, lines: Mapping[str, int]) -> None:
+    """Exactly one of ``reward_model`` and ``reward_fn``; the function is imported now."""
+    if bool(recipe.reward_model) == bool(recipe.reward_fn):
+        key = "reward_fn" if recipe.reward_fn else "reward_model"
+        raise RecipeError(f"{_where(recipe.source, lines, key)}: give exactly one of "
+                          "reward_model (a reward model directory) and reward_fn (a Python "
+                          "function 'module:function')")
+    if recipe.reward_fn:
+        load_reward_fn(recipe.reward_fn, _where(recipe.source, lines, "reward_fn"))
+
+
+def _round_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, int]
+                    ) -> Recipe:
+    """Online DPO / RSFT: the reward and the ``online`` / ``rsft`` section."""
+    from rlcourse.online import OnlineDPOConfig, RSFTConfig
+
+    source, method = recipe.source, recipe.method
+    _check_reward(recipe, lines)
+    name, cls = ("online", OnlineDPOConfig) if method == "online_dpo" else ("rsft", RSFTConfig)
+    for key in ("train", "max_length", "truncation"):
+        if key in raw:
+            raise RecipeError(f"{_where(source, lines, key)}: a {method} recipe takes its "
+                              f"settings from the '{name}' section (lengths: {name}.max_length,"
+                              f" {name}.max_new_tokens; prompts longer than max_length are cut)")
+    section = _section(raw, name, source)
+    section.setdefault("device", "auto")
+    setattr(recipe, name, _dataclass_section(cls, section, f"{name}.", source, lines))
     return recipe
 
 
@@ -743,7 +818,7 @@ def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
         read_jsonl,
     )
 
-    key = key or ("prompts" if recipe.method in ONLINE_METHODS else "data")
+    key = key or ("prompts" if recipe.method in PROMPT_METHODS else "data")
     path = Path(getattr(recipe, key))
     if not path.is_file():
         raise RecipeError(f"{recipe.where(key)}: {path}: no such file")
@@ -778,7 +853,8 @@ def _write_json(path: Path, obj: Any) -> None:
 _NOT_IDENTITY = {"source", "output", "train.progress", "train.log_every", "train.eval_every",
                  "train.checkpoint_every", "train.keep_checkpoints", "train.checkpoint_dir",
                  "train.device", "train.logging_dir", "train.report_to", "eval_data",
-                 "rollout.checkpoint_every", "rollout.keep_checkpoints", "rollout.device"}
+                 "rollout.checkpoint_every", "rollout.keep_checkpoints", "rollout.device",
+                 "online.device", "rsft.device"}
 #: What a run writes into OUTPUT (``--overwrite`` removes these and nothing else).
 _RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model", "merged",
               "checkpoints", "tensorboard")
@@ -795,7 +871,8 @@ def _launch_device(recipe: Recipe) -> str:
     """
     import torch
 
-    settings = recipe.train if recipe.train is not None else recipe.rollout
+    settings = next((s for s in (recipe.train, recipe.rollout, recipe.online, recipe.rsft)
+                     if s is not None), None)
     device = getattr(settings, "device", "auto")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if ("WORLD_SIZE" not in os.environ and "MASTER_PORT" in os.environ
@@ -832,7 +909,7 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
     def walk(obj: Any, prefix: str) -> None:
         for k, v in obj.items():
             if isinstance(v, Mapping) and v and k in ("train", "ppo", "rollout", "loss", "lora",
-                                                      "group"):
+                                                      "group", "online", "rsft"):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
@@ -990,6 +1067,10 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
                           f"group of {state.num_processes} ({state.distributed_type}); each "
                           "process would train alone. Set train.device to match the machine")
     _refuse_split_kto(recipe, state.num_processes)
+    if recipe.method in ROUND_METHODS and state.num_processes > 1:
+        raise RecipeError(f"{recipe.where('method')}: {recipe.method} runs in one process "
+                          f"(launched as {state.num_processes}): its rounds sample, label and "
+                          "train on one device. Run it without accelerate launch / torchrun")
     if recipe.method in ONLINE_METHODS:
         per = recipe.group.n_prompts if recipe.method in GROUP_METHODS else \
             recipe.rollout.batch_size
@@ -1006,8 +1087,12 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
                                   trust_remote_code=recipe.trust_remote_code)
     positions = _max_positions(model)
+    rounds = recipe.online or recipe.rsft
     key, length = (("rollout.max_new_tokens", recipe.rollout.max_new_tokens)
-                   if recipe.method in ONLINE_METHODS else ("max_length", recipe.max_length))
+                   if recipe.method in ONLINE_METHODS else
+                   (f"{recipe.method.replace('online_dpo', 'online')}.max_length",
+                    rounds.max_length) if rounds is not None else
+                   ("max_length", recipe.max_length))
     if positions is not None and length > positions:  # else an IndexError deep in the model
         raise RecipeError(f"{recipe.where(key)}: {length} is longer than the model's "
                           f"{positions} positions (max_position_embeddings of {recipe.model})")
@@ -1029,6 +1114,8 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         model, history = _run_ppo(recipe, model, tokenizer, rows, progress)
     elif recipe.method in GROUP_METHODS:
         model, history, summary = _run_group(recipe, model, tokenizer, rows, progress)
+    elif recipe.method in ROUND_METHODS:
+        model, history, summary = _run_rounds(recipe, model, tokenizer, rows, progress, save)
     else:
         model, history, summary = _TRAINERS[recipe.method](recipe, model, tokenizer, rows,
                                                            eval_rows)
@@ -1180,17 +1267,10 @@ def _run_group(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str],
     """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
     function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
     from rlcourse import grpo, ppo
-    from rlcourse.models import RewardModel, load_model
+    from rlcourse.models import load_model
 
     device = str(next(model.parameters()).device)
-    if recipe.reward_fn:
-        fn = load_reward_fn(recipe.reward_fn, f"{recipe.source}: reward_fn")
-    else:
-        from rlcourse.online import reward_model_scorer
-
-        rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
-                                         trust_remote_code=recipe.trust_remote_code)
-        fn = reward_model_scorer(rm, tokenizer)
+    fn = _reward_function(recipe, tokenizer, device)
     reference = None
     if recipe.group.kl_coef:
         if recipe.reference_model:
@@ -1209,6 +1289,87 @@ def _run_group(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str],
     return model, history, {"n_prompts_in_file": len(prompts)}
 
 
+def _reward_function(recipe: Recipe, tokenizer: Any, device: str) -> Any:
+    """``fn(prompts, completions) -> floats``: the recipe's ``reward_fn``, or its reward model
+    scoring each text as in its training (:func:`rlcourse.online.reward_model_scorer`)."""
+    if recipe.reward_fn:
+        return load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
+    from rlcourse.models import RewardModel
+    from rlcourse.online import reward_model_scorer
+
+    rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
+                                     trust_remote_code=recipe.trust_remote_code)
+    return reward_model_scorer(rm, tokenizer)
+
+
+def _run_rounds(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool,
+                save: bool = True):
+    """Online DPO or RSFT, one checkpoint per finished round, resuming after the newest.
+
+    ``OUTPUT/checkpoints/step-<k>`` (written atomically, the older ones removed after it) holds
+    the policy after k rounds (``model``) and ``state.json`` (``rounds_done``, the rows so far).
+    On a rerun the policy is loaded from it and the rounds after k run with the seeds and prompt
+    draws they would have had (:func:`rlcourse.online.online_dpo`'s ``start_round``); the
+    reference of ``online.reference: sft`` is the model of the recipe's ``model`` key.
+    """
+    import shutil
+
+    from rlcourse import online
+    from rlcourse.files import atomic_directory_write
+    from rlcourse.models import load_model, save_model
+
+    device = str(next(model.parameters()).device)
+    fn = _reward_function(recipe, tokenizer, device)
+    config = recipe.online if recipe.method == "online_dpo" else recipe.rsft
+    config = copy.copy(config)
+    if config.device == "auto":
+        config.device = device.split(":")[0]
+    ckpt_dir = Path(recipe.output) / "checkpoints"
+    found = sorted(ckpt_dir.glob("step-*")) if save else []
+    done, rows, reference = 0, [], None
+    if found:
+        latest = found[-1]
+        state = json.loads((latest / "state.json").read_text(encoding="utf-8"))
+        done, rows = int(state["rounds_done"]), list(state["history"])
+        if recipe.method == "online_dpo" and config.reference == "sft":
+            reference = copy.deepcopy(model).eval()  # the starting model, as in a fresh run
+        saved, _ = load_model(latest / "model", device=device, dtype=recipe.dtype,
+                              trust_remote_code=recipe.trust_remote_code)
+        model.load_state_dict(saved.state_dict())
+        del saved
+        if progress:
+            print(f"resuming {recipe.method} after round {done} of {config.rounds} "
+                  f"({latest})", file=sys.stderr)
+
+    def after_round(k: int, row: dict[str, Any], policy: Any) -> None:
+        rows.append(row)
+        if progress:
+            shown = ", ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
+                              for key, v in row.items() if key != "round")
+            print(f"{recipe.method} round {k + 1}/{config.rounds}: {shown}", file=sys.stderr)
+        if not save:
+            return
+        name = f"step-{k + 1:08d}"
+
+        def write(tmp: Path) -> None:
+            save_model(policy, tokenizer, tmp / "model")
+            _write_json(tmp / "state.json", {"rounds_done": k + 1, "history": rows})
+
+        atomic_directory_write(ckpt_dir / name, write)
+        for old in ckpt_dir.glob("step-*"):  # the new one is in place: the older are not needed
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    if recipe.method == "online_dpo":
+        online.online_dpo(model, tokenizer, prompts, online.reward_labeller(fn), config,
+                          seed=recipe.seed, callback=after_round, start_round=done,
+                          reference_model=reference)
+    else:
+        online.rejection_sampling_ft(model, tokenizer, prompts, fn, config, seed=recipe.seed,
+                                     callback=after_round, start_round=done)
+    return model, rows, {"n_prompts_in_file": len(prompts), "rounds_resumed_after": done}
+
+
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
@@ -1220,9 +1381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "e.g. train.lr=1e-4 loss.beta=0.5.")
     parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
-    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO and RLOO "
-                                       "'prompts')")
-    parser.add_argument("--reward-model", help="PPO, GRPO, RLOO: reward model directory")
+    parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO, RLOO, "
+                                       "online DPO and RSFT 'prompts')")
+    parser.add_argument("--prompts", help="JSONL of {\"prompt\"} rows (overrides 'prompts')")
+    parser.add_argument("--reward-model", help="PPO, GRPO, RLOO, online DPO, RSFT: reward "
+                                               "model directory")
     parser.add_argument("--output", help="output directory (overrides 'output')")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the resolved recipe, train nothing")
@@ -1235,7 +1398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         overrides = parse_overrides(args.overrides)
-        for key in ("model", "output", "reward_model"):
+        for key in ("model", "output", "reward_model", "prompts"):
             if getattr(args, key):
                 overrides[key] = getattr(args, key)
         if args.data:
@@ -1243,7 +1406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             method = (yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}).get(
                 "method", "")
-            overrides["prompts" if str(method).lower() in ONLINE_METHODS else "data"] = args.data
+            overrides["prompts" if str(method).lower() in PROMPT_METHODS else "data"] = args.data
         recipe = load_recipe(args.recipe, overrides)
         if args.dry_run:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))

@@ -59,6 +59,16 @@ def test_recipe_parses_into_the_trainers_config(path):
         assert isinstance(recipe.ppo, PPOConfig)
         assert isinstance(recipe.rollout, recipes.PPORollout)
         return
+    if recipe.method in recipes.ROUND_METHODS:
+        from rlcourse.online import OnlineDPOConfig, RSFTConfig
+
+        cls, name = ((OnlineDPOConfig, "online") if recipe.method == "online_dpo" else
+                     (RSFTConfig, "rsft"))
+        assert isinstance(getattr(recipe, name), cls) and recipe.train is None
+        assert isinstance(getattr(recipe, name).lr, float)
+        text = path.read_text()  # every field named: nothing hides behind a default
+        assert all(f"  {f.name}:" in text for f in fields(cls)), name
+        return
     if recipe.method in recipes.GROUP_METHODS:
         from rlcourse.grpo import GroupConfig
 

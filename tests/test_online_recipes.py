@@ -1,0 +1,214 @@
+"""Online DPO and RSFT recipes (``method: online_dpo`` / ``rsft``; rlcourse.online): a verifier
+as the labeller raises what it rewards, RSFT's SFT targets are exactly the best-of-n samples, a
+run killed between rounds resumes to the weights of an uninterrupted one, a changed
+``online.rounds`` refuses to resume, and bad keys are named by file, line and key.
+
+Tiny model (1 layer, hidden 32, a 24-token vocabulary), 4 prompts. The toy verifier counts the
+word "yes" in a completion (ceiling ``max_new_tokens`` = 6; the random model scores about 0.25).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlcourse import online, recipes
+from rlcourse.config import REPO_ROOT
+from rlcourse.data import write_jsonl
+from rlcourse.models import build_model, build_tokenizer, generate, load_model, save_model
+
+torch.set_num_threads(1)
+WORDS = ["what is rain ? rain is wet .", "what is snow ? snow is cold .",
+         "tell me about dogs a dog can bark .", "yes no yes no"]
+PROMPTS = ["what is rain ?", "what is snow ?", "tell me about dogs", "what is a dog ?"]
+VERIFIER = '''
+CRASH_AT = None  # a test sets it: the call that raises, as a killed process would stop
+calls = 0
+log = []  # (completions, rewards) of every call
+
+
+def count_yes(prompts, completions):
+    global calls
+    calls += 1
+    if CRASH_AT is not None and calls >= CRASH_AT:
+        raise KeyboardInterrupt("killed")
+    rewards = [float(c.split().count("yes")) for c in completions]
+    log.append((list(completions), rewards))
+    return rewards
+'''
+ONLINE = ["online.pairs_per_prompt=8", "online.lr=3e-2", "online.beta=0.5",
+          "online.max_new_tokens=6", "online.max_length=32", "online.batch_size=4",
+          "online.epochs=4", "online.device=cpu"]
+RSFT = ["rsft.n=4", "rsft.samples_per_prompt=2", "rsft.lr=3e-2", "rsft.max_new_tokens=6",
+        "rsft.max_length=32", "rsft.batch_size=8", "rsft.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    tok = build_tokenizer(WORDS)
+    save_model(build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0), tok,
+               root / "model")
+    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    (root / "rlc_round_verifiers.py").write_text(VERIFIER)
+    return root
+
+
+@pytest.fixture
+def verifier(workdir, monkeypatch):
+    monkeypatch.syspath_prepend(str(workdir))
+    import rlc_round_verifiers
+
+    monkeypatch.setattr(rlc_round_verifiers, "CRASH_AT", None)
+    monkeypatch.setattr(rlc_round_verifiers, "calls", 0)
+    monkeypatch.setattr(rlc_round_verifiers, "log", [])
+    return rlc_round_verifiers
+
+
+def _run(workdir: Path, method: str, out: Path, *extra: str) -> int:
+    tiny = ONLINE if method == "online_dpo" else RSFT
+    return recipes.main([str(REPO_ROOT / "recipes" / f"{method}.yaml"),
+                         "--model", str(workdir / "model"),
+                         "--prompts", str(workdir / "prompts.jsonl"), "--output", str(out),
+                         "reward_model=null", "reward_fn=rlc_round_verifiers:count_yes",
+                         *tiny, *extra])
+
+
+def _mean_yes(model_dir: Path) -> float:
+    model, tok = load_model(model_dir, device="cpu")
+    texts = generate(model, tok, PROMPTS * 16, max_new_tokens=6, seed=123).texts
+    return sum(t.split().count("yes") for t in texts) / len(texts)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return dict(load_model(path, device="cpu")[0].state_dict())
+
+
+def test_both_methods_are_recipes():
+    assert {"online_dpo", "rsft"} <= set(recipes.METHODS)
+    assert set(recipes.ROUND_METHODS) <= set(recipes.PROMPT_METHODS)
+
+
+def test_online_dpo_recipe_with_a_verifier_raises_its_word(workdir, verifier, tmp_path):
+    assert _run(workdir, "online_dpo", tmp_path / "o", "online.rounds=3") == 0
+    before, after = _mean_yes(workdir / "model"), _mean_yes(tmp_path / "o" / "model")
+    # measured (3 rounds, seed 0): MEASURED of at most 6 (64 samples at seed 123)
+    assert before < 0.5 and after > before + 1.0, (before, after)
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["n_pairs"] > 0 for r in rows)
+    # the labels came from the verifier: two calls (answers a, answers b) per round
+    assert verifier.calls == 6
+    saved = json.loads((tmp_path / "o" / "recipe.json").read_text())
+    assert saved["online"]["rounds"] == 3 and saved["reward_fn"] == "rlc_round_verifiers:count_yes"
+
+
+def test_rsft_targets_are_exactly_the_best_of_n_samples(workdir, verifier, tmp_path,
+                                                         monkeypatch):
+    targets = []
+    real = online.tokenize_sft
+
+    def spy(tokenizer, data, *args, **kwargs):
+        targets.append([(d["prompt"], d["completion"]) for d in data])
+        return real(tokenizer, data, *args, **kwargs)
+
+    monkeypatch.setattr(online, "tokenize_sft", spy)
+    assert _run(workdir, "rsft", tmp_path / "o", "rsft.rounds=2") == 0
+    assert len(verifier.log) == len(targets) == 2
+    n = 4
+    many = [p for p in PROMPTS * 2 for _ in range(n)]  # samples_per_prompt 2: prompts twice
+    for (texts, rewards), got in zip(verifier.log, targets, strict=True):
+        want = []
+        for j in range(len(PROMPTS) * 2):  # argmax by hand: highest reward, first on ties,
+            idx = range(j * n, (j + 1) * n)  # an empty answer never wins
+            ok = [i for i in idx if texts[i].strip()]
+            if ok:
+                best = max(ok, key=lambda i: (rewards[i], -i))
+                want.append((many[best], texts[best]))
+        assert got == want
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())
+    for row, (texts, rewards) in zip(rows, verifier.log, strict=True):
+        nonempty = [r for t, r in zip(texts, rewards, strict=True) if t.strip()]
+        assert row["mean_reward"] == pytest.approx(np.mean(nonempty))  # empty: -inf, left out
+        assert row["n_targets"] == len(targets[row["round"]])
+    assert _mean_yes(tmp_path / "o" / "model") > _mean_yes(workdir / "model")
+
+
+@pytest.mark.parametrize("method, crash_at", [
+    ("online_dpo", 3),  # round 2's labels (calls 3, 4: answers a and b) are killed
+    ("rsft", 2),        # round 2's scoring is killed
+])
+def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_path,
+                                                        monkeypatch, method, crash_at):
+    # prompts_per_round < 4 prompts: the resumed run must replay the skipped rounds' draws;
+    # reference sft: it must use the starting model, not the checkpoint, as reference
+    extra = (("online.rounds=3", "online.prompts_per_round=3", "online.reference=sft")
+             if method == "online_dpo" else ("rsft.rounds=2",))
+    assert _run(workdir, method, tmp_path / "whole", *extra) == 0
+    calls_whole = verifier.calls
+    monkeypatch.setattr(verifier, "calls", 0)
+    monkeypatch.setattr(verifier, "CRASH_AT", crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        _run(workdir, method, tmp_path / "crashed", *extra)
+    out = tmp_path / "crashed"
+    assert not (out / "model").exists()
+    done = (crash_at - 1) // (2 if method == "online_dpo" else 1)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{done:08d}"]
+    monkeypatch.setattr(verifier, "CRASH_AT", None)
+    monkeypatch.setattr(verifier, "calls", 0)
+    assert _run(workdir, method, out, *extra) == 0  # the same command again
+    per_round = 2 if method == "online_dpo" else 1
+    assert verifier.calls == calls_whole - per_round * done  # round 1 was not redone
+    whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(out / "model")
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = [json.loads((tmp_path / p / "history.json").read_text()) for p in ("whole", out)]
+    drop = ("train_seconds",)
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in rows[0]]
+            == [{k: v for k, v in r.items() if k not in drop} for r in rows[1]])
+
+
+def test_other_rounds_refuse_to_resume(workdir, verifier, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    monkeypatch.setattr(verifier, "CRASH_AT", 3)  # killed in round 2, after round 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        _run(workdir, "online_dpo", out, "online.rounds=3")
+    assert (out / "checkpoints" / "step-00000001").is_dir()
+    monkeypatch.setattr(verifier, "CRASH_AT", None)
+    assert _run(workdir, "online_dpo", out, "online.rounds=4") == 2
+    err = capsys.readouterr().err
+    assert "online.rounds: 3 -> 4" in err and "unfinished run of a different recipe" in err
+    assert not (out / "model").exists()
+    assert (out / "checkpoints" / "step-00000001").is_dir()  # nothing lost
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nonline:\n"
+     "  rounds: 2\n  betta: 0.1\n", "online.betta", "unknown key 'betta'"),
+    ("method: rsft\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nrsft:\n  n: 0\n",
+     "rsft.n", "must be an integer >= 1"),
+    ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nonline:\n"
+     "  reference: start\n", "online.reference", "one of sft, previous"),
+    ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nonline:\n"
+     "  loss: ipo\n", "online.loss", "must be dpo"),
+    ("method: rsft\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nmax_length: 64\n",
+     "max_length", "rsft.max_length"),
+    ("method: rsft\nmodel: m\nprompts: p\noutput: o\nreward_model: r\ntrain:\n  lr: 1\n",
+     "train", "from the 'rsft' section"),
+    ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\n"
+     "reference_model: r\n", "reference_model", "unknown key"),
+    ("method: rsft\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nreward_fn: a:b\n",
+     "reward_fn", "exactly one of reward_model"),
+])
+def test_bad_key_names_the_file_the_line_and_the_key(tmp_path, text, where, what):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    line = next(i for i, s in enumerate(text.splitlines(), 1)
+                if s.strip().startswith(where.split(".")[-1] + ":"))
+    with pytest.raises(recipes.RecipeError) as err:
+        recipes.load_recipe(path)
+    assert str(err.value).startswith(f"{path}:{line}: {where}"), str(err.value)
+    assert what in str(err.value)
