@@ -96,8 +96,8 @@ def test_both_methods_are_recipes():
 def test_online_dpo_recipe_with_a_verifier_raises_its_word(workdir, verifier, tmp_path):
     assert _run(workdir, "online_dpo", tmp_path / "o", "online.rounds=3") == 0
     before, after = _mean_yes(workdir / "model"), _mean_yes(tmp_path / "o" / "model")
-    # measured (3 rounds, seed 0): MEASURED of at most 6 (64 samples at seed 123)
-    assert before < 0.5 and after > before + 1.0, (before, after)
+    # measured (3 rounds, seed 0): 0.25 -> 6.0, the ceiling (64 samples at seed 123)
+    assert before < 0.5 and after > before + 3.0, (before, after)
     rows = json.loads((tmp_path / "o" / "history.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["n_pairs"] > 0 for r in rows)
     # the labels came from the verifier: two calls (answers a, answers b) per round
