@@ -1,7 +1,8 @@
 """Online DPO and RSFT recipes (``method: online_dpo`` / ``rsft``; rlcourse.online): a verifier
 as the labeller raises what it rewards, RSFT's SFT targets are exactly the best-of-n samples, a
 run killed between rounds resumes to the weights of an uninterrupted one, a changed
-``online.rounds`` refuses to resume, and bad keys are named by file, line and key.
+``online.rounds`` refuses to resume, a reward model directory labels and picks as its r(x, y)
+says, several processes are refused, and bad keys are named by file, line and key.
 
 Tiny model (1 layer, hidden 32, a 24-token vocabulary), 4 prompts. The toy verifier counts the
 word "yes" in a completion (ceiling ``max_new_tokens`` = 6; the random model scores about 0.25).
@@ -212,3 +213,102 @@ def test_bad_key_names_the_file_the_line_and_the_key(tmp_path, text, where, what
         recipes.load_recipe(path)
     assert str(err.value).startswith(f"{path}:{line}: {where}"), str(err.value)
     assert what in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["online_dpo", "rsft"])
+def test_a_reward_model_directory_labels_and_picks(workdir, tmp_path, monkeypatch, method):
+    """``reward_model: DIR``: the reward model's r(x, y) (rlcourse.online.reward_model_scorer)
+    labels the pairs (the higher one is chosen) and picks RSFT's winners."""
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    rm = RewardModel(model, seed=1)
+    save_model(rm, tok, tmp_path / "rm")
+    score = online.reward_model_scorer(rm.eval(), tok)
+    seen = []
+    real_pairs, real_sft = online.train_preference, online.tokenize_sft
+
+    def spy_pairs(loss, policy, pairs, *args, **kwargs):
+        seen.append(pairs)
+        return real_pairs(loss, policy, pairs, *args, **kwargs)
+
+    def spy_sft(tokenizer, data, *args, **kwargs):
+        seen.append(data)
+        return real_sft(tokenizer, data, *args, **kwargs)
+
+    scored = []
+    real_scorer = online.reward_model_scorer
+
+    def spy_scorer(*args, **kwargs):
+        fn = real_scorer(*args, **kwargs)
+
+        def logged(prompts, texts):
+            scored.append(list(texts))
+            return fn(prompts, texts)
+
+        return logged
+
+    monkeypatch.setattr(online, "reward_model_scorer", spy_scorer)
+    monkeypatch.setattr(online, "train_preference", spy_pairs)
+    monkeypatch.setattr(online, "tokenize_sft", spy_sft)
+    tiny = ONLINE if method == "online_dpo" else RSFT
+    code = recipes.main([str(REPO_ROOT / "recipes" / f"{method}.yaml"),
+                         "--model", str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                         "--data", str(workdir / "prompts.jsonl"), "--output", str(tmp_path / "o"),
+                         *tiny, f"{'online' if method == 'online_dpo' else 'rsft'}.rounds=1"])
+    assert code == 0 and len(seen) == 1 and seen[0]
+    assert len(scored) == (2 if method == "online_dpo" else 1)  # the reward model was asked
+    if method == "online_dpo":
+        ps = [r["prompt"] for r in seen[0]]
+        chosen = score(ps, [r["chosen"] for r in seen[0]])
+        rejected = score(ps, [r["rejected"] for r in seen[0]])
+        assert (chosen > rejected).all()
+    else:  # each winner is the argmax of r over its prompt's n answers (checked by hand)
+        n, many = 4, [q for q in PROMPTS * 2 for _ in range(4)]
+        texts = list(scored[0])
+        r = score(many, texts)  # an independent scorer of the same saved reward model
+        want = []
+        for j in range(len(PROMPTS) * 2):
+            ok = [i for i in range(j * n, (j + 1) * n) if texts[i].strip()]
+            if ok:
+                best = max(ok, key=lambda i: (r[i], -i))
+                want.append({"prompt": many[best], "completion": texts[best]})
+        assert seen[0] == want
+    before, after = _weights(workdir / "model"), _weights(tmp_path / "o" / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_several_processes_are_refused_before_anything_is_written(workdir, tmp_path,
+                                                                  monkeypatch):
+    import accelerate
+
+    class TwoProcesses:  # what accelerate reports inside `torchrun --nproc_per_node 2`
+        num_processes, distributed_type, device = 2, "MULTI_CPU", "cpu"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "o"
+    recipe = recipes.load_recipe(
+        REPO_ROOT / "recipes" / "rsft.yaml",
+        recipes.parse_overrides(RSFT + [f"model={workdir / 'model'}", "reward_model=r",
+                                        f"prompts={workdir / 'prompts.jsonl'}", f"output={out}"]))
+    with pytest.raises(recipes.RecipeError, match=r"rsft.yaml:\d+: method: rsft runs in one "):
+        recipes.run_recipe(recipe)
+    assert not out.exists()
+
+
+def test_a_finished_run_is_not_trained_again_and_other_rounds_refuse(workdir, verifier,
+                                                                     tmp_path, monkeypatch,
+                                                                     capsys):
+    out = tmp_path / "o"
+    assert _run(workdir, "rsft", out, "rsft.rounds=1") == 0
+    monkeypatch.setattr(verifier, "calls", 0)
+    assert _run(workdir, "rsft", out, "rsft.rounds=1") == 0
+    assert verifier.calls == 0 and "already holds the finished run" in capsys.readouterr().err
+    assert _run(workdir, "rsft", out, "rsft.rounds=2") == 2
+    err = capsys.readouterr().err
+    assert "a finished run of a different recipe" in err and "rsft.rounds: 1 -> 2" in err
+    assert verifier.calls == 0
