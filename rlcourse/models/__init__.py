@@ -1,0 +1,73 @@
+"""Layer 2: the small GPT, its tokenizer, log-probabilities, generation, value and reward heads.
+
+Everything here works on plain Hugging Face ``transformers`` objects, so the tiny Llama-style
+model that the book trains on a laptop can be swapped for any causal LM loaded with
+:func:`load_model` (a local directory holding a model and its tokenizer).
+
+Alignment convention used throughout (the "shift"): for a sequence ``ids[0..T-1]`` the model's
+``logits[:, t]`` is the distribution of the *next* token ``ids[:, t+1]``. Per-token quantities
+therefore have length ``T-1`` and entry ``t`` belongs to token ``ids[:, t+1]``.
+
+The package is split by job; every name is re-exported here, so ``from rlcourse.models import
+X`` is the one import the rest of the code base uses:
+
+- :mod:`rlcourse.models.tokenizer`: the word-level tokenizer, chat format, prompt/completion
+  encoding;
+- :mod:`rlcourse.models.construction`: the tiny Llama-style config and model;
+- :mod:`rlcourse.models.io`: loading and saving any causal LM and its tokenizer;
+- :mod:`rlcourse.models.logprobs`: per-token and per-sequence log-probabilities;
+- :mod:`rlcourse.models.generation`: sampling with the sampled tokens' log-probabilities;
+- :mod:`rlcourse.models.heads`: the value head, the reward model, freezing an unused LM head.
+"""
+
+from __future__ import annotations
+
+from rlcourse.files import atomic_directory_write  # re-exported: its old home
+from rlcourse.models.construction import build_model, tiny_config
+from rlcourse.models.generation import (
+    Generation,
+    _filter_logits,  # noqa: F401 (tests import it from here)
+    generate,
+)
+from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
+from rlcourse.models.io import load_model, load_tokenizer, save_model
+from rlcourse.models.logprobs import (
+    logprobs_from_logits,
+    position_ids_from_mask,
+    sequence_logprobs,
+)
+from rlcourse.models.tokenizer import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    build_tokenizer,
+    encode_prompt_completion,
+    format_completion,
+    format_prompt,
+)
+
+# One implementation of the last-real-token index (layer 1), re-exported here for the heads.
+from rlcourse.rl import last_token_index
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "Generation",
+    "RewardModel",
+    "atomic_directory_write",
+    "ValueHeadModel",
+    "build_model",
+    "build_tokenizer",
+    "encode_prompt_completion",
+    "format_completion",
+    "format_prompt",
+    "freeze_untied_lm_head",
+    "generate",
+    "last_token_index",
+    "load_model",
+    "load_tokenizer",
+    "logprobs_from_logits",
+    "position_ids_from_mask",
+    "save_model",
+    "sequence_logprobs",
+    "tiny_config",
+]
