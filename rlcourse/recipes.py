@@ -6,6 +6,10 @@
         --output runs/dpo train.lr=5e-7 loss.beta=0.1
     accelerate launch --num_processes 4 -m rlcourse.recipes recipes/dpo.yaml ...
 
+Every section key with its type, default and meaning: ``recipes/REFERENCE.md``, generated from
+the config dataclasses' field docs by :func:`recipe_reference`
+(``python -m rlcourse.recipes --write-reference``).
+
 A recipe is thin wiring, not a trainer: it reads the YAML (:func:`load_recipe`), loads any local
 causal LM with :func:`rlcourse.models.load_model`, reads the JSONL data with
 :mod:`rlcourse.data`, and calls the functions the book teaches: :func:`rlcourse.engine.train`
@@ -145,6 +149,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -226,13 +231,22 @@ class PPORollout:
     """
 
     steps: int = 100
+    """PPO iterations (sample a batch, score it, update)."""
     batch_size: int = 16
+    """Prompts per iteration, over all processes (each of N answers ``batch_size / N``)."""
     max_new_tokens: int = 64
+    """Longest answer sampled, in tokens."""
     lr: float = 1e-6
+    """Adam learning rate of actor and critic."""
     separate_critic: bool = True
+    """Actor and critic as two networks (DeepSpeed-Chat) instead of one backbone with a value
+    head."""
     checkpoint_every: int = 10
+    """Iterations between checkpoints in ``OUTPUT/checkpoints``; 0: only at the end."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
     device: str = "auto"
+    """``"auto"`` or ``"cpu"`` (several processes over gloo)."""
 
 
 @dataclass
@@ -249,13 +263,21 @@ class GroupRollout:
     """
 
     steps: int = 100
+    """Updates, each on ``group.n_prompts * group.group_size`` answers."""
     max_new_tokens: int = 64
+    """Longest answer sampled, in tokens."""
     lr: float = 1e-6
+    """AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     device: str = "auto"
+    """``"auto"`` (a GPU per process if there is one) or ``"cpu"`` (gloo)."""
     mixed_precision: str = "no"
+    """``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"``."""
     checkpoint_every: int = 10
+    """Steps between checkpoints in ``OUTPUT/checkpoints``; 0: only at the end."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
 
 
 @dataclass
@@ -1371,6 +1393,95 @@ def _run_rounds(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], 
 
 
 # --------------------------------------------------------------------------------------------
+# The recipe key reference (recipes/REFERENCE.md), generated from the dataclasses' field docs
+# --------------------------------------------------------------------------------------------
+#: ``(section, the dataclass path, methods, what a recipe changes)``: one table each.
+REFERENCE_SECTIONS = (
+    ("train", "rlcourse.engine:TrainConfig", "sft, reward_model, dpo, ipo, rdpo, orpo, simpo, kto",
+     "In a recipe ``checkpoint_dir`` defaults to ``OUTPUT/checkpoints`` and ``logging_dir`` to "
+     "``OUTPUT``."),
+    ("ppo", "rlcourse.ppo:PPOConfig", "ppo", ""),
+    ("rollout", "rlcourse.recipes:PPORollout", "ppo", ""),
+    ("rollout", "rlcourse.recipes:GroupRollout", "grpo, rloo", ""),
+    ("group", "rlcourse.grpo:GroupConfig", "grpo, rloo", ""),
+    ("online", "rlcourse.online:OnlineDPOConfig", "online_dpo",
+     "In a recipe ``device`` defaults to ``auto``."),
+    ("rsft", "rlcourse.online:RSFTConfig", "rsft", "In a recipe ``device`` defaults to ``auto``."),
+    ("lora", "rlcourse.adapters:LoraSettings", "sft, reward_model and the preference methods",
+     ""),
+)
+#: Dataclass fields that are not recipe keys (set in code only).
+NOT_RECIPE_KEYS = {"rlcourse.adapters:LoraSettings": {"extra"}}
+REFERENCE_PATH = Path(__file__).resolve().parent.parent / "recipes" / "REFERENCE.md"
+
+
+def _import_path(path: str) -> type:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: doc}`` from the attribute docstrings of dataclass ``cls``: the string literal
+    right under each annotated field (the convention autodoc reads; CleanRL's). Fields without
+    one are missing from the result."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _cell(text: str) -> str:
+    """RST roles and line breaks out, pipes escaped: one Markdown table cell."""
+    import re
+
+    text = re.sub(r":(?:func|class|data|meth|mod):`~?([^`]+)`", r"``\1``", text)
+    return " ".join(text.split()).replace("``", "`").replace("|", "\\|")
+
+
+def recipe_reference() -> str:
+    """The recipe key reference in Markdown: for each section (:data:`REFERENCE_SECTIONS`) a
+    table of key, type, default and the field's doc, read from the dataclass declarations.
+    Raises ``ValueError`` naming every field without a doc."""
+    out = ["# Recipe key reference", "",
+           "Generated by `python -m rlcourse.recipes --write-reference` from the field docs of "
+           "the dataclasses below (`rlcourse.recipes.recipe_reference`); do not edit by hand. "
+           "Top-level keys (`method`, `model`, `data`, ...) are described in the "
+           "`rlcourse.recipes` module docstring; `loss` takes the loss function's keyword "
+           "arguments (`rlcourse.losses.DEFAULTS`).", ""]
+    missing = []
+    for section, path, methods, note in REFERENCE_SECTIONS:
+        cls = _import_path(path)
+        docs = field_docs(cls)
+        out += [f"## `{section}` ({methods}): `{path.replace(':', '.')}`", ""]
+        if note:
+            out += [_cell(note), ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            if f.name in NOT_RECIPE_KEYS.get(path, ()):
+                continue
+            if f.name not in docs:
+                missing.append(f"{path}.{f.name}")
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING_FIELD else f.default
+            out.append(f"| `{section}.{f.name}` | `{_cell(str(f.type))}` | "
+                       f"`{json.dumps(default)}` | {_cell(docs[f.name])} |")
+        out.append("")
+    if missing:
+        raise ValueError(f"fields without a doc (a string literal under the field): {missing}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1379,7 +1490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m rlcourse.recipes",
         description="Train a model with a recipe (a YAML file); key=value pairs override it, "
                     "e.g. train.lr=1e-4 loss.beta=0.5.")
-    parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
+    parser.add_argument("recipe", nargs="?", help="the recipe YAML, e.g. recipes/dpo.yaml")
+    parser.add_argument("--write-reference", action="store_true",
+                        help=f"regenerate {REFERENCE_PATH.name} (recipes/) from the field docs")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
     parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO, RLOO, "
                                        "online DPO and RSFT 'prompts')")
@@ -1393,6 +1506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start afresh even if the output folder holds another run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
+    if args.write_reference:
+        atomic_write_text(REFERENCE_PATH, recipe_reference())
+        print(f"wrote {REFERENCE_PATH}")
+        return 0
+    if args.recipe is None:
+        parser.error("the recipe YAML is required")
     from rlcourse.data import DataError
     from rlcourse.engine import NonFiniteError
 
