@@ -54,11 +54,18 @@ class LoraSettings:
     """
 
     r: int = 16
+    """Rank of the adapter matrices ``B`` (d x r) and ``A`` (r x k)."""
     alpha: float = 32.0
+    """Scale: the update is ``alpha / r * B A``."""
     dropout: float = 0.0
+    """Dropout probability on the adapter's input, in [0, 1)."""
     target_modules: Any = "all-linear"
+    """``"all-linear"`` (every linear layer but the output layer) or a list of module names such as
+    ``["q_proj", "v_proj"]``."""
     merge: bool = False
+    """Also save the merged full model to ``OUTPUT/merged`` (loadable without peft)."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Further ``peft.LoraConfig`` arguments (not a recipe key)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:

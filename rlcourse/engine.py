@@ -66,30 +66,60 @@ class TrainConfig:
     """
 
     lr: float = 1e-3
+    """Peak learning rate of AdamW (reached after ``warmup_steps``, then shaped by ``schedule``)."""
     max_steps: int | None = None
+    """Optimizer steps to run; ``None``: run ``epochs`` passes over the data instead."""
     epochs: float = 1.0
+    """Passes over the training data when ``max_steps`` is ``None`` (may be fractional)."""
     batch_size: int = 32
+    """Examples per micro-batch on each process."""
     grad_accum_steps: int = 1
+    """Micro-batches accumulated into one optimizer step; a step sees
+    ``batch_size * grad_accum_steps * processes`` examples."""
     max_grad_norm: float | None = 1.0
+    """Clip the global gradient L2 norm to this before each step; ``None``: no clipping."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to ``lr``."""
     schedule: str = "cosine"
+    """Learning rate after warm-up: ``"cosine"`` (to 0 at the last step), ``"linear"`` (to 0) or
+    ``"constant"``."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay (per step, multiplied by the learning rate)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's ``(beta1, beta2)``: decay rates of the first and second moment estimates."""
     seed: int = 0
+    """Seed of the data order (a permutation per epoch) and of torch/numpy/random before training
+    (whatever the loss draws)."""
     mixed_precision: str = "no"
+    """``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 on a GPU that supports it, else no)."""
     log_every: int = 10
+    """Optimizer steps between history rows (each row the mean since the previous one)."""
     eval_every: int = 0
+    """Optimizer steps between evaluations; 0: evaluate only at the end."""
     checkpoint_every: int = 0
+    """Optimizer steps between checkpoints (model, optimizer, scheduler, RNG states); 0: no
+    checkpoints."""
     checkpoint_dir: str | None = None
+    """Directory of the checkpoints; a run finding one there resumes from the newest."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept; older ones are deleted."""
     device: str = "auto"
+    """``"auto"`` (accelerate's choice: a GPU per process if there is one), ``"cpu"``, or
+    ``"cuda"``/``"mps"`` (a warning if unavailable)."""
     drop_last: bool = False
+    """Drop the last incomplete micro-batch of each epoch."""
     progress: bool = True
-    #: Recompute each decoder layer in backward instead of storing its activations
-    #: (:func:`rlcourse.adapters.enable_gradient_checkpointing`): same gradients, less memory.
+    """Show a progress bar (main process only)."""
     gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of storing its activations
+    (:func:`rlcourse.adapters.enable_gradient_checkpointing`): identical gradients, less memory,
+    about a third more compute."""
     logging_dir: str | None = None
+    """Where the run is watched from: ``history.jsonl`` (one row per log step, appended as training
+    goes) and, with ``report_to="tensorboard"``, event files under ``logging_dir/tensorboard``;
+    ``None``: nothing written."""
     report_to: str = "none"
+    """``"none"`` or ``"tensorboard"`` (needs ``logging_dir``)."""
 
     def __post_init__(self) -> None:
         # A YAML string "false" is truthy: a boolean must be a boolean (recipes check every

@@ -84,15 +84,27 @@ class GroupConfig:
     """
 
     advantage: str = "grpo"
+    """``"grpo"`` (group z-score), ``"rloo"`` (leave-one-out mean) or ``"dr_grpo"`` (group mean,
+    not divided by the std)."""
     group_size: int = 8
+    """K: responses sampled for each prompt (at least 2)."""
     n_prompts: int = 32
+    """Prompts per step; each step samples ``n_prompts * group_size`` responses."""
     kl_coef: float = 0.0
+    """β of the k3 KL penalty in the loss; 0 needs no reference model."""
     clip_eps: float | None = 0.2
+    """ε of the clipped ratio ``clip(r, 1-ε, 1+ε)``; ``None``: no clipping."""
     epochs: int = 1
+    """Passes over each batch of samples."""
     minibatch_size: int | None = None
+    """Responses per minibatch (an optimizer step each); ``None``: the whole batch."""
     max_grad_norm: float | None = 1.0
+    """Clip the gradient L2 norm to this before each step; ``None``: no clipping."""
     temperature: float = 1.0
+    """Sampling temperature of the responses."""
     loss_type: str = "dapo"
+    """How per-token terms become one loss: ``"grpo"``, ``"dapo"`` or ``"dr_grpo"`` (see the class
+    docstring)."""
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:

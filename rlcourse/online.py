@@ -154,17 +154,30 @@ class OnlineDPOConfig:
     """
 
     rounds: int = 8
+    """Rounds of sample, label, train."""
     prompts_per_round: int | None = None
+    """Prompts drawn (without replacement) each round; ``None``: all of them."""
     pairs_per_prompt: int = 1
+    """Independent answer pairs sampled for each prompt per round."""
     beta: float = 0.5
+    """β of the DPO loss (strength of the implicit KL to the reference)."""
     lr: float = 5e-4
+    """Learning rate (constant) of each round's training."""
     epochs: float = 1.0
+    """Passes over each round's new pairs."""
     batch_size: int = 32
+    """Pairs per optimizer step."""
     reference: str = "sft"
+    """``"sft"`` (the starting model, fixed) or ``"previous"`` (the policy at the start of each
+    round)."""
     max_new_tokens: int = 48
+    """Longest answer sampled, in tokens."""
     max_length: int = 128
+    """Longest prompt + answer in tokens for training."""
     loss: str = "dpo"
+    """Preference loss trained each round (``"dpo"``, ``"ipo"``, ...)."""
     device: str = "cpu"
+    """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
 
 
 def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_fn: LabelFn,
@@ -280,14 +293,23 @@ class RSFTConfig:
     ``epochs`` of SFT on the winners at ``lr``."""
 
     rounds: int = 2
+    """Rounds of best-of-n sampling then SFT on the winners."""
     n: int = 8
+    """Answers sampled per prompt; the one with the highest reward is kept."""
     samples_per_prompt: int = 1
+    """Winners per prompt per round, each from an independent best-of-n draw."""
     lr: float = 5e-4
+    """Learning rate (constant) of each round's SFT."""
     epochs: float = 1.0
+    """Passes over each round's winners."""
     batch_size: int = 32
+    """Examples per optimizer step."""
     max_new_tokens: int = 48
+    """Longest answer sampled, in tokens."""
     max_length: int = 128
+    """Longest prompt + answer in tokens for training."""
     device: str = "cpu"
+    """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
 
 
 def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[str],

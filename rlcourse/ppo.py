@@ -67,21 +67,41 @@ class PPOConfig:
     """
 
     kl_coef: float = 0.1
+    """β of the per-token KL penalty ``-β (log π - log π_ref)`` added to the rewards (the start
+    value when ``adaptive_kl``)."""
     adaptive_kl: bool = False
+    """Adapt ``kl_coef`` with Ziegler et al.'s controller towards ``kl_target``."""
     kl_target: float = 6.0
+    """Target KL per sequence (nats) of the adaptive controller."""
     kl_horizon: float = 10000.0
+    """Horizon of the adaptive controller, in samples: ``β ← β (1 + e n / kl_horizon)`` after a
+    step of ``n`` samples, ``e = clip(KL / kl_target - 1, -0.2, 0.2)``."""
     clip_score: float | None = 5.0
+    """Clip the reward model's score to ``[-clip_score, clip_score]``; ``None``: no clipping."""
     clip_eps: float | None = 0.2
+    """ε of the clipped policy ratio ``clip(r, 1-ε, 1+ε)``; ``None``: no clipping."""
     clip_eps_v: float | None = 0.2
+    """Clip range of the value update around the old values; ``None``: no clipping."""
     gamma: float = 1.0
+    """Discount per token (1: undiscounted)."""
     lam: float = 0.95
+    """λ of GAE; 0: the one-step advantage ``r + γV' - V``, 1: Monte-Carlo returns minus V."""
     ppo_epochs: int = 4
+    """Passes of PPO updates over each batch of experience."""
     minibatch_size: int = 64
+    """Sequences per PPO minibatch (an optimizer step each)."""
     vf_coef: float = 0.1
+    """Weight of the value loss in ``policy_loss + vf_coef * value_loss - ent_coef * entropy``."""
     ent_coef: float = 0.0
+    """Weight of the mean per-token entropy bonus in the loss (0: none)."""
     whiten_advantages: bool = True
+    """Normalise advantages to mean 0, variance 1 over the response tokens of the whole batch
+    (all processes)."""
     max_grad_norm: float | None = 1.0
+    """Clip the gradient L2 norm to this before each step; ``None``: no clipping."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts; the policy's and the reference's log-probs are
+    taken at the same temperature."""
 
     def kl_controller(self) -> rl.FixedKLController | rl.AdaptiveKLController:
         """The KL-coefficient controller this configuration asks for."""

@@ -6,6 +6,10 @@
         --output runs/dpo train.lr=5e-7 loss.beta=0.1
     accelerate launch --num_processes 4 -m rlcourse.recipes recipes/dpo.yaml ...
 
+Every section key with its type, default and meaning: ``recipes/REFERENCE.md``, generated from
+the config dataclasses' field docs by :func:`recipe_reference`
+(``python -m rlcourse.recipes --write-reference``).
+
 A recipe is thin wiring, not a trainer: it reads the YAML (:func:`load_recipe`), loads any local
 causal LM with :func:`rlcourse.models.load_model`, reads the JSONL data with
 :mod:`rlcourse.data`, and calls the functions the book teaches: :func:`rlcourse.engine.train`
@@ -145,6 +149,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -226,13 +231,22 @@ class PPORollout:
     """
 
     steps: int = 100
+    """PPO iterations (sample a batch, score it, update)."""
     batch_size: int = 16
+    """Prompts per iteration, over all processes (each of N answers ``batch_size / N``)."""
     max_new_tokens: int = 64
+    """Longest answer sampled, in tokens."""
     lr: float = 1e-6
+    """Adam learning rate of actor and critic."""
     separate_critic: bool = True
+    """Actor and critic as two networks (DeepSpeed-Chat) instead of one backbone with a value
+    head."""
     checkpoint_every: int = 10
+    """Iterations between checkpoints in ``OUTPUT/checkpoints``; 0: only at the end."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
     device: str = "auto"
+    """``"auto"`` or ``"cpu"`` (several processes over gloo)."""
 
 
 @dataclass
@@ -249,13 +263,21 @@ class GroupRollout:
     """
 
     steps: int = 100
+    """Updates, each on ``group.n_prompts * group.group_size`` answers."""
     max_new_tokens: int = 64
+    """Longest answer sampled, in tokens."""
     lr: float = 1e-6
+    """AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     device: str = "auto"
+    """``"auto"`` (a GPU per process if there is one) or ``"cpu"`` (gloo)."""
     mixed_precision: str = "no"
+    """``"no"``, ``"bf16"``, ``"fp16"`` or ``"auto"``."""
     checkpoint_every: int = 10
+    """Steps between checkpoints in ``OUTPUT/checkpoints``; 0: only at the end."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
 
 
 @dataclass
@@ -267,31 +289,63 @@ class Recipe:
     """
 
     method: str
+    """The method: sft, reward_model, ppo, grpo, rloo, online_dpo, rsft, dpo, ipo, rdpo, kto, orpo
+    or simpo."""
     model: str
+    """A local directory holding a causal LM and its tokenizer (the starting policy)."""
     output: str
+    """Directory of the run: the trained model, checkpoints, history and ``recipe.json``."""
     data: str | None = None
+    """JSONL training data, plain text or TRL's conversational form (:mod:`rlcourse.data`)."""
     eval_data: str | None = None
+    """Held-out JSONL rows: loss and metrics every ``train.eval_every`` steps and at the end."""
     prompts: str | None = None
+    """JSONL of ``{"prompt"}`` rows (PPO, GRPO, RLOO, online DPO, RSFT)."""
     reward_model: str | None = None
+    """Directory of a trained reward model (PPO; GRPO, RLOO, online DPO, RSFT unless
+    ``reward_fn``)."""
     reference_model: str | None = None
+    """A separate reference model directory; default: a frozen copy of ``model``."""
     max_length: int = 512
+    """Longest prompt + completion, in tokens; must fit the model's position embeddings."""
     truncation: str = "error"
+    """What an over-long example does: ``error``, ``left`` or ``right`` (the side cut)."""
     dtype: str | None = None
+    """Weights' dtype at load: ``null`` (fp32, with ``train.mixed_precision``), ``auto``, ``fp32``,
+    ``bf16`` or ``fp16``."""
     trust_remote_code: bool = False
+    """Run the model directory's own Python code when loading (a YAML boolean)."""
     seed: int = 0
+    """Seed of the run: ``train.seed`` defaults to it; it also seeds the sampling and the
+    initialisation of LoRA adapters and value heads."""
     loss: dict[str, Any] = field(default_factory=dict)
+    """The section of the loss function's keyword arguments (e.g. ``beta``); defaults in
+    ``rlcourse.losses.DEFAULTS``."""
     train: Any = None
+    """The ``train`` section (:class:`rlcourse.engine.TrainConfig`)."""
     ppo: Any = None
+    """The ``ppo`` section (:class:`rlcourse.ppo.PPOConfig`)."""
     rollout: PPORollout | GroupRollout | None = None
+    """The ``rollout`` section (:class:`PPORollout` or :class:`GroupRollout`)."""
     group: Any = None
+    """The ``group`` section (:class:`rlcourse.grpo.GroupConfig`)."""
     online: Any = None
+    """The ``online`` section (:class:`rlcourse.online.OnlineDPOConfig`)."""
     rsft: Any = None
+    """The ``rsft`` section (:class:`rlcourse.online.RSFTConfig`)."""
     reward_fn: str | None = None
+    """``module:function`` called as ``fn(prompts, completions)`` -> one float per completion,
+    instead of ``reward_model``."""
     disable_dropout: bool = True
+    """Train with dropout off (preference methods and reward_model)."""
     lora: Any = None
+    """The ``lora`` section (:class:`rlcourse.adapters.LoraSettings`); absent: full fine-tuning."""
     reference_batch_size: int = 64
+    """Sequences per forward pass of the reference-log-prob pass (DPO, IPO, R-DPO, KTO)."""
     source: str = "<recipe>"
+    """The recipe file (set by :func:`load_recipe`; not a key)."""
     lines: dict[str, int] = field(default_factory=dict, repr=False)
+    """Line of each key in the file, for error messages (not a key)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what ``OUTPUT/recipe.json`` records)."""
@@ -1371,6 +1425,103 @@ def _run_rounds(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], 
 
 
 # --------------------------------------------------------------------------------------------
+# The recipe key reference (recipes/REFERENCE.md), generated from the dataclasses' field docs
+# --------------------------------------------------------------------------------------------
+#: ``(section, the dataclass path, methods, what a recipe changes)``: one table each.
+REFERENCE_SECTIONS = (
+    ("", "rlcourse.recipes:Recipe", "every method", ""),
+    ("train", "rlcourse.engine:TrainConfig", "sft, reward_model, dpo, ipo, rdpo, orpo, simpo, kto",
+     "In a recipe ``checkpoint_dir`` defaults to ``OUTPUT/checkpoints`` and ``logging_dir`` to "
+     "``OUTPUT``."),
+    ("ppo", "rlcourse.ppo:PPOConfig", "ppo", ""),
+    ("rollout", "rlcourse.recipes:PPORollout", "ppo", ""),
+    ("rollout", "rlcourse.recipes:GroupRollout", "grpo, rloo", ""),
+    ("group", "rlcourse.grpo:GroupConfig", "grpo, rloo", ""),
+    ("online", "rlcourse.online:OnlineDPOConfig", "online_dpo",
+     "In a recipe ``device`` defaults to ``auto``."),
+    ("rsft", "rlcourse.online:RSFTConfig", "rsft", "In a recipe ``device`` defaults to ``auto``."),
+    ("lora", "rlcourse.adapters:LoraSettings", "sft, reward_model and the preference methods",
+     ""),
+)
+#: Dataclass fields that are not recipe keys (set in code only).
+NOT_RECIPE_KEYS = {"rlcourse.adapters:LoraSettings": {"extra"},
+                   "rlcourse.recipes:Recipe": {"source", "lines"}}
+REFERENCE_PATH = Path(__file__).resolve().parent.parent / "recipes" / "REFERENCE.md"
+
+
+def _import_path(path: str) -> type:
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: doc}`` from the attribute docstrings of dataclass ``cls``: the string literal
+    right under each annotated field (the convention autodoc reads; CleanRL's). Fields without
+    one are missing from the result."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _cell(text: str) -> str:
+    """RST roles and line breaks out, pipes escaped: one Markdown table cell."""
+    import re
+
+    text = re.sub(r":(?:func|class|data|meth|mod):`~?([^`]+)`", r"``\1``", text)
+    return " ".join(text.split()).replace("``", "`").replace("|", "\\|")
+
+
+def recipe_reference() -> str:
+    """The recipe key reference in Markdown: for each section (:data:`REFERENCE_SECTIONS`) a
+    table of key, type, default and the field's doc, read from the dataclass declarations.
+    Raises ``ValueError`` naming every field without a doc."""
+    out = ["# Recipe key reference", "",
+           "Generated by `python -m rlcourse.recipes --write-reference` from the field docs of "
+           "the dataclasses below (`rlcourse.recipes.recipe_reference`); do not edit by hand. "
+           "Which keys each method takes: the `rlcourse.recipes` module docstring (an unknown "
+           "key is an error naming the known ones); `loss` takes the loss function's keyword "
+           "arguments (`rlcourse.losses.DEFAULTS`).", ""]
+    missing = []
+    for section, path, methods, note in REFERENCE_SECTIONS:
+        cls = _import_path(path)
+        docs = field_docs(cls)
+        title = f"`{section}`" if section else "Top level"
+        out += [f"## {title} ({methods}): `{path.replace(':', '.')}`", ""]
+        if note:
+            out += [_cell(note), ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in fields(cls):
+            if f.name in NOT_RECIPE_KEYS.get(path, ()):
+                continue
+            if f.name not in docs:
+                missing.append(f"{path}.{f.name}")
+                continue
+            if f.default_factory is not MISSING_FIELD:
+                default = f"`{json.dumps(f.default_factory())}`"
+            else:
+                default = "required" if f.default is MISSING_FIELD else \
+                    f"`{json.dumps(f.default)}`"
+            key = f"{section}.{f.name}" if section else f.name
+            out.append(f"| `{key}` | `{_cell(str(f.type))}` | {default} | "
+                       f"{_cell(docs[f.name])} |")
+        out.append("")
+    if missing:
+        raise ValueError(f"fields without a doc (a string literal under the field): {missing}")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1379,7 +1530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m rlcourse.recipes",
         description="Train a model with a recipe (a YAML file); key=value pairs override it, "
                     "e.g. train.lr=1e-4 loss.beta=0.5.")
-    parser.add_argument("recipe", help="the recipe YAML, e.g. recipes/dpo.yaml")
+    parser.add_argument("recipe", nargs="?", help="the recipe YAML, e.g. recipes/dpo.yaml")
+    parser.add_argument("--write-reference", action="store_true",
+                        help=f"regenerate {REFERENCE_PATH.name} (recipes/) from the field docs")
     parser.add_argument("--model", help="local model directory (overrides 'model')")
     parser.add_argument("--data", help="JSONL data (overrides 'data'; for PPO, GRPO, RLOO, "
                                        "online DPO and RSFT 'prompts')")
@@ -1393,6 +1546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start afresh even if the output folder holds another run")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
+    if args.write_reference:
+        atomic_write_text(REFERENCE_PATH, recipe_reference())
+        print(f"wrote {REFERENCE_PATH}")
+        return 0
+    if args.recipe is None:
+        parser.error("the recipe YAML is required")
     from rlcourse.data import DataError
     from rlcourse.engine import NonFiniteError
 
