@@ -448,18 +448,29 @@ def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], to
     """Each metric's mean over the micro-batches since the last row, over ALL processes, and
     the tokens of all processes.
 
-    Every process runs the same number of micro-batches (accelerate's ``even_batches``), so
-    the mean of the processes' means weighs every micro-batch of the global batch equally, as
-    one process holding them all would.
+    ``mean_k = sum over processes of sum_k / sum over processes of count_k``: every micro-batch
+    that reported metric ``k`` weighs the same, as one process holding them all would. The key
+    sets are united across processes first: a metric some micro-batches do not report (KTO logs
+    ``rewards/chosen`` only for a batch holding a desirable example) would otherwise shift the
+    vectors being summed, mixing one metric into another or hanging the collective.
     """
     keys = sorted(sums)
-    local = torch.stack([torch.stack(sums[k]).mean() for k in keys] +
-                        [torch.tensor(float(tokens))]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        every: list[Any] = [None] * accelerator.num_processes
+        dist.all_gather_object(every, keys)
+        keys = sorted(set().union(*every))
+    totals = [float(torch.stack(sums[k]).double().sum()) if k in sums else 0.0 for k in keys]
+    counts = [float(len(sums.get(k, []))) for k in keys]
+    dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # no fp64 on MPS
+    local = torch.tensor([*totals, *counts, float(tokens)], dtype=dtype, device=accelerator.device)
     if accelerator.num_processes > 1:
         local = accelerator.reduce(local, "sum")
-        local[:-1] /= accelerator.num_processes
     values = local.tolist()
-    return dict(zip(keys, values[:-1], strict=True)), int(values[-1])
+    n = len(keys)
+    means = {k: values[i] / values[n + i] for i, k in enumerate(keys) if values[n + i] > 0}
+    return means, int(values[-1])
 
 
 class _RunLog:

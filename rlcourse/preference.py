@@ -447,6 +447,23 @@ def rdpo_loss_fn(
     return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
 
 
+def _gathered(t: Tensor) -> Tensor:
+    """``t`` of every process, concatenated (no gradient); ``t`` itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(int(x) for x in sizes))
+    padded = torch.zeros(width, dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(k)] for p, k in zip(parts, sizes, strict=True)])
+
+
 def kto_loss_fn(
     model: Any,
     batch: Mapping[str, Tensor],
@@ -470,7 +487,7 @@ def kto_loss_fn(
         kl_logps = sequence_logprobs(model, kl_ids, kl_att, kl_comp, reduce="sum")
     ref = _reference(batch, "reference_logps", device)
     ref_kl = _reference(batch, "reference_kl_logps", device)
-    z0 = kto_reference_point(kl_logps, ref_kl)
+    z0 = kto_reference_point(_gathered(kl_logps), _gathered(ref_kl))
     desirable = batch["label"].to(device).bool()
     loss = kto_loss(logps, ref, desirable, z0, beta=beta, desirable_weight=desirable_weight,
                     undesirable_weight=undesirable_weight).mean()

@@ -134,9 +134,8 @@ process with the global batch gives (tested with 2 CPU processes: SFT's token me
 model, DPO, GRPO); logged metrics are averaged over processes. FSDP or DeepSpeed asked for by an
 ``accelerate`` config is refused (:func:`_refuse_sharding` says why): on CPU accelerate runs DDP
 instead, and the saving is not shard-aware; on GPUs use DDP with ``lora`` and
-``train.gradient_checkpointing``. KTO is refused on several processes (its reference point z0
-is a mean over the whole batch, and each process would see only its share:
-:func:`_refuse_split_kto`).
+``train.gradient_checkpointing``. KTO's reference point z0 is a mean over the whole global
+batch (gathered from every process, as TRL does).
 """
 
 from __future__ import annotations
@@ -1056,23 +1055,6 @@ def _refuse_sharding(recipe: Recipe) -> None:
                 "lora: and train.gradient_checkpointing: true")
 
 
-def _refuse_split_kto(recipe: Recipe, num_processes: int) -> None:
-    """KTO on several processes is refused: its reference point would differ from one process's.
-
-    ``z0 = max(0, mean_j [log pi(y_j'|x_j) - log pi_ref(y_j'|x_j)])`` is a mean over the whole
-    batch's mismatched pairs. Split over processes, each would use the mean of its own share
-    (measured: weights 0.062 apart from one process after 3 steps), and the run would train a
-    different model without a word. Gathering z0's terms across processes is future work.
-    """
-    if recipe.method == "kto" and num_processes > 1:
-        raise RecipeError(
-            f"{recipe.where('method')}: KTO on {num_processes} processes is not supported: "
-            "its reference point z0 is a mean over the whole batch, and each process would "
-            "estimate it from its own share only (a different model from one process). Run "
-            "KTO in one process (fit a large model with lora: and "
-            "train.gradient_checkpointing: true)")
-
-
 def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
     """The saved model and history of a finished run (nothing is trained again)."""
     from rlcourse.models import load_model
@@ -1120,7 +1102,6 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         raise RecipeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a "
                           f"group of {state.num_processes} ({state.distributed_type}); each "
                           "process would train alone. Set train.device to match the machine")
-    _refuse_split_kto(recipe, state.num_processes)
     if recipe.method in ROUND_METHODS and state.num_processes > 1:
         raise RecipeError(f"{recipe.where('method')}: {recipe.method} runs in one process "
                           f"(launched as {state.num_processes}): its rounds sample, label and "

@@ -117,6 +117,27 @@ def test_sft_token_mean_two_processes_with_accumulation_equal_one(workdir, tmp_p
 
 @pytest.mark.slow
 @needs_torchrun
+def test_kto_two_processes_equal_one(workdir, tmp_path):
+    """KTO: 2 processes x batch 4 must give the model and logged loss of 1 process x batch 8.
+    The logged metrics differ in their keys between processes (``rewards/chosen`` only for a
+    batch holding a desirable example), which hung the metric reduction; z0 is gathered from
+    every process's mismatched pairs."""
+    data = tmp_path / "unpaired.jsonl"
+    write_jsonl(data, [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                       for p in PAIRS for k in ("chosen", "rejected")])
+
+    def args(out):
+        return [str(REPO_ROOT / "recipes" / "kto.yaml"), "--model", str(workdir / "model"),
+                "--data", str(data), "--output", str(out), *COMMON, "train.grad_accum_steps=1"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert recipes.main([*args(one), "train.batch_size=8"]) == 0
+    _two_processes([*args(two), "train.batch_size=4"])
+    _assert_same_run(one, two)
+
+
+@pytest.mark.slow
+@needs_torchrun
 def test_reward_model_with_untied_output_layer_two_processes_equal_one(workdir, tmp_path):
     """The LM head takes no part in a reward; untied, DDP used to stop with "Expected to have
     finished reduction in the prior iteration"."""

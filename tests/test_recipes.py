@@ -700,30 +700,3 @@ def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_p
     out = tmp_path / "o"
     assert _run(workdir, "sft", out, "train.report_to=tensorboard") == 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-
-
-def test_kto_on_several_processes_is_refused_before_training(workdir, tmp_path, monkeypatch):
-    """KTO's z0 is a mean over the whole batch; split over processes each would use its own
-    share and train a different model silently (0.062 apart after 3 steps, measured), so a
-    several-process KTO run stops before anything is loaded or written."""
-    import accelerate
-
-    class TwoProcesses:  # what accelerate reports inside `torchrun --nproc_per_node 2`
-        num_processes, distributed_type, device = 2, "MULTI_CPU", "cpu"
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "kto"
-    recipe = recipes.load_recipe(
-        REPO_ROOT / "recipes" / "kto.yaml",
-        recipes.parse_overrides(TINY + ["train.device=cpu", f"model={workdir / 'model'}",
-                                f"data={workdir / 'unpaired.jsonl'}", f"output={out}"]))
-    with pytest.raises(recipes.RecipeError, match=r"kto.yaml:\d+: method: KTO on 2 processes"):
-        recipes.run_recipe(recipe)
-    assert not out.exists()
-    recipes._refuse_split_kto(recipe, 1)  # one process: fine
-    dpo = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml")
-    recipes._refuse_split_kto(dpo, 2)  # other methods on several processes: fine
