@@ -36,7 +36,7 @@ from rlcourse import rl
 from rlcourse.critic_free import grpo_advantages, rloo_advantages
 from rlcourse.memory import ModelRole
 from rlcourse.models import logprobs_from_logits, position_ids_from_mask
-from rlcourse.ppo import sample_tokens
+from rlcourse.ppo import backward_and_step, sample_tokens
 
 __all__ = [
     "ADVANTAGES",
@@ -262,15 +262,7 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
                 loss = loss + config.kl_coef * kl
                 stats["kl_k3"] = kl.detach()
             optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-                if config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            else:
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            optimizer.step()
+            backward_and_step(loss, policy, optimizer, config.max_grad_norm, accelerator)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             count += 1

@@ -363,6 +363,21 @@ def _whiten_over_processes(x: Tensor, mask: Tensor, accelerator: Any, eps: float
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
+def backward_and_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      max_grad_norm: float | None, accelerator: Any = None) -> None:
+    """One optimizer step: backward (through ``accelerate`` when given, which syncs gradients
+    across processes), clip the global gradient norm to ``max_grad_norm``, step."""
+    if accelerator is not None:
+        accelerator.backward(loss)
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+
+
 def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rollout,
                config: PPOConfig, generator: torch.Generator | None = None,
                accelerator: Any = None) -> dict[str, float]:
@@ -402,21 +417,14 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rol
             stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent,
                      **pg_stats, **vf_stats}
             optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                if processes > 1:  # every term is a token mean: weigh by this share of tokens
-                    n = mask.sum()
-                    share = (n * processes / accelerator.reduce(n.detach().clone(), "sum")
-                             .clamp_min(1.0)).detach()
-                    loss = loss * share
-                    stats = {k: v * share for k, v in stats.items()}
-                accelerator.backward(loss)
-                if config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            else:
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            optimizer.step()
+            if accelerator is not None and processes > 1:
+                # every term is a token mean: weigh by this process's share of the tokens
+                n = mask.sum()
+                share = (n * processes / accelerator.reduce(n.detach().clone(), "sum")
+                         .clamp_min(1.0)).detach()
+                loss = loss * share
+                stats = {k: v * share for k, v in stats.items()}
+            backward_and_step(loss, policy, optimizer, config.max_grad_norm, accelerator)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
