@@ -7,24 +7,9 @@ re-exports.
     python -m rlcourse.site build --source DIR --output OUT --all --strict
     python -m rlcourse.site check                 # serve book/_build/html, open every page
 
-The build is offline and never executes a notebook (``execute_notebooks: "off"``): the
-committed notebooks carry their outputs. Steps of :func:`build`:
-
-1. ``npm ci`` in the repository root when ``node_modules`` is missing (``package.json`` pins
-   ``mathjax`` and ``@jupyter-widgets/html-manager``; ``package-lock.json`` fixes the rest);
-2. copy the files the pages load (MathJax's ``tex-chtml.js`` with the components and fonts it
-   loads on demand; the widgets manager's standalone ``embed.js`` with its fonts) into
-   ``<source>/_static/vendor/`` (ignored by git);
-3. write the table of contents from the chapters present (:func:`make_toc`): the landing page,
-   the ``NN_*.ipynb`` chapters sorted by number and grouped into Parts I-IV, then the notation,
-   glossary and bibliography pages;
-4. run ``jupyter-book build`` (Jupyter Book 1, Sphinx 7); ``book/_ext/rlcourse_offline.py``
-   keeps every script and style sheet local (see its docstring).
-
-:func:`build_once` lets several test processes share one build. :func:`check_page` opens one
-page in headless Chromium through the DevTools protocol and returns the list of problems it
-sees (console errors, untypeset formulas, widgets that did not render, images that did not
-load, requests that left the machine); the tests call it on every page.
+What a build does, step by step, is in :mod:`rlcourse.book.build`'s docstring; what the
+browser check looks for (console errors, untypeset formulas, widgets that did not render,
+images that did not load, requests that left the machine) in :mod:`rlcourse.book.checks`.
 """
 
 from __future__ import annotations
