@@ -14,7 +14,8 @@ X`` is the one import the rest of the code base uses:
 - :mod:`rlcourse.models.tokenizer`: the word-level tokenizer, chat format, prompt/completion
   encoding;
 - :mod:`rlcourse.models.construction`: the tiny Llama-style config and model;
-- :mod:`rlcourse.models.io`: loading and saving any causal LM and its tokenizer;
+- :mod:`rlcourse.models.io`: loading and saving any causal LM and its tokenizer (the one
+  ``from_pretrained`` of a backbone: :func:`load_causal_lm`);
 - :mod:`rlcourse.models.logprobs`: per-token and per-sequence log-probabilities;
 - :mod:`rlcourse.models.generation`: sampling with the sampled tokens' log-probabilities;
 - :mod:`rlcourse.models.heads`: the value head, the reward model, freezing an unused LM head.
@@ -30,7 +31,7 @@ from rlcourse.models.generation import (
     generate,
 )
 from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
-from rlcourse.models.io import load_model, load_tokenizer, save_model
+from rlcourse.models.io import load_causal_lm, load_model, load_tokenizer, save_model
 from rlcourse.models.logprobs import (
     logprobs_from_logits,
     position_ids_from_mask,
@@ -63,6 +64,7 @@ __all__ = [
     "freeze_untied_lm_head",
     "generate",
     "last_token_index",
+    "load_causal_lm",
     "load_model",
     "load_tokenizer",
     "logprobs_from_logits",

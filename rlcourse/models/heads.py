@@ -13,7 +13,7 @@ from torch import nn
 
 from rlcourse.config import resolve_device
 from rlcourse.models.construction import build_model
-from rlcourse.models.io import _as_dtype, _quiet_transformers, save_model
+from rlcourse.models.io import load_causal_lm, save_model
 from rlcourse.models.logprobs import position_ids_from_mask
 from rlcourse.rl import last_token_index
 
@@ -89,16 +89,9 @@ class _HeadModel(nn.Module):
     ):
         """Load a model saved by :meth:`save_pretrained` (backbone + head)."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
 
         path = Path(path)
-        with _quiet_transformers():
-            backbone = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=_as_dtype(dtype) if dtype is not None else torch.float32,
-                trust_remote_code=trust_remote_code,
-                use_safetensors=True,
-            )
+        backbone = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
         obj = cls(backbone, seed=None)
         head_file = path / cls.HEAD_FILE
         if not head_file.exists():

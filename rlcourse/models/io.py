@@ -66,6 +66,22 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def load_causal_lm(path: str | os.PathLike, dtype: Any = None, trust_remote_code: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` from a local directory, safetensors only, on the
+    CPU: the one place a causal LM's weights are read (:func:`load_model`, and the backbone of
+    :meth:`rlcourse.models.ValueHeadModel.from_pretrained`). ``dtype`` as in :func:`load_model`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=_as_dtype(dtype) if dtype is not None else torch.float32,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+
+
 def load_model(
     path: str | os.PathLike,
     device: str = "auto",
@@ -79,19 +95,11 @@ def load_model(
     ``device="auto"`` picks cuda, mps or cpu. Custom model code runs only with
     ``trust_remote_code=True``. The model is returned in eval mode.
     """
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=_as_dtype(dtype) if dtype is not None else torch.float32,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-        )
+    model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
     model.to(resolve_device(device))
     model.eval()
     return model, tokenizer
@@ -103,11 +111,11 @@ def save_model(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
     Works for plain causal LMs and for :class:`ValueHeadModel` / :class:`RewardModel`.
     """
 
-    from rlcourse.models.heads import RewardModel, ValueHeadModel  # heads import this module
-
     def write(tmp: Path) -> None:
         with _quiet_transformers():
-            if isinstance(model, (ValueHeadModel, RewardModel)):
+            # A ValueHeadModel / RewardModel (asked of the class: a PeftModel wrapping one would
+            # answer for it through __getattr__, and must save its adapter instead).
+            if hasattr(type(model), "HEAD_FILE"):
                 model._write(tmp)
             else:
                 model.save_pretrained(tmp, safe_serialization=True)
