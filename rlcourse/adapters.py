@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from rlcourse.models import load_model, load_tokenizer
+
 __all__ = [
     "LoraSettings",
     "adapters_disabled",
@@ -162,8 +164,6 @@ def load_lora(path: Any, base: Any = None, device: str = "auto", dtype: Any = No
     from pathlib import Path
 
     from peft import PeftModel
-
-    from rlcourse.models import load_model, load_tokenizer
 
     path = Path(path)
     config = path / "adapter_config.json"

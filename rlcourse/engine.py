@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlcourse.adapters import is_lora
+from rlcourse.adapters import enable_gradient_checkpointing, is_lora
 from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.models import sequence_logprobs
@@ -601,7 +601,6 @@ def train(
         generator=torch.Generator().manual_seed(config.seed),
     )
     if config.gradient_checkpointing:
-        from rlcourse.adapters import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
