@@ -1,4 +1,5 @@
-"""Atomic writes: a file or a directory appears complete under its name, or not at all.
+"""Atomic writes (a file or a directory appears complete under its name, or not at all), and
+the digests that tell a run's inputs apart (:func:`file_sha256`, :func:`directory_fingerprint`).
 
 Layer 0 (beside :mod:`rlcourse.config`): imports nothing from rlcourse, so every layer can use it.
 
@@ -11,13 +12,15 @@ temporary file behind (the temporary file is removed on the way out of an except
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["atomic_directory_write", "atomic_write_text", "fsync_directory"]
+__all__ = ["atomic_directory_write", "atomic_write_text", "directory_fingerprint", "file_sha256",
+           "fsync_directory"]
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -94,3 +97,46 @@ def atomic_directory_write(path: str | os.PathLike, write: Callable[[Path], obje
         raise
     fsync_directory(path.parent)
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+#: Files up to this size are hashed whole by :func:`directory_fingerprint`; larger ones (model
+#: weights) by their size and their first and last :data:`FINGERPRINT_SAMPLE` bytes.
+FINGERPRINT_WHOLE = 64 << 20
+FINGERPRINT_SAMPLE = 16 << 20
+
+
+def directory_fingerprint(path: str | os.PathLike) -> str | None:
+    """A SHA-256 over every file below ``path`` (a model directory): its relative name, its size,
+    and its bytes (files up to 64 MiB whole; larger ones their first and last 16 MiB). ``None``
+    when ``path`` is not a directory.
+
+    It tells "the same checkpoint" from "another checkpoint saved in the same folder" (new
+    weights change the bytes right after a safetensors header, and configs and tokenizers are
+    hashed whole) while reading at most 32 MiB of a 15 GB weight file, so a 7B run pays well under
+    a second for it. Two weight files that differ only in their middle are not told apart.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
+        with open(file, "rb") as fh:
+            if size <= FINGERPRINT_WHOLE:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(FINGERPRINT_SAMPLE))
+                fh.seek(size - FINGERPRINT_SAMPLE)
+                h.update(fh.read(FINGERPRINT_SAMPLE))
+    return h.hexdigest()

@@ -117,8 +117,9 @@ again after a crash and training continues from the newest checkpoint, exactly w
 (the engine restores optimiser, scheduler, RNG states and the position in the epoch; GRPO and
 RLOO restore policy, optimizer, RNG states and step, and draw each step's samples from the
 seed and the step alone).
-``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, and
-the SHA-256 of the data): a rerun with another method, data or hyperparameter into the same
+``OUTPUT/run.json`` records the run's identity (every key that changes the trained model, the
+SHA-256 of the data and of the file defining ``reward_fn``, a fingerprint of each model folder):
+a rerun with another method, data or hyperparameter into the same
 OUTPUT is an error naming the keys that differ, a rerun of a finished run says so and trains
 nothing, and ``--overwrite`` starts afresh (removing only the files a run writes).
 
@@ -154,7 +155,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlcourse.files import atomic_write_text
+from rlcourse.files import atomic_write_text, directory_fingerprint, file_sha256
 
 __all__ = [
     "METHODS",
@@ -943,20 +944,33 @@ def _launch_device(recipe: Recipe) -> str:
 
 
 def _file_digest(path: str | None) -> str | None:
-    import hashlib
+    return file_sha256(path) if path and Path(path).is_file() else None
 
-    if not path or not Path(path).is_file():
+
+#: Identity keys added after runs had been recorded without them: a ``run.json`` that lacks one
+#: was written before it existed, and is compared on the other keys only.
+_ADDED_IDENTITY_KEYS = ("model (fingerprint)", "reward_model (fingerprint)",
+                        "reference_model (fingerprint)", "reward_fn (source sha256)")
+
+
+def _reward_fn_source(recipe: Recipe) -> str | None:
+    """SHA-256 of the file that defines the recipe's ``reward_fn`` (its code, not its name)."""
+    if not recipe.reward_fn:
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    fn = load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
+    try:
+        source = inspect.getsourcefile(fn)
+    except TypeError:  # a builtin or C function: nothing to read
+        return None
+    return _file_digest(source)
 
 
 def _identity(recipe: Recipe) -> dict[str, Any]:
     """What makes two runs the same run: every recipe key that changes the trained model
-    (dotted, e.g. ``train.lr``), plus the SHA-256 of each data file's content."""
+    (dotted, e.g. ``train.lr``), the SHA-256 of each data file's content and of the file that
+    defines ``reward_fn``, and a fingerprint of each model directory
+    (:func:`rlcourse.files.directory_fingerprint`): a path names a folder, and another
+    checkpoint saved into the same folder must not pass for the first."""
     flat: dict[str, Any] = {}
 
     def walk(obj: Any, prefix: str) -> None:
@@ -974,6 +988,11 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
     for key in ("data", "prompts"):
         if getattr(recipe, key, None):
             flat[f"{key} (content sha256)"] = _file_digest(getattr(recipe, key))
+    for key in ("model", "reward_model", "reference_model"):
+        if isinstance(flat.get(key), str):
+            flat[f"{key} (fingerprint)"] = directory_fingerprint(flat[key])
+    if getattr(recipe, "reward_fn", None):
+        flat["reward_fn (source sha256)"] = _reward_fn_source(recipe)
     return {k: v for k, v in flat.items() if k not in _NOT_IDENTITY}
 
 
@@ -1000,7 +1019,8 @@ def _check_output(recipe: Recipe, overwrite: bool) -> str:
     if info.get("status") != "finished" and not (checkpoints and any(checkpoints.glob("step-*"))):
         return "fresh"  # stopped before its first checkpoint: nothing to resume or to protect
     before, now = info.get("identity", {}), _identity(recipe)
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
+                    and not (k in _ADDED_IDENTITY_KEYS and k not in before))
     if differ:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])
         kind = "a finished" if info.get("status") == "finished" else "an unfinished"
@@ -1081,8 +1101,9 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     """Load the model and data a recipe names, train, and save ``OUTPUT/model`` atomically.
 
     Also writes ``OUTPUT/history.json`` (the engine's metric rows), ``OUTPUT/recipe.json`` and
-    ``OUTPUT/run.json`` (the run's identity: every key that changes the model and the data's
-    SHA-256; ``status`` running or finished). A rerun into the same OUTPUT resumes only when
+    ``OUTPUT/run.json`` (the run's identity: every key that changes the model, the data's and
+    the reward function's SHA-256, each model folder's fingerprint; ``status`` running or
+    finished). A rerun into the same OUTPUT resumes only when
     the identity is the same; a different one is a :class:`RecipeError` naming the keys that
     differ; a finished one is reported and not trained again. ``overwrite=True`` starts afresh.
     Every process of an ``accelerate launch`` runs this; the model goes to the process's own

@@ -1,8 +1,11 @@
-"""Tests for rlcourse.files: atomic writes of a file and of a directory."""
+"""Tests for rlcourse.files: atomic writes of a file and of a directory; the digests that tell
+a run's inputs apart."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 
 import pytest
 
@@ -89,3 +92,59 @@ def test_models_reexports_the_one_helper():
     from rlcourse import models
 
     assert models.atomic_directory_write is atomic_directory_write
+
+
+def test_file_sha256_is_hashlibs_digest_of_the_bytes(tmp_path):
+    data = bytes(range(256)) * 5000  # 1.28 MB: two 1 MiB reads
+    (tmp_path / "f").write_bytes(data)
+    assert files.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+def _model_dir(root, weights: bytes):
+    root.mkdir(parents=True)
+    (root / "config.json").write_text('{"hidden_size": 8}')
+    (root / "model.safetensors").write_bytes(weights)
+    return root
+
+
+@pytest.mark.parametrize("size", [1000, 3000])  # hashed whole / sampled (limits patched below)
+def test_directory_fingerprint_tells_another_checkpoint_in_the_same_folder(tmp_path, monkeypatch,
+                                                                            size):
+    monkeypatch.setattr(files, "FINGERPRINT_WHOLE", 2000)
+    monkeypatch.setattr(files, "FINGERPRINT_SAMPLE", 100)
+    weights = bytes((7 * i) % 251 for i in range(size))
+    a = files.directory_fingerprint(_model_dir(tmp_path / "a", weights))
+    # The same files elsewhere: the same checkpoint.
+    assert files.directory_fingerprint(_model_dir(tmp_path / "b", weights)) == a
+    # New weights saved into the same folder: bytes right after the start differ.
+    changed = bytearray(weights)
+    changed[50] ^= 1
+    (tmp_path / "b" / "model.safetensors").write_bytes(bytes(changed))
+    assert files.directory_fingerprint(tmp_path / "b") != a
+    # A config edited, a file renamed, a file added: another checkpoint.
+    shutil.rmtree(tmp_path / "b")
+    _model_dir(tmp_path / "b", weights)
+    (tmp_path / "b" / "config.json").write_text('{"hidden_size": 9}')
+    assert files.directory_fingerprint(tmp_path / "b") != a
+    shutil.rmtree(tmp_path / "b")
+    _model_dir(tmp_path / "b", weights).joinpath("model.safetensors").rename(
+        tmp_path / "b" / "weights.safetensors")
+    assert files.directory_fingerprint(tmp_path / "b") != a
+    shutil.rmtree(tmp_path / "b")
+    _model_dir(tmp_path / "b", weights).joinpath("sub").mkdir()
+    (tmp_path / "b" / "sub" / "extra.bin").write_bytes(b"x")
+    assert files.directory_fingerprint(tmp_path / "b") != a
+    assert files.directory_fingerprint(tmp_path / "missing") is None
+    assert files.directory_fingerprint(tmp_path / "a" / "config.json") is None
+
+
+def test_directory_fingerprint_reads_only_the_ends_of_a_large_file(tmp_path, monkeypatch):
+    """The documented limit: a change in the middle of a sampled file is not seen."""
+    monkeypatch.setattr(files, "FINGERPRINT_WHOLE", 2000)
+    monkeypatch.setattr(files, "FINGERPRINT_SAMPLE", 100)
+    weights = bytearray(3000)
+    a = files.directory_fingerprint(_model_dir(tmp_path / "a", bytes(weights)))
+    weights[1500] = 1
+    assert files.directory_fingerprint(_model_dir(tmp_path / "b", bytes(weights))) == a
+    weights[2950] = 1  # within the last 100 bytes
+    assert files.directory_fingerprint(_model_dir(tmp_path / "c", bytes(weights))) != a

@@ -209,3 +209,28 @@ def test_two_processes_sample_their_share_and_equal_one_process(workdir, verifie
 def test_reward_fn_from_a_file_path(workdir):
     fn = recipes.load_reward_fn(f"{workdir / 'rlc_toy_verifiers.py'}:count_yes")
     assert fn(["q", "q"], ["yes no yes", "no"]) == [2.0, 0.0]
+
+
+def test_a_reward_function_edited_between_runs_is_not_the_same_run(workdir, tmp_path, capsys):
+    """The recipe names the reward by ``file:function``; its code is part of the run: a rerun
+    after the verifier was edited is refused, naming the key, and leaves the run as it was."""
+    verifiers = tmp_path / "verifiers.py"
+    verifiers.write_text(VERIFIER)
+    out = tmp_path / "o"
+
+    def run() -> int:
+        return recipes.main([str(REPO_ROOT / "recipes" / "grpo.yaml"), "--model",
+                             str(workdir / "model"), "--data", str(workdir / "prompts.jsonl"),
+                             "--output", str(out), "reward_model=null",
+                             f"reward_fn={verifiers}:count_yes", *TINY, "rollout.steps=1"])
+
+    assert run() == 0
+    capsys.readouterr()
+    assert run() == 0  # unchanged: reported as finished
+    assert "already holds the finished run" in capsys.readouterr().err
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    verifiers.write_text(VERIFIER.replace('count("yes")', 'count("no")'))
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert "reward_fn (source sha256)" in err, err
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp

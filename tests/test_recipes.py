@@ -513,6 +513,40 @@ def test_rerun_with_another_recipe_names_the_keys_that_differ(workdir, tmp_path,
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_another_checkpoint_saved_into_the_model_folder_is_not_the_same_run(workdir, tmp_path,
+                                                                             capsys):
+    """A path names a folder: a model retrained into it must not pass for the first one (a
+    resume would mix two base models); a run.json from before fingerprints still resumes."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(workdir / "model", model_dir)
+    out = tmp_path / "o"
+
+    def run(*extra: str) -> int:
+        return recipes.main([str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(model_dir),
+                             "--data", str(workdir / "pairs.jsonl"), "--output", str(out),
+                             *TINY, *extra])
+
+    assert run() == 0
+    capsys.readouterr()
+    # A run.json written before fingerprints existed is compared on the keys it has.
+    recorded = (out / "run.json").read_text()
+    info = json.loads(recorded)
+    del info["identity"]["model (fingerprint)"]
+    (out / "run.json").write_text(json.dumps(info))
+    assert run() == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+    (out / "run.json").write_text(recorded)
+    # The same architecture and tokenizer, other weights, the same path: refused, key named.
+    model, tok = load_model(model_dir, device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_model(model, tok, model_dir)
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert "model (fingerprint)" in err and "a finished run of a different recipe" in err, err
+
+
 def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkeypatch, capsys):
     import rlcourse.preference as preference
 
