@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from rlcourse.models import generate, sequence_logprobs
 from rlcourse.worlds.assistant import DEFAULT_WORLD, AssistantWorld, tokens
 
 __all__ = [
@@ -470,8 +471,6 @@ def kl_to_reference(
     """
     import torch
 
-    from rlcourse.models import sequence_logprobs
-
     ids, att, comp = (
         generation.full_ids,
         generation.full_attention_mask,
@@ -581,8 +580,6 @@ def evaluate_against(
     :func:`kl_to_reference`). The baseline's answers use seed ``seed + 1``, so every
     evaluation with the same seed, baseline and prompts has the same ceiling.
     """
-    from rlcourse.models import generate
-
     world = world or DEFAULT_WORLD
     reference_model = reference_model if reference_model is not None else baseline_model
     many = [p for p in prompts for _ in range(n_samples)]
@@ -625,8 +622,6 @@ def oracle_best_of_n(
     (:func:`best_of_n_win_rates`). With ``model`` the SFT model and the default baseline,
     best-of-1 is SFT against itself (≈ ½) and best-of-n climbs toward the ceiling.
     """
-    from rlcourse.models import generate
-
     world = world or DEFAULT_WORLD
     baseline_model = baseline_model if baseline_model is not None else model
     many = [p for p in prompts for _ in range(n_samples)]

@@ -38,6 +38,7 @@ from rlcourse.data import pad_collate, tokenize_sft
 from rlcourse.engine import TrainConfig, sft_loss_fn, train
 from rlcourse.models import generate
 from rlcourse.preference import train_preference
+from rlcourse.reward_model import score_texts
 
 __all__ = [
     "BestOfN",
@@ -88,8 +89,6 @@ def reward_model_scorer(reward_model: nn.Module, tokenizer: Any, batch_size: int
                         ) -> TextRewardFn:
     """``reward_fn(prompts, texts)``: a reward model's scalar r(x, y) for each text, tokenised
     as in its training (:func:`rlcourse.reward_model.score_texts`)."""
-    from rlcourse.reward_model import score_texts
-
     def reward_fn(prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
         return score_texts(reward_model, tokenizer, prompts, texts, batch_size).double().numpy()
 

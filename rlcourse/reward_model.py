@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlcourse.data import tokenize_preferences
+from rlcourse.engine import dropout_disabled, train
 from rlcourse.losses import bradley_terry_loss
+from rlcourse.models import RewardModel, encode_prompt_completion
 
 __all__ = [
     "RewardEvaluation",
@@ -66,8 +69,6 @@ def score_texts(reward_model: Any, tokenizer: Any, prompts: Sequence[str],
                 ) -> Tensor:
     """``r(x, y)`` for every (prompt, response): formatted and tokenised exactly as in training
     (:func:`rlcourse.models.encode_prompt_completion`, response + EOS), in batches. (N,) float."""
-    from rlcourse.models import encode_prompt_completion
-
     was = reward_model.training
     reward_model.eval()
     device = next(reward_model.parameters()).device
@@ -198,10 +199,6 @@ def train_reward_model(backbone: Any, tokenizer: Any, pairs: Sequence[Mapping[st
     :class:`rlcourse.engine.TrainConfig`. Returns ``(reward_model, history)``. Dropout is off
     while training unless ``disable_dropout=False`` (as TRL's ``RewardConfig``).
     """
-    from rlcourse.data import tokenize_preferences
-    from rlcourse.engine import dropout_disabled, train
-    from rlcourse.models import RewardModel
-
     rm = RewardModel(backbone, seed=seed)
     data = tokenize_preferences(tokenizer, pairs, max_length, truncation="right")
     with dropout_disabled(rm, disable_dropout):
