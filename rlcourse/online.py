@@ -387,7 +387,13 @@ def train_critic_free(policy: nn.Module, ref_model: nn.Module | None,
 
     ``reward_fn(input_ids, attention_mask, action_mask) -> (B,)``, e.g.
     :func:`rlcourse.ppo.reward_model_fn` of a reward model; ``ref_model`` the frozen SFT model
-    for the k3 penalty ``config.kl_coef`` (``None`` when it is 0)."""
+    for the k3 penalty ``config.kl_coef`` (``None`` when it is 0).
+
+    The in-memory form the chapters run; :func:`rlcourse.grpo.train_group_lm` is the same
+    update for a real model (text rewards, several processes, checkpoints and resume, sampling
+    seeded by step so a resumed run draws what the uninterrupted one would). Both update with
+    :func:`rlcourse.grpo.group_update`; they differ in where the groups come from and what is
+    kept between steps."""
     torch.manual_seed(seed)
     sample = lm_group_sampler(tokenizer, prompts, config, max_new_tokens)
     history = grpo.train_group(policy, ref_model, reward_fn, sample, config, n_steps, lr=lr,
