@@ -34,17 +34,22 @@ from rlcourse.files import atomic_write_text
 from rlcourse.models import encode_prompt_completion
 
 __all__ = [
+    "ALIASES",
     "TEXT",
     "DataError",
     "Record",
+    "as_rows",
+    "field_of",
     "is_conversational",
     "load_preferences",
     "load_sft",
     "load_unpaired",
     "pad_collate",
+    "pairs_to_unpaired",
     "read_jsonl",
     "render_conversation",
     "render_rows",
+    "split_padded",
     "tokenize_preferences",
     "tokenize_sft",
     "tokenize_unpaired",
@@ -80,6 +85,51 @@ def _where(row: Any, i: int, source: str | None) -> str:
     return f"{source}:{i + 1}" if source else f"row {i}"
 
 
+#: Accepted spelling of a field -> its canonical name (the slides write ``"reject"``).
+ALIASES: dict[str, str] = {"reject": "rejected"}
+
+
+def field_of(record: Any, name: str, where: str = "row") -> Any:
+    """``record[name]`` (or the attribute ``name`` of an object), accepting the spellings of
+    :data:`ALIASES` (``"reject"`` for ``"rejected"``); a ``KeyError`` naming ``where`` when
+    the field is missing."""
+    if isinstance(record, Mapping):
+        if name in record:
+            return record[name]
+        for alias, key in ALIASES.items():
+            if key == name and alias in record:
+                return record[alias]
+    elif hasattr(record, name):
+        return getattr(record, name)
+    raise KeyError(f"{where}: missing field {name!r}")
+
+
+def as_rows(records: Iterable[Any], fields: Sequence[str]) -> list[Any]:
+    """Rows as mappings with the canonical keys ``fields`` (:func:`field_of`). Rows that already
+    have them, and :class:`Record` rows (which remember ``file:line`` for error messages), pass
+    through untouched."""
+    rows = []
+    for i, r in enumerate(records):
+        if isinstance(r, Record) or (isinstance(r, Mapping) and all(f in r for f in fields)):
+            rows.append(r)
+        else:
+            rows.append({f: field_of(r, f, f"row {i}") for f in fields})
+    return rows
+
+
+def pairs_to_unpaired(records: Iterable[Any]) -> list[dict]:
+    """Split each pair ``(x, y_w, y_l)`` into ``(x, y_w, desirable)`` and ``(x, y_l, undesirable)``.
+
+    KTO's data format: ``{"prompt", "completion", "label"}`` with ``label`` True for desirable.
+    """
+    out = []
+    for i, r in enumerate(records):
+        prompt = field_of(r, "prompt", f"pair {i}")
+        out.append({"prompt": prompt, "completion": field_of(r, "chosen", f"pair {i}"),
+                    "label": True})
+        out.append({"prompt": prompt, "completion": field_of(r, "rejected", f"pair {i}"),
+                    "label": False})
+    return out
 
 
 class _Text:
@@ -208,7 +258,7 @@ def load_preferences(path: str | os.PathLike) -> list[Record]:
     """
     rows = _some(read_jsonl(
         path, {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT},
-        nonempty=("chosen", "rejected"), aliases={"reject": "rejected"},
+        nonempty=("chosen", "rejected"), aliases=ALIASES,
     ), path)
     same = [r.where for r in rows if _same(r["chosen"], r["rejected"])]
     if same:  # such a pair carries no preference: every pairwise loss has zero gradient on it
@@ -243,8 +293,10 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> P
 # --------------------------------------------------------------------------------------------
 # Tokenisation: whole dataset once (lengths checked up front), then cheap padding per batch
 # --------------------------------------------------------------------------------------------
-def _split(batch: dict[str, torch.Tensor], prefix: str = "") -> list[dict[str, torch.Tensor]]:
-    """Cut a padded (right-padded) batch into unpadded per-example tensors."""
+def split_padded(batch: Mapping[str, torch.Tensor], prefix: str = ""
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Cut a right-padded batch (``input_ids``, ``attention_mask``, ``completion_mask``) into
+    unpadded per-example tensors, their keys prefixed with ``prefix``."""
     out = []
     for i in range(batch["input_ids"].shape[0]):
         n = int(batch["attention_mask"][i].sum())
@@ -336,7 +388,7 @@ def tokenize_sft(
     Batch them with :func:`pad_collate`."""
     names = [_where(r, i, source) for i, r in enumerate(rows)]
     batch = _encode(tokenizer, rows, "completion", max_length, truncation, names)
-    return _split(batch)
+    return split_padded(batch)
 
 
 def tokenize_unpaired(
@@ -371,7 +423,8 @@ def tokenize_preferences(
     rejected = _encode(tokenizer, rows, "rejected", max_length, truncation, names, " (rejected)")
     return [
         {**c, **r}
-        for c, r in zip(_split(chosen, "chosen_"), _split(rejected, "rejected_"), strict=True)
+        for c, r in zip(split_padded(chosen, "chosen_"), split_padded(rejected, "rejected_"),
+                      strict=True)
     ]
 
 

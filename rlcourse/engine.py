@@ -42,8 +42,9 @@ from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.models import sequence_logprobs
 
-__all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "dropout_disabled",
-           "loss_eval_fn", "planned_indices", "sft_loss_fn", "target_tokens", "train"]
+__all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "count_tokens",
+           "dropout_disabled", "loss_eval_fn", "peak_memory", "planned_indices",
+           "reset_peak_memory", "sft_loss_fn", "target_tokens", "train"]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -407,9 +408,17 @@ def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) ->
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
-def _count_tokens(batch: Any) -> int:
+def count_tokens(batch: Any, keys: Sequence[str] | None = None) -> int:
+    """Real (non-padding) tokens of a batch or of one item: the sum of its attention masks.
+
+    ``keys``: the masks to count (those absent are skipped); by default every key ending in
+    ``attention_mask``, and without any such mask the size of ``input_ids``. This is the
+    engine's throughput count (``History.totals["tokens"]``).
+    """
     if not isinstance(batch, Mapping):
         return 0
+    if keys is not None:
+        return int(sum(batch[k].sum().item() for k in keys if k in batch))
     masks = [v for k, v in batch.items() if k.endswith("attention_mask") and torch.is_tensor(v)]
     if masks:
         return int(sum(m.sum().item() for m in masks))
@@ -417,11 +426,20 @@ def _count_tokens(batch: Any) -> int:
     return int(ids.numel()) if torch.is_tensor(ids) else 0
 
 
-def _peak_mem_mb(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start :func:`peak_memory` afresh (CUDA only: a process's peak RSS cannot be reset)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """``(bytes, kind)``: allocated accelerator memory at its peak on CUDA
+    (``torch.cuda.max_memory_allocated``), else the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS (CPU)"
 
 
 def _windows(loader: Any, size: int, skip: int) -> Iterator[tuple[int, list[Any]]]:
@@ -697,7 +715,7 @@ def train(
                         accelerator.backward(loss)  # divides by grad_accum_steps
                     for k, v in {"loss": loss, **metrics}.items():
                         sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
-                    tokens += _count_tokens(batch)
+                    tokens += count_tokens(batch)
                 # A NaN/inf loss on any process stops every process together (one small
                 # all-reduce per step), before the update and before anything is written.
                 losses = torch.stack(sums["loss"][-len(window):])
@@ -724,7 +742,7 @@ def train(
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
                                 tokens_per_s=tokens / max(busy, 1e-9),
-                                peak_mem_mb=_peak_mem_mb(accelerator.device))
+                                peak_mem_mb=peak_memory(accelerator.device)[0] / 2**20)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     busy_total, tokens_total = busy_total + busy, tokens_total + tokens
                     sums, tokens, busy = {}, 0, 0.0

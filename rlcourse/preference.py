@@ -24,8 +24,6 @@ import gc
 import inspect
 import math
 import os
-import resource
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,16 +39,22 @@ from rlcourse.adapters import adapters_disabled, is_lora
 from rlcourse.data import (
     DataError,
     Record,
+    as_rows,
     pad_collate,
+    pairs_to_unpaired,  # re-exported: its old home
     render_rows,
+    split_padded,
     tokenize_preferences,
     tokenize_unpaired,
 )
 from rlcourse.engine import (
     TrainConfig,
+    count_tokens,
     dropout_disabled,
     loss_eval_fn,
+    peak_memory,
     planned_indices,
+    reset_peak_memory,
     train,
 )
 from rlcourse.losses import (
@@ -101,30 +105,6 @@ LossFn = Callable[[Any, Mapping[str, Tensor]], tuple[Tensor, dict[str, float]]]
 # --------------------------------------------------------------------------------------------
 
 
-def _field(record: Any, name: str, where: str) -> Any:
-    """``record[name]``; the slides' spelling ``"reject"`` is accepted for ``"rejected"``."""
-    if isinstance(record, Mapping):
-        if name in record:
-            return record[name]
-        if name == "rejected" and "reject" in record:
-            return record["reject"]
-    elif hasattr(record, name):
-        return getattr(record, name)
-    raise KeyError(f"{where}: missing field {name!r}")
-
-
-def _as_rows(records: Iterable[Any], fields: Sequence[str]) -> list[Any]:
-    """Rows as mappings with canonical keys. :class:`rlcourse.data.Record` rows (which remember
-    ``file:line`` for error messages) pass through untouched."""
-    rows = []
-    for i, r in enumerate(records):
-        if isinstance(r, Record) or (isinstance(r, Mapping) and all(f in r for f in fields)):
-            rows.append(r)
-        else:
-            rows.append({f: _field(r, f, f"row {i}") for f in fields})
-    return rows
-
-
 def tokenize_pairs(
     tokenizer: Any, records: Iterable[Any], max_length: int = 128, truncation: str = "error"
 ) -> list[dict[str, Tensor]]:
@@ -136,25 +116,10 @@ def tokenize_pairs(
     ``chosen_completion_mask`` and the same for ``rejected_`` (1-D, unpadded). Too-long rows
     raise with their ``file:line`` unless ``truncation`` is ``"left"`` or ``"right"``.
     """
-    rows = _as_rows(records, ("prompt", "chosen", "rejected"))
+    rows = as_rows(records, ("prompt", "chosen", "rejected"))
     if not rows:
         raise ValueError("no preference pairs given")
     return tokenize_preferences(tokenizer, rows, max_length, truncation=truncation)
-
-
-def pairs_to_unpaired(records: Iterable[Any]) -> list[dict]:
-    """Split each pair ``(x, y_w, y_l)`` into ``(x, y_w, desirable)`` and ``(x, y_l, undesirable)``.
-
-    KTO's data format: ``{"prompt", "completion", "label"}`` with ``label`` True for desirable.
-    """
-    out = []
-    for i, r in enumerate(records):
-        prompt = _field(r, "prompt", f"pair {i}")
-        out.append({"prompt": prompt, "completion": _field(r, "chosen", f"pair {i}"),
-                    "label": True})
-        out.append({"prompt": prompt, "completion": _field(r, "rejected", f"pair {i}"),
-                    "label": False})
-    return out
 
 
 def mismatched_partners(prompts: Sequence[str], seed: int = 0) -> list[int]:
@@ -198,7 +163,7 @@ def tokenize_kto(
     partner is fixed here, so its reference log-prob is precomputed once with everything else;
     the average is taken over each training batch, as in TRL.
     """
-    rows = _as_rows(records, ("prompt", "completion", "label"))
+    rows = as_rows(records, ("prompt", "completion", "label"))
     if not rows:
         raise ValueError("no examples given")
     for i, r in enumerate(rows):
@@ -220,11 +185,8 @@ def tokenize_kto(
             tokenizer, prompts, [completions[j] for j in partners], max_length,
             truncation="right" if truncation == "error" else truncation, formatted=formatted,
         )
-    for i, item in enumerate(items):
-        n = int(kl["attention_mask"][i].sum())
-        item["kl_input_ids"] = kl["input_ids"][i, :n].clone()
-        item["kl_attention_mask"] = kl["attention_mask"][i, :n].clone()
-        item["kl_completion_mask"] = kl["completion_mask"][i, :n].clone()
+    for item, mismatched in zip(items, split_padded(kl, "kl_"), strict=True):
+        item.update(mismatched)
     return items
 
 
@@ -232,7 +194,7 @@ def n_tokens(items: Sequence[Mapping[str, Tensor]]) -> int:
     """Real tokens the loss functions forward with gradient (chosen + rejected, or the KTO
     examples), summed over ``items``."""
     keys = ("chosen_attention_mask", "rejected_attention_mask", "attention_mask")
-    return int(sum(int(it[k].sum()) for it in items for k in keys if k in it))
+    return sum(count_tokens(it, keys) for it in items)
 
 
 def has_reference(items: Sequence[Mapping[str, Tensor]]) -> bool:
@@ -604,15 +566,6 @@ class PreferenceRun:
         }
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory: allocated accelerator memory on CUDA, else the process's peak RSS."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS (CPU)"
-
-
 def prepare_items(
     method: str, data: Any, tokenizer: Any, max_length: int = 128, seed: int = 0,
     truncation: str = "error",
@@ -642,6 +595,7 @@ def train_preference(
     tokenizer: Any = None,
     reference_model: Any = None,
     max_length: int = 128,
+    truncation: str = "error",
     seed: int = 0,
     reference_batch_size: int = 64,
     engine_kwargs: dict[str, Any] | None = None,
@@ -653,8 +607,11 @@ def train_preference(
 
     ``data``: rows ``{"prompt", "chosen", "rejected"}`` (for KTO also
     ``{"prompt", "completion", "label"}``; pairs are split) with ``tokenizer``, or items already
-    tokenised. ``config``: an :class:`rlcourse.engine.TrainConfig`. ``hyperparameters``: the
-    loss function's (``beta=0.5``, ``lam=0.1``, ...).
+    tokenised (:func:`prepare_items`, which passes them through: rows are tokenised once, here
+    or by the caller). ``max_length``/``truncation``: how rows are tokenised; an over-long row
+    raises unless ``truncation`` is ``"left"`` or ``"right"``. ``config``: an
+    :class:`rlcourse.engine.TrainConfig`. ``hyperparameters``: the loss function's
+    (``beta=0.5``, ``lam=0.1``, ...).
 
     Methods with a reference model use ``reference_model`` or, by default, a frozen copy of
     ``model`` as it is now (the SFT model); its log-probs are computed once and the copy is
@@ -675,9 +632,10 @@ def train_preference(
     pad_id = 0 if tokenizer is None or tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     # 1. Tokenise once.
-    items = prepare_items(method, data, tokenizer, max_length=max_length, seed=seed)
+    items = prepare_items(method, data, tokenizer, max_length=max_length, seed=seed,
+                          truncation=truncation)
     eval_items = None if eval_data is None else prepare_items(
-        method, eval_data, tokenizer, max_length=max_length, seed=seed)
+        method, eval_data, tokenizer, max_length=max_length, seed=seed, truncation=truncation)
 
     # 2. Reference log-probs once, of the examples training will read, then release the
     #    reference model. Under LoRA the reference is the policy with its adapters switched off.
@@ -708,9 +666,7 @@ def train_preference(
         _warn_kto_balance(items, weights["desirable_weight"], weights["undesirable_weight"])
 
     # 3. Train on the shared loop.
-    device = _device_of(model)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(_device_of(model))
     start = time.perf_counter()
     engine_kwargs = dict(engine_kwargs or {})
     if eval_items is not None:
@@ -725,7 +681,7 @@ def train_preference(
     totals = history.totals
     tokens_per_second = (totals["tokens"] / totals["step_seconds"]
                          if totals.get("step_seconds") else math.nan)
-    peak, kind = _peak_memory(_device_of(model))
+    peak, kind = peak_memory(_device_of(model))
     defaults = {k: p.default for k, p in inspect.signature(LOSS_FNS[method]).parameters.items()
                 if k not in ("model", "batch")}
     return PreferenceRun(

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from rlcourse.data import pairs_to_unpaired
+
 __all__ = [
     "Annotator",
     "AssistantWorld",
@@ -795,7 +797,8 @@ def unpaired_from_pairs(
     desirable_fraction: float | None = 0.5,
     seed: SeedLike = 0,
 ) -> list[dict]:
-    """Split pairs into unpaired examples, as KTO does: chosen → label True, rejected → False.
+    """Split pairs into unpaired examples, as KTO does: chosen → label True, rejected → False
+    (:func:`rlcourse.data.pairs_to_unpaired`), then balance the classes and shuffle.
 
     ``desirable_fraction`` sets the class balance by dropping examples of the larger class:
     with n pairs and target share p of desirable labels, p ≥ 1/2 keeps all n desirable and
@@ -804,8 +807,8 @@ def unpaired_from_pairs(
     ``{"prompt", "completion", "label"}`` come out shuffled.
     """
     rng = _rng(seed)
-    good = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
-    bad = [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs]
+    split = pairs_to_unpaired(pairs)  # per pair: (x, chosen, True), then (x, rejected, False)
+    good, bad = split[0::2], split[1::2]
     if desirable_fraction is not None:
         p = float(desirable_fraction)
         if not 0.0 < p < 1.0:
