@@ -155,7 +155,45 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlcourse.files import atomic_write_text, directory_fingerprint, file_sha256
+from rlcourse import grpo, online, ppo
+from rlcourse.adapters import LoraSettings, apply_lora, is_lora, merge_lora
+from rlcourse.data import (
+    TEXT,
+    DataError,
+    load_preferences,
+    load_sft,
+    load_unpaired,
+    pad_collate,
+    read_jsonl,
+    tokenize_preferences,
+    tokenize_sft,
+)
+from rlcourse.engine import (
+    NonFiniteError,
+    TrainConfig,
+    _make_accelerator,
+    loss_eval_fn,
+    sft_loss_fn,
+    train,
+)
+from rlcourse.files import (
+    atomic_directory_write,
+    atomic_write_text,
+    directory_fingerprint,
+    file_sha256,
+)
+from rlcourse.grpo import GroupConfig
+from rlcourse.models import (
+    RewardModel,
+    ValueHeadModel,
+    freeze_untied_lm_head,
+    load_model,
+    save_model,
+)
+from rlcourse.online import OnlineDPOConfig, RSFTConfig, reward_model_scorer
+from rlcourse.ppo import PPOConfig
+from rlcourse.preference import LOSS_FNS, prepare_items, train_preference
+from rlcourse.reward_model import reward_loss_fn, train_reward_model
 
 __all__ = [
     "METHODS",
@@ -623,9 +661,6 @@ def _dataclass_section(cls: type, values: Mapping[str, Any], prefix: str, source
 
 def _loss_signature(method: str) -> dict[str, inspect.Parameter]:
     """Keyword parameters (with defaults and types) of the loss function a method trains with."""
-    from rlcourse.engine import sft_loss_fn
-    from rlcourse.preference import LOSS_FNS
-
     fn = sft_loss_fn if method == "sft" else LOSS_FNS[method]
     # num_tokens is the engine's to pass (the global batch's token count), not a recipe key.
     return {k: p for k, p in inspect.signature(fn, eval_str=True).parameters.items()
@@ -641,9 +676,6 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     silently ignored. Numbers written as ``5e-7`` (a string to YAML 1.1) are read as floats.
     """
     import yaml
-
-    from rlcourse.engine import TrainConfig
-    from rlcourse.ppo import PPOConfig
 
     source = str(path) if path is not None else "<recipe>"
     if text is None:
@@ -734,8 +766,6 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 def _group_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, int]
                     ) -> Recipe:
     """GRPO / RLOO: the reward (a model directory or a function), ``group`` and ``rollout``."""
-    from rlcourse.grpo import GroupConfig
-
     source, method = recipe.source, recipe.method
     _check_reward(recipe, lines)
     if "train" in raw:
@@ -767,8 +797,6 @@ def _check_reward(recipe: Recipe, lines: Mapping[str, int]) -> None:
 def _round_sections(recipe: Recipe, raw: Mapping[str, Any], lines: Mapping[str, int]
                     ) -> Recipe:
     """Online DPO / RSFT: the reward and the ``online`` / ``rsft`` section."""
-    from rlcourse.online import OnlineDPOConfig, RSFTConfig
-
     source, method = recipe.source, recipe.method
     _check_reward(recipe, lines)
     name, cls = ("online", OnlineDPOConfig) if method == "online_dpo" else ("rsft", RSFTConfig)
@@ -827,8 +855,6 @@ def load_reward_fn(spec: Any, where: str = "reward_fn") -> Any:
 
 def _lora_section(raw: Mapping[str, Any], source: str, lines: Mapping[str, int]) -> Any:
     """The ``lora:`` section as :class:`rlcourse.adapters.LoraSettings` (``None`` if absent)."""
-    from rlcourse.adapters import LoraSettings
-
     if raw.get("lora") is None:
         return None
     section = _section(raw, "lora", source)
@@ -863,15 +889,6 @@ class RecipeResult:
 def _read_data(recipe: Recipe, key: str | None = None) -> list[Any]:
     """The JSONL rows of ``key`` (default ``data``; PPO ``prompts``; or ``eval_data``) in the
     format the method reads (KTO: unpaired rows, or pairs to split)."""
-    from rlcourse.data import (
-        TEXT,
-        DataError,
-        load_preferences,
-        load_sft,
-        load_unpaired,
-        read_jsonl,
-    )
-
     key = key or ("prompts" if recipe.method in PROMPT_METHODS else "data")
     path = Path(getattr(recipe, key))
     if not path.is_file():
@@ -1077,8 +1094,6 @@ def _refuse_sharding(recipe: Recipe) -> None:
 
 def _finished_result(recipe: Recipe, state: Any) -> RecipeResult:
     """The saved model and history of a finished run (nothing is trained again)."""
-    from rlcourse.models import load_model
-
     out = Path(recipe.output)
     if state.is_main_process:
         print(f"{out} already holds the finished run of this recipe (model in {out / 'model'});"
@@ -1110,8 +1125,6 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     device (``accelerate.PartialState().device``), and only the main process writes files.
     """
     from accelerate import PartialState
-
-    from rlcourse.models import load_model
 
     train_device = _launch_device(recipe)
     # The same flag the engine's Accelerator gets: with device "cpu" several processes
@@ -1193,8 +1206,6 @@ def _with_lora(recipe: Recipe, model: Any) -> tuple[Any, Any]:
     stays fully trained)."""
     if recipe.lora is None:
         return model, None
-    from rlcourse.adapters import apply_lora
-
     lora_model = apply_lora(model, recipe.lora, seed=recipe.seed)
     if recipe.method == "reward_model":
         return lora_model.get_base_model(), lora_model
@@ -1207,9 +1218,6 @@ def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, o
     ``adapter_model.safetensors``) and the tokenizer; with ``lora.merge`` also ``OUTPUT/merged``,
     the adapters folded into the weights (plain ``from_pretrained``). A reward model under LoRA
     is always saved merged (its loader reads a full backbone)."""
-    from rlcourse.adapters import is_lora, merge_lora
-    from rlcourse.models import save_model
-
     if lora_model is not None and recipe.method == "reward_model":
         merge_lora(lora_model)  # in place: model.model is a plain transformers model again
         return model, save_model(model, tokenizer, out / "model")
@@ -1222,9 +1230,6 @@ def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, o
 
 def _train_sft(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
                eval_rows: list[Any] | None = None):
-    from rlcourse.data import pad_collate, tokenize_sft
-    from rlcourse.engine import loss_eval_fn, sft_loss_fn, train
-
     items = tokenize_sft(tokenizer, rows, recipe.max_length, truncation=recipe.truncation)
     collate = partial(pad_collate, pad_id=tokenizer.pad_token_id or 0)
     loss_fn = partial(sft_loss_fn, **recipe.loss)
@@ -1247,9 +1252,6 @@ def _throughput(history: Any) -> dict[str, float]:
 
 def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
                       eval_rows: list[Any] | None = None):
-    from rlcourse.models import load_model
-    from rlcourse.preference import prepare_items, train_preference
-
     items = prepare_items(recipe.method, rows, tokenizer, max_length=recipe.max_length,
                           seed=recipe.seed, truncation=recipe.truncation)
     eval_items = None if eval_rows is None else prepare_items(
@@ -1269,10 +1271,6 @@ def _train_preference(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any
 
 def _train_reward_model(recipe: Recipe, model: Any, tokenizer: Any, rows: list[Any],
                         eval_rows: list[Any] | None = None):
-    from rlcourse.data import tokenize_preferences
-    from rlcourse.engine import loss_eval_fn
-    from rlcourse.reward_model import reward_loss_fn, train_reward_model
-
     eval_fn = None
     if eval_rows is not None:
         eval_items = tokenize_preferences(tokenizer, eval_rows, recipe.max_length,
@@ -1290,10 +1288,6 @@ _TRAINERS = {"sft": _train_sft, "reward_model": _train_reward_model,
 
 def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool):
     """PPO with the four models of the slides: actor, critic, reward model, reference."""
-    from rlcourse import ppo
-    from rlcourse.engine import TrainConfig, _make_accelerator
-    from rlcourse.models import RewardModel, ValueHeadModel, freeze_untied_lm_head
-
     device = str(next(model.parameters()).device)
     reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                          trust_remote_code=recipe.trust_remote_code)
@@ -1322,9 +1316,6 @@ def _run_group(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str],
                progress: bool):
     """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
     function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
-    from rlcourse import grpo, ppo
-    from rlcourse.models import load_model
-
     device = str(next(model.parameters()).device)
     fn = _reward_function(recipe, tokenizer, device)
     reference = None
@@ -1350,9 +1341,6 @@ def _reward_function(recipe: Recipe, tokenizer: Any, device: str) -> Any:
     scoring each text as in its training (:func:`rlcourse.online.reward_model_scorer`)."""
     if recipe.reward_fn:
         return load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
-    from rlcourse.models import RewardModel
-    from rlcourse.online import reward_model_scorer
-
     rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                      trust_remote_code=recipe.trust_remote_code)
     return reward_model_scorer(rm, tokenizer)
@@ -1369,10 +1357,6 @@ def _run_rounds(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], 
     reference of ``online.reference: sft`` is the model of the recipe's ``model`` key.
     """
     import shutil
-
-    from rlcourse import online
-    from rlcourse.files import atomic_directory_write
-    from rlcourse.models import load_model, save_model
 
     device = str(next(model.parameters()).device)
     fn = _reward_function(recipe, tokenizer, device)
@@ -1554,9 +1538,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.recipe is None:
         parser.error("the recipe YAML is required")
-    from rlcourse.data import DataError
-    from rlcourse.engine import NonFiniteError
-
     try:
         overrides = parse_overrides(args.overrides)
         for key in ("model", "output", "reward_model", "prompts"):
