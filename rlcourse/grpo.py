@@ -21,7 +21,6 @@ tuple is accepted, the values are ignored).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,9 +33,16 @@ from torch import Tensor, nn
 
 from rlcourse import rl
 from rlcourse.critic_free import grpo_advantages, rloo_advantages
+from rlcourse.engine import (
+    TrainConfig,
+    _checkpoints,
+    _load_checkpoint,
+    _make_accelerator,
+    _save_checkpoint,
+)
 from rlcourse.memory import ModelRole
-from rlcourse.models import logprobs_from_logits, position_ids_from_mask
-from rlcourse.ppo import backward_and_step, sample_tokens
+from rlcourse.models import generate, score_sequences
+from rlcourse.ppo import backward_and_step, language_model, sample_tokens
 
 __all__ = [
     "ADVANTAGES",
@@ -158,16 +164,11 @@ def token_logprobs(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                    temperature: float = 1.0) -> Tensor:
     """``log pi(input_ids[:, t+1] | input_ids[:, :t+1])``: (B, L) -> (B, L-1), float32.
 
-    Works for transformers models (position ids counted over real tokens) and for the toy
+    :func:`rlcourse.models.score_sequences`'s log-probabilities: works for transformers models
+    (position ids counted over real tokens, PEFT and DDP-wrapped ones too) and for the toy
     policies of :mod:`rlcourse.worlds.token_mdp` (which return ``(logits, values)``).
     """
-    kwargs = {}
-    # A DDP wrapper's forward takes (*inputs, **kwargs): ask the module it wraps.
-    if "position_ids" in inspect.signature(getattr(policy, "module", policy).forward).parameters:
-        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-    out = policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    logits = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-    return logprobs_from_logits(logits[:, :-1] / temperature, input_ids[:, 1:])
+    return score_sequences(policy, input_ids, attention_mask, temperature).logprobs
 
 
 def group_sampler(prompt_fn: Callable[[int, torch.Generator | None], dict[str, Tensor]],
@@ -346,16 +347,6 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     the newest and ends where an uninterrupted run would (sampling depends only on the seed
     and the step). Returns the history: one row per step, metrics averaged over processes.
     """
-    from rlcourse.engine import (
-        TrainConfig,
-        _checkpoints,
-        _load_checkpoint,
-        _make_accelerator,
-        _save_checkpoint,
-    )
-    from rlcourse.models import generate
-    from rlcourse.ppo import language_model
-
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts")

@@ -25,7 +25,6 @@ V(input_ids[:, :t+1])``. ``action_mask[:, t] = 1`` when that token is a response
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from rlcourse import rl
+from rlcourse.engine import _checkpoints, _load_checkpoint, _save_checkpoint
+from rlcourse.models import call_model, generate, output_logits, score_sequences
 
 __all__ = [
     "ActorCritic",
@@ -149,8 +150,8 @@ class ActorCritic(nn.Module):
                 ) -> tuple[Tensor, Tensor]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        logits = _logits(_call(self.actor, input_ids, attention_mask))
-        out = _call(self.critic, input_ids, attention_mask)
+        logits = output_logits(call_model(self.actor, input_ids, attention_mask))
+        out = call_model(self.critic, input_ids, attention_mask)
         values = out[1] if isinstance(out, (tuple, list)) else out
         return logits, values
 
@@ -163,30 +164,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return ref
 
 
-def _call(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Any:
-    """Call a model; plain transformers LMs also get position ids counted over real tokens."""
-    kwargs: dict[str, Tensor] = {}
-    forward = getattr(model, "forward", model)
-    params = inspect.signature(forward).parameters
-    if "position_ids" in params:
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
-def _logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output.logits
-
-
-def _token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
-    """``log softmax(z_t / temperature)[input_ids[t+1]]``: (B, L, V) -> (B, L-1), in fp32."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 def forward_policy(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                    temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """One pass of actor and critic: ``(logprobs, values, entropy)``, each (B, L-1).
@@ -194,18 +171,18 @@ def forward_policy(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     ``logprobs[:, t] = log pi(a_{t+1} | s_t)``, ``values[:, t] = V(s_t)``, ``entropy[:, t] =
     H(pi(.|s_t))`` where ``s_t = input_ids[:, :t+1]``.
     """
-    logits, values = _call(policy, input_ids, attention_mask)
-    logprobs = _token_logprobs(logits, input_ids, temperature)
-    entropy = rl.entropy_from_logits(logits[:, :-1].float() / temperature)
-    return logprobs, values[:, :-1].float(), entropy
+    scored = score_sequences(policy, input_ids, attention_mask, temperature)
+    if scored.values is None:
+        raise TypeError("the PPO policy must return (logits, values): e.g. a ValueHeadModel "
+                        "or an ActorCritic")
+    return scored.logprobs, scored.values[:, :-1].float(), scored.entropy()
 
 
 @torch.no_grad()
 def reference_logprobs(ref_model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                        temperature: float = 1.0) -> Tensor:
     """``log pi_ref(a_{t+1} | s_t)`` for every position: (B, L-1), no gradient."""
-    return _token_logprobs(_logits(_call(ref_model, input_ids, attention_mask)), input_ids,
-                           temperature)
+    return score_sequences(ref_model, input_ids, attention_mask, temperature).logprobs
 
 
 def reward_model_fn(reward_model: nn.Module) -> Callable[..., Tensor]:
@@ -241,7 +218,7 @@ def sample_tokens(policy: nn.Module, prompt: dict[str, Tensor], max_new_tokens: 
     alive = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     comp = torch.zeros_like(ids)
     for _ in range(max_new_tokens):
-        logits = _logits(_call(policy, ids, attn))[:, -1].float() / temperature
+        logits = output_logits(call_model(policy, ids, attn))[:, -1].float() / temperature
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_token_id))
         m = alive.long()
@@ -282,8 +259,6 @@ def lm_sampler(tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_
     process draws the whole batch's prompts and seed, and answers rows ``[i b/N, (i+1) b/N)``
     (``i = process_index``) with the samples one process would draw for them.
     """
-    from rlcourse.models import generate
-
     prompts = list(prompts)
     if batch_size % num_processes:
         raise ValueError(f"batch_size={batch_size} must be a multiple of the number of "
@@ -522,8 +497,6 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt_dir is not None:
-        from rlcourse.engine import _checkpoints, _load_checkpoint
-
         # A constant schedule, so that the engine's checkpoint functions can be used as they are.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         found = _checkpoints(ckpt_dir)
@@ -550,8 +523,6 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
         done = step + 1
         if ckpt_dir is not None and (done == n_steps or (checkpoint_every
                                                          and done % checkpoint_every == 0)):
-            from rlcourse.engine import _save_checkpoint
-
             state = {"step": done, "history": history, "kl_coef": float(kl_ctl.value),
                      "generator": generator.get_state().tolist()}
             if order_generator is not None:  # every process's minibatch-order generator

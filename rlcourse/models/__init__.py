@@ -16,7 +16,9 @@ X`` is the one import the rest of the code base uses:
 - :mod:`rlcourse.models.construction`: the tiny Llama-style config and model;
 - :mod:`rlcourse.models.io`: loading and saving any causal LM and its tokenizer (the one
   ``from_pretrained`` of a backbone: :func:`load_causal_lm`);
-- :mod:`rlcourse.models.logprobs`: per-token and per-sequence log-probabilities;
+- :mod:`rlcourse.models.logprobs`: per-token log-probabilities from logits, position ids;
+- :mod:`rlcourse.models.scoring`: the one way to score sequences under a model
+  (:func:`call_model`, :func:`score_sequences`, :func:`sequence_logprobs`);
 - :mod:`rlcourse.models.generation`: sampling with the sampled tokens' log-probabilities;
 - :mod:`rlcourse.models.heads`: the value head, the reward model, freezing an unused LM head.
 """
@@ -32,10 +34,17 @@ from rlcourse.models.generation import (
 )
 from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
 from rlcourse.models.io import load_causal_lm, load_model, load_tokenizer, save_model
-from rlcourse.models.logprobs import (
-    logprobs_from_logits,
-    position_ids_from_mask,
+from rlcourse.models.logprobs import logprobs_from_logits, position_ids_from_mask
+from rlcourse.models.scoring import (
+    ScoredSequences,
+    call_model,
+    output_logits,
+    output_values,
+    score_sequences,
     sequence_logprobs,
+    shifted_logprobs,
+    takes_position_ids,
+    unwrap_model,
 )
 from rlcourse.models.tokenizer import (
     CHAT_TEMPLATE,
@@ -54,10 +63,12 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Generation",
     "RewardModel",
+    "ScoredSequences",
     "atomic_directory_write",
     "ValueHeadModel",
     "build_model",
     "build_tokenizer",
+    "call_model",
     "encode_prompt_completion",
     "format_completion",
     "format_prompt",
@@ -68,8 +79,14 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "logprobs_from_logits",
+    "output_logits",
+    "output_values",
     "position_ids_from_mask",
     "save_model",
+    "score_sequences",
     "sequence_logprobs",
+    "shifted_logprobs",
+    "takes_position_ids",
     "tiny_config",
+    "unwrap_model",
 ]

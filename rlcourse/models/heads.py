@@ -14,7 +14,7 @@ from torch import nn
 from rlcourse.config import resolve_device
 from rlcourse.models.construction import build_model
 from rlcourse.models.io import load_causal_lm, save_model
-from rlcourse.models.logprobs import position_ids_from_mask
+from rlcourse.models.scoring import call_model
 from rlcourse.rl import last_token_index
 
 
@@ -107,21 +107,11 @@ class _HeadModel(nn.Module):
         return cls(build_model(tokenizer, seed=seed, **config_kwargs), seed=seed + 1)
 
     def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: bool):
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            output_hidden_states=True,
-        ) if logits else None
-        if out is not None:
+        if logits:
+            out = call_model(self.model, input_ids, attention_mask, output_hidden_states=True)
             return out.logits, out.hidden_states[-1]
         # Without logits: run only the decoder (no [B, T, V] tensor).
-        base = self.model.base_model
-        h = base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-        ).last_hidden_state
+        h = call_model(self.model.base_model, input_ids, attention_mask).last_hidden_state
         return None, h
 
 

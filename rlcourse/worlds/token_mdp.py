@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rlcourse.models import output_logits
+
 __all__ = [
     "ExactValues",
     "PrefixPolicy",
@@ -258,7 +260,7 @@ class TokenMDP:
         """
         ids = self.prompt(batch_size, generator)["input_ids"]
         for _ in range(self.horizon):
-            logits = _logits(policy(ids))[:, -1].float() / temperature
+            logits = output_logits(policy(ids))[:, -1].float() / temperature
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             ids = torch.cat([ids, nxt], 1)
         completion = torch.ones_like(ids)
@@ -294,7 +296,7 @@ class TokenMDP:
         """
         texts, prompts = self.all_texts()
         ids = self.input_ids(texts, prompts)
-        logp = torch.log_softmax(_logits(policy(ids))[:, :-1].double(), -1)
+        logp = torch.log_softmax(output_logits(policy(ids))[:, :-1].double(), -1)
         log_p_text = logp.gather(-1, texts[:, :, None]).squeeze(-1).sum(-1)
         weight = self.prompt_probs[prompts] * self.gamma ** (self.horizon - 1)
         return (weight * log_p_text.exp() * self.reward(texts, prompts).double()).sum()
@@ -308,7 +310,7 @@ class TokenMDP:
         the first ``k`` tokens of sequence number ``i V^(H-k)``.
         """
         texts, prompts = self.all_texts()
-        logits = _logits(policy(self.input_ids(texts, prompts))).double() / temperature
+        logits = output_logits(policy(self.input_ids(texts, prompts))).double() / temperature
         probs = torch.softmax(logits, -1)  # float64, so that exact values are exact
         H, V = self.horizon, self.n_tokens
         return [probs[:: V ** (H - k), k] for k in range(H)]
@@ -418,15 +420,6 @@ class TokenMDP:
             if k > 0:
                 q = self.gamma * vs[k].reshape(-1, V)
         return ExactValues(v=vs, q=qs, prompt_probs=self.prompt_probs)
-
-
-def _logits(output) -> Tensor:
-    """Logits from a model output: a tensor, a ``(logits, values)`` tuple or an object."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output.logits
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""One way to score a sequence under a causal LM: call the model, read its output, take the
+log-probability of every next token (with the shift).
+
+Every engine calls a model on ``input_ids`` and ``attention_mask`` through :func:`call_model`,
+reads what came back with :func:`output_logits` / :func:`output_values` and turns logits into
+per-token log-probabilities with :func:`shifted_logprobs`; :func:`score_sequences` does the
+three in one go, and :func:`sequence_logprobs` sums (or averages) them over a completion.
+
+Position ids: a causal LM counts positions ``0, 1, 2, ...`` from the first column unless told
+otherwise, so a left-padded row would start at position ``#pad`` and score differently from the
+same sequence alone. :func:`call_model` passes ``position_ids = cumsum(mask) - 1`` whenever the
+model accepts them: when the real model's ``forward`` (under any DDP/accelerate ``.module`` or
+``torch.compile`` ``._orig_mod`` wrapper) names ``position_ids`` or takes ``**kwargs`` (a PEFT
+model does, and passes them on to the model it adapts). Toy policies that take neither (e.g.
+:class:`rlcourse.models.ValueHeadModel`, which counts positions itself) are called without.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlcourse.models.logprobs import logprobs_from_logits, position_ids_from_mask
+from rlcourse.rl import entropy_from_logits
+
+__all__ = [
+    "ScoredSequences",
+    "call_model",
+    "output_logits",
+    "output_values",
+    "score_sequences",
+    "sequence_logprobs",
+    "shifted_logprobs",
+    "takes_position_ids",
+    "unwrap_model",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Calling a model
+# --------------------------------------------------------------------------------------------
+def unwrap_model(model: Any) -> Any:
+    """The model under its wrappers: follows ``.module`` (DDP, DataParallel, accelerate) and
+    ``._orig_mod`` (``torch.compile``) until neither is there. Anything else (a PEFT model, a
+    plain function) is returned as it is."""
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for name in ("_orig_mod", "module"):
+            inner = getattr(model, name, None)
+            if isinstance(inner, torch.nn.Module):
+                model = inner
+                break
+        else:
+            return model
+    return model
+
+
+def takes_position_ids(model: Any) -> bool:
+    """Whether ``model``'s real ``forward`` (see :func:`unwrap_model`) accepts ``position_ids``:
+    it names the parameter, or it takes ``**kwargs`` (PEFT models pass them on)."""
+    bare = unwrap_model(model)
+    forward = getattr(bare, "forward", bare)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "position_ids" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_model(model: Any, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+    """One forward pass, ``model(input_ids=..., attention_mask=..., **kwargs)``, adding
+    ``position_ids = cumsum(mask) - 1`` when the model accepts them (:func:`takes_position_ids`),
+    so that left, right or no padding give the same result.
+
+    The model is called as given (a DDP wrapper's hooks still run); only the signature is read
+    from the model under the wrappers. Returns the model's output untouched.
+    """
+    if takes_position_ids(model):
+        kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def output_logits(output: Any) -> Tensor:
+    """Logits from a model output: a tensor, a ``(logits, values)`` tuple (e.g.
+    :class:`rlcourse.models.ValueHeadModel`) or an object with ``.logits`` (transformers)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.logits
+
+
+def output_values(output: Any) -> Tensor | None:
+    """Values from a ``(logits, values)`` tuple; ``None`` for an output without them (a tensor of
+    logits, a transformers output)."""
+    if isinstance(output, (tuple, list)) and len(output) > 1:
+        return output[1]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities of the next tokens
+# --------------------------------------------------------------------------------------------
+def shifted_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """``lp[:, t] = log softmax(z_t / temperature)[input_ids[:, t+1]]``: logits (B, L, V) and ids
+    (B, L) -> (B, L-1), float32; column ``t`` belongs to token ``t+1``.
+
+    The logits are cast to float32 before the division, so bf16/fp16 logits lose nothing to it.
+    """
+    z = logits[:, :-1].float()
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip the (B, L-1, V) copy
+        z = z / temperature
+    return logprobs_from_logits(z, input_ids[:, 1:])
+
+
+@dataclass
+class ScoredSequences:
+    """A batch of sequences scored by one forward pass (:func:`score_sequences`).
+
+    ``logits`` (B, L, V) as the model returned them; ``logprobs`` (B, L-1) float32, column ``t``
+    the log-probability of token ``t+1`` at ``temperature``; ``values`` (B, L) from a model that
+    returns ``(logits, values)``, else ``None``.
+    """
+
+    logits: Tensor
+    logprobs: Tensor
+    values: Tensor | None
+    temperature: float = 1.0
+
+    def entropy(self) -> Tensor:
+        """``H(pi(.|s_t))`` of the next-token distribution at ``temperature``: (B, L-1), fp32."""
+        return entropy_from_logits(self.logits[:, :-1].float() / self.temperature)
+
+
+def score_sequences(model: Any, input_ids: Tensor, attention_mask: Tensor,
+                    temperature: float = 1.0) -> ScoredSequences:
+    """Call ``model`` once (:func:`call_model`) and read logits, per-token log-probabilities
+    (:func:`shifted_logprobs`) and values (if the model returns them)."""
+    out = call_model(model, input_ids, attention_mask)
+    logits = output_logits(out)
+    return ScoredSequences(logits=logits,
+                           logprobs=shifted_logprobs(logits, input_ids, temperature),
+                           values=output_values(out), temperature=temperature)
+
+
+def sequence_logprobs(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    reduce: str = "sum",
+) -> Tensor:
+    """Log-probability of the completion tokens given everything before them.
+
+    ``lp[b, t] = log pi(ids[b, t+1] | ids[b, :t+1]) * completion_mask[b, t+1]`` for
+    ``t = 0..T-2`` (logits[:, :-1] predict ids[:, 1:]); prompt and padding positions are exactly 0.
+
+    - ``reduce="none"``: ``lp`` [B, T-1]; column ``t`` belongs to token ``t+1``.
+    - ``reduce="sum"``: ``log pi(y|x) = sum_t lp[b, t]`` [B] (DPO, KTO, R-DPO, RLOO).
+    - ``reduce="mean"``: ``sum_t lp[b, t] / |y|`` [B], the log of the geometric mean per-token
+      probability (SimPO, ORPO); 0 for an empty completion rather than NaN.
+
+    Position ids are counted from the attention mask (:func:`call_model`), so left, right (or
+    both-sided) padding gives the same values as each sequence run alone.
+    """
+    lp = score_sequences(model, input_ids, attention_mask).logprobs
+    mask = completion_mask[:, 1:].to(lp.dtype)
+    lp = lp * mask
+    if reduce == "none":
+        return lp
+    if reduce == "sum":
+        return lp.sum(-1)
+    if reduce == "mean":
+        return lp.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    raise ValueError(f"reduce must be 'sum', 'mean' or 'none', got {reduce!r}")
