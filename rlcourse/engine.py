@@ -42,9 +42,26 @@ from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.models import sequence_logprobs
 
-__all__ = ["EpochSampler", "History", "NonFiniteError", "TrainConfig", "count_tokens",
-           "dropout_disabled", "loss_eval_fn", "peak_memory", "planned_indices",
-           "reset_peak_memory", "sft_loss_fn", "target_tokens", "train"]
+__all__ = [
+    "EpochSampler",
+    "History",
+    "NonFiniteError",
+    "TrainConfig",
+    "count_tokens",
+    "dropout_disabled",
+    "list_checkpoints",
+    "load_checkpoint",
+    "loss_eval_fn",
+    "make_accelerator",
+    "mean_over_processes",
+    "peak_memory",
+    "planned_indices",
+    "reset_peak_memory",
+    "save_checkpoint",
+    "sft_loss_fn",
+    "target_tokens",
+    "train",
+]
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -297,8 +314,12 @@ def _set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
 ADAPTER_CHECKPOINT = "adapter.safetensors"
 
 
-def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, scheduler,
-                     keep: int) -> Path:
+def save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, scheduler,
+                    keep: int) -> Path:
+    """Write ``ckpt_dir/step-XXXXXXXX`` atomically (a folder gets its name only once complete):
+    the weights (under LoRA only the trained adapters), optimizer, scheduler and RNG states, and
+    ``state`` (step, history, run config) as ``state.json``; then delete all but the newest
+    ``keep`` checkpoints. The engine, PPO and the group methods all checkpoint through it."""
     from safetensors.torch import save_model
 
     def write(tmp: Path) -> None:
@@ -316,19 +337,22 @@ def _save_checkpoint(ckpt_dir: Path, state: dict[str, Any], model, optimizer, sc
         (tmp / "state.json").write_text(json.dumps({**state, "rng": meta}))
 
     path = atomic_directory_write(ckpt_dir / f"step-{state['step']:08d}", write)
-    for old in _checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a directory only gets its name once complete)."""
     if not ckpt_dir.is_dir():
         return []
     return sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer`` and
+    ``scheduler`` (and the RNG states); returns ``state``. Adapters that do not match the
+    model's trainable parameters are refused, naming the checkpoint."""
     from safetensors.torch import load_model
 
     if (path / ADAPTER_CHECKPOINT).exists():
@@ -397,7 +421,7 @@ def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
 
 
 def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) -> None:
-    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
     kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
     raise NonFiniteError(
         f"{what} at optimizer step {step} (lr={config.lr:g}): training stopped and nothing "
@@ -459,6 +483,18 @@ def _windows(loader: Any, size: int, skip: int) -> Iterator[tuple[int, list[Any]
             window = []
     if window:
         yield i + 1, window
+
+
+def mean_over_processes(accelerator: Any, metrics: Mapping[str, float]) -> dict[str, float]:
+    """Each metric's mean over processes when every process reports every metric once (the
+    PPO and group loops: each process holds as many rows): ``sum over processes / W``. One
+    process: the metrics as they are. Computed by :func:`_reduce_metrics`, each process's value
+    a micro-batch of its own."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return dict(metrics)
+    sums = {k: [torch.tensor(float(v), dtype=torch.float64)] for k, v in metrics.items()}
+    means, _ = _reduce_metrics(accelerator, sums, 0)
+    return means
 
 
 def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], tokens: int
@@ -552,7 +588,9 @@ def _takes_num_tokens(loss_fn: Any) -> bool:
         return False
 
 
-def _make_accelerator(config: TrainConfig):
+def make_accelerator(config: TrainConfig):
+    """The ``accelerate.Accelerator`` for ``config`` (precision, accumulation, CPU, trackers),
+    with accelerate's process-wide state cleared so that each run gets what it asks for."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -603,7 +641,7 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    accelerator = _make_accelerator(config)
+    accelerator = make_accelerator(config)
     if config.device not in ("auto", "cpu") and accelerator.device.type != config.device:
         warnings.warn(f"device={config.device!r} asked for, training on {accelerator.device}",
                       stacklevel=2)
@@ -641,9 +679,9 @@ def train(
     takes_num_tokens = _takes_num_tokens(loss_fn)
     history, step, epoch, skip = History(), 0, 0, 0
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
     if found:
-        state = _load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
+        state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
                                  scheduler, accelerator.device)
         for key in ("batch_size", "grad_accum_steps", "seed"):
             if state["config"][key] != getattr(config, key):
@@ -667,7 +705,7 @@ def train(
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "history": history.rows, "config": config.to_dict()}
         if accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir, state, accelerator.unwrap_model(model), optimizer,
+            save_checkpoint(ckpt_dir, state, accelerator.unwrap_model(model), optimizer,
                              scheduler, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 

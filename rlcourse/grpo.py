@@ -35,10 +35,11 @@ from rlcourse import rl
 from rlcourse.critic_free import grpo_advantages, rloo_advantages
 from rlcourse.engine import (
     TrainConfig,
-    _checkpoints,
-    _load_checkpoint,
-    _make_accelerator,
-    _save_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    make_accelerator,
+    mean_over_processes,
+    save_checkpoint,
 )
 from rlcourse.memory import ModelRole
 from rlcourse.models import generate, score_sequences
@@ -310,16 +311,6 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
-def _reduce_mean(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """Each metric's mean over processes (every process holds as many groups)."""
-    if accelerator.num_processes == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    t = accelerator.reduce(t, "sum") / accelerator.num_processes
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
 def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    reward_fn: TextRewardFn, config: GroupConfig, n_steps: int, lr: float = 1e-6,
                    max_new_tokens: int = 64, ref_model: nn.Module | None = None, seed: int = 0,
@@ -350,7 +341,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts")
-    accelerator = _make_accelerator(TrainConfig(device=device, mixed_precision=mixed_precision))
+    accelerator = make_accelerator(TrainConfig(device=device, mixed_precision=mixed_precision))
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.n_prompts % world:
         raise ValueError(f"n_prompts={config.n_prompts} must be a multiple of the number of "
@@ -365,9 +356,9 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    found = _checkpoints(ckpt_dir) if ckpt_dir else []
+    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
     if found:
-        state = _load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
+        state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
                                  scheduler, accelerator.device)
         differ = sorted(k for k in run_config if k != "n_steps"
                         and state["config"].get(k) != run_config[k])
@@ -408,12 +399,12 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         metrics = group_update(model, ref_model, batch, scores.to(dev), optimizer, config,
                                order_gen, accelerator, max_tokens=max_new_tokens)
         metrics["response_length"] = float(batch["completion_mask"].sum(-1).float().mean())
-        metrics = _reduce_mean(accelerator, metrics)
+        metrics = mean_over_processes(accelerator, metrics)
         metrics["step"] = step
         history.append(metrics)
         if ckpt_dir and (step == n_steps or (checkpoint_every and step % checkpoint_every == 0)):
             if accelerator.is_main_process:
-                _save_checkpoint(ckpt_dir, {"step": step, "history": history,
+                save_checkpoint(ckpt_dir, {"step": step, "history": history,
                                             "config": run_config},
                                  accelerator.unwrap_model(model), optimizer, scheduler,
                                  keep_checkpoints)

@@ -34,7 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from rlcourse import rl
-from rlcourse.engine import _checkpoints, _load_checkpoint, _save_checkpoint
+from rlcourse.engine import (
+    list_checkpoints,
+    load_checkpoint,
+    mean_over_processes,
+    save_checkpoint,
+)
 from rlcourse.models import call_model, generate, output_logits, score_sequences
 
 __all__ = [
@@ -443,11 +448,7 @@ def ppo_step(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., T
         # Means over processes (each holds as many rows). Row means (score, kl, return,
         # response_length) and the loss terms are then those of the whole batch;
         # explained_variance and value_mean are averages of per-process values.
-        keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
-                         device=accelerator.device)
-        t = accelerator.reduce(t, "sum") / accelerator.num_processes
-        metrics = dict(zip(keys, t.tolist(), strict=True))
+        metrics = mean_over_processes(accelerator, metrics)
         n_rows *= accelerator.num_processes
     kl_ctl.update(metrics["kl"], n_rows)
     return metrics, rollout
@@ -499,10 +500,10 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     if ckpt_dir is not None:
         # A constant schedule, so that the engine's checkpoint functions can be used as they are.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        found = _checkpoints(ckpt_dir)
+        found = list_checkpoints(ckpt_dir)
         if found:
             device = next(bare.parameters()).device
-            state = _load_checkpoint(found[-1], bare, optimizer, scheduler, device)
+            state = load_checkpoint(found[-1], bare, optimizer, scheduler, device)
             generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
             if order_generator is not None:
                 order_generator.set_state(torch.tensor(state["order_generators"][
@@ -530,7 +531,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
                 state["order_generators"] = [t.cpu().tolist()
                                              for t in accelerator.gather(mine[None])]
             if main:
-                _save_checkpoint(ckpt_dir, state, bare, optimizer, scheduler, keep_checkpoints)
+                save_checkpoint(ckpt_dir, state, bare, optimizer, scheduler, keep_checkpoints)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
         if callback is not None:

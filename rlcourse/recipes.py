@@ -171,8 +171,8 @@ from rlcourse.data import (
 from rlcourse.engine import (
     NonFiniteError,
     TrainConfig,
-    _make_accelerator,
     loss_eval_fn,
+    make_accelerator,
     sft_loss_fn,
     train,
 )
@@ -1299,7 +1299,7 @@ def _run_ppo(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], pro
         policy = ppo.ActorCritic(model, critic)
     else:
         policy = ValueHeadModel(model, seed=recipe.seed)
-    accelerator = _make_accelerator(TrainConfig(device=r.device))
+    accelerator = make_accelerator(TrainConfig(device=r.device))
     sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
                              temperature=recipe.ppo.temperature,
                              num_processes=accelerator.num_processes,

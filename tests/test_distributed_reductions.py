@@ -4,6 +4,8 @@
   ``rewards/chosen`` only for a batch holding a desirable example): the sums were stacked in
   key order and added position by position, which mixed one metric into another when the key
   sets differed and hung the collective when their sizes differed;
+* PPO's and the group methods' per-step metrics (``mean_over_processes``): each process's value
+  counts once;
 * KTO's reference point z0 over the global batch: every process's mismatched-pair log-ratios,
   gathered, including uneven shares.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlcourse.engine import _reduce_metrics
+from rlcourse.engine import _reduce_metrics, mean_over_processes
 from rlcourse.losses import kto_reference_point
 from rlcourse.preference import _gathered
 
@@ -51,8 +53,10 @@ def _worker(rank: int, port: int, results) -> None:
         # uneven shares of the batch's mismatched-pair log-ratios
         share = torch.tensor([0.4, 1.0, -0.2]) if rank == 0 else torch.tensor([0.9])
         gathered = _gathered(share)
+        step_means = mean_over_processes(acc, {"kl": [0.1, 0.5][rank], "score": [1.0, 4.0][rank]})
         results[rank] = (metrics, tokens, gathered.tolist(),
-                         float(kto_reference_point(gathered, torch.zeros_like(gathered))))
+                         float(kto_reference_point(gathered, torch.zeros_like(gathered))),
+                         step_means)
     finally:
         dist.destroy_process_group()
 
@@ -62,18 +66,21 @@ def test_metrics_and_kto_z0_over_two_processes_equal_the_global_batch():
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
-        metrics, tokens, gathered, z0 = results[rank]
+        metrics, tokens, gathered, z0, step_means = results[rank]
         # hand-computed: every micro-batch that reported a metric weighs the same
         assert metrics == pytest.approx({"loss": (1 + 3 + 5 + 7) / 4, "rewards/chosen": 0.5,
                                          "rewards/rejected": -1.5})
         assert tokens == 21
         assert gathered == pytest.approx([0.4, 1.0, -0.2, 0.9])
         assert z0 == pytest.approx((0.4 + 1.0 - 0.2 + 0.9) / 4)  # not rank 0's 0.4 alone
+        assert step_means == pytest.approx({"kl": 0.3, "score": 2.5})  # not this rank's own
 
 
 def test_one_process_is_unchanged():
     acc = _Accelerator(num_processes=1, device=torch.device("cpu"))
     metrics, tokens = _reduce_metrics(acc, {"loss": [torch.tensor(1.0), torch.tensor(2.0)]}, 5)
     assert metrics == {"loss": 1.5} and tokens == 5
+    step = {"kl": 0.25, "score": 1.0}
+    assert mean_over_processes(acc, step) == step and mean_over_processes(None, step) == step
     t = torch.tensor([1.0, 2.0])
     assert _gathered(t) is t
