@@ -190,7 +190,7 @@ from rlcourse.models import (
     load_model,
     save_model,
 )
-from rlcourse.online import OnlineDPOConfig, RSFTConfig, reward_model_scorer
+from rlcourse.online import OnlineDPOConfig, RSFTConfig
 from rlcourse.ppo import PPOConfig
 from rlcourse.preference import LOSS_FNS, prepare_items, train_preference
 from rlcourse.reward_model import reward_loss_fn, train_reward_model
@@ -1343,7 +1343,7 @@ def _reward_function(recipe: Recipe, tokenizer: Any, device: str) -> Any:
         return load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
     rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                      trust_remote_code=recipe.trust_remote_code)
-    return reward_model_scorer(rm, tokenizer)
+    return online.reward_model_scorer(rm, tokenizer)
 
 
 def _run_rounds(recipe: Recipe, model: Any, tokenizer: Any, prompts: list[str], progress: bool,
