@@ -682,7 +682,7 @@ def train(
     found = list_checkpoints(ckpt_dir) if ckpt_dir else []
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
-                                 scheduler, accelerator.device)
+                                scheduler, accelerator.device)
         for key in ("batch_size", "grad_accum_steps", "seed"):
             if state["config"][key] != getattr(config, key):
                 raise ValueError(f"{found[-1]} was written with {key}={state['config'][key]}, "
@@ -706,7 +706,7 @@ def train(
                  "history": history.rows, "config": config.to_dict()}
         if accelerator.is_main_process:
             save_checkpoint(ckpt_dir, state, accelerator.unwrap_model(model), optimizer,
-                             scheduler, config.keep_checkpoints)
+                            scheduler, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     runlog = _RunLog(accelerator, config, history.rows)

@@ -359,7 +359,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     found = list_checkpoints(ckpt_dir) if ckpt_dir else []
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
-                                 scheduler, accelerator.device)
+                                scheduler, accelerator.device)
         differ = sorted(k for k in run_config if k != "n_steps"
                         and state["config"].get(k) != run_config[k])
         if differ:
@@ -405,9 +405,9 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         if ckpt_dir and (step == n_steps or (checkpoint_every and step % checkpoint_every == 0)):
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_dir, {"step": step, "history": history,
-                                            "config": run_config},
-                                 accelerator.unwrap_model(model), optimizer, scheduler,
-                                 keep_checkpoints)
+                                           "config": run_config},
+                                accelerator.unwrap_model(model), optimizer, scheduler,
+                                keep_checkpoints)
             accelerator.wait_for_everyone()
         if callback is not None:
             callback(step, metrics)

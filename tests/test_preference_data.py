@@ -125,6 +125,8 @@ def test_token_counts_and_peak_memory_come_from_the_engine(tok):
     kto = preference.tokenize_kto(tok, pairs_to_unpaired(PAIRS), 64)
     # n_tokens: the tokens forwarded with gradient (the KTO mismatched pairs are not).
     assert preference.n_tokens(pairs) == sum(count_tokens(it) for it in pairs)
+    assert preference.n_tokens(pairs) == sum(  # by hand: every real token of both answers
+        len(it["chosen_input_ids"]) + len(it["rejected_input_ids"]) for it in pairs)
     assert preference.n_tokens(kto) == sum(int(it["attention_mask"].sum()) for it in kto)
     assert sum(count_tokens(it) for it in kto) == preference.n_tokens(kto) + sum(
         int(it["kl_attention_mask"].sum()) for it in kto)
