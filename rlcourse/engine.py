@@ -32,12 +32,24 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from rlcourse.adapters import enable_gradient_checkpointing, is_lora
+from rlcourse.config import (
+    COUNT,
+    DEVICE,
+    NON_NEGATIVE,
+    OPTIONAL_COUNT,
+    OPTIONAL_POSITIVE,
+    POSITIVE,
+    at_least,
+    check_ranges,
+    one_of,
+    within,
+)
 from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.models import sequence_logprobs
@@ -139,6 +151,28 @@ class TrainConfig:
     report_to: str = "none"
     """``"none"`` or ``"tensorboard"`` (needs ``logging_dir``)."""
 
+    #: Each field's range, checked when the config is built (a recipe names file and line).
+    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
+        "lr": POSITIVE,
+        "max_steps": OPTIONAL_COUNT,
+        "epochs": POSITIVE,
+        "batch_size": COUNT,
+        "grad_accum_steps": COUNT,
+        "max_grad_norm": OPTIONAL_POSITIVE,
+        "warmup_steps": (at_least(0), "an integer >= 0"),
+        "schedule": (one_of("cosine", "linear", "constant"), "one of cosine, linear, constant"),
+        "weight_decay": NON_NEGATIVE,
+        "betas": (lambda v: len(v) == 2 and all(within(0.0, 0.999999)(b) for b in v),
+                  "two numbers in [0, 1)"),
+        "mixed_precision": (one_of("no", "bf16", "fp16", "auto"), "one of no, bf16, fp16, auto"),
+        "log_every": COUNT,
+        "eval_every": (at_least(0), "an integer >= 0"),
+        "checkpoint_every": (at_least(0), "an integer >= 0"),
+        "keep_checkpoints": COUNT,
+        "device": DEVICE,
+        "report_to": (one_of("none", "tensorboard"), "one of none, tensorboard"),
+    }
+
     def __post_init__(self) -> None:
         # A YAML string "false" is truthy: a boolean must be a boolean (recipes check every
         # type with file and line; this catches TrainConfig.from_yaml and direct use).
@@ -146,6 +180,7 @@ class TrainConfig:
             if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"TrainConfig.{f.name} must be true or false, got "
                                 f"{getattr(self, f.name)!r}")
+        check_ranges(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:

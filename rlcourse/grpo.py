@@ -25,13 +25,23 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rlcourse import rl
+from rlcourse.config import (
+    COUNT,
+    NON_NEGATIVE,
+    OPTIONAL_COUNT,
+    OPTIONAL_POSITIVE,
+    TEMPERATURE,
+    check_ranges,
+    optional,
+    within,
+)
 from rlcourse.critic_free import grpo_advantages, rloo_advantages
 from rlcourse.engine import (
     TrainConfig,
@@ -113,16 +123,23 @@ class GroupConfig:
     """How per-token terms become one loss: ``"grpo"``, ``"dapo"`` or ``"dr_grpo"`` (see the class
     docstring)."""
 
+    #: Each field's range, checked when the config is built (a recipe names file and line).
+    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
+        "advantage": (lambda v: v in ADVANTAGES, "one of grpo, rloo, dr_grpo"),
+        "loss_type": (lambda v: v in LOSS_TYPES, "one of grpo, dapo, dr_grpo"),
+        "group_size": (lambda v: COUNT[0](v) and v >= 2,
+                       "an integer >= 2 (a group baseline needs siblings)"),
+        "n_prompts": COUNT,
+        "kl_coef": NON_NEGATIVE,
+        "clip_eps": (optional(within(1e-8, 1.0)), "null or a number in (0, 1]"),
+        "epochs": COUNT,
+        "minibatch_size": OPTIONAL_COUNT,
+        "max_grad_norm": OPTIONAL_POSITIVE,
+        "temperature": TEMPERATURE,
+    }
+
     def __post_init__(self) -> None:
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, "
-                             f"got {self.advantage!r}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, "
-                             f"got {self.loss_type!r}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (a group baseline needs siblings), "
-                             f"got {self.group_size}")
+        check_ranges(self)
 
 
 #: How a minibatch's per-token terms are averaged (see :class:`GroupConfig`).

@@ -27,13 +27,20 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rlcourse import grpo, ppo
+from rlcourse.config import (
+    COUNT,
+    DEVICE,
+    OPTIONAL_COUNT,
+    POSITIVE,
+    check_ranges,
+)
 from rlcourse.data import pad_collate, tokenize_sft
 from rlcourse.engine import TrainConfig, sft_loss_fn, train
 from rlcourse.models import generate
@@ -178,6 +185,24 @@ class OnlineDPOConfig:
     device: str = "cpu"
     """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
 
+    #: Each field's range, checked when the config is built (a recipe names file and line).
+    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
+        "rounds": COUNT,
+        "prompts_per_round": OPTIONAL_COUNT,
+        "pairs_per_prompt": COUNT,
+        "beta": POSITIVE,
+        "lr": POSITIVE,
+        "epochs": POSITIVE,
+        "batch_size": COUNT,
+        "reference": (lambda v: v in ("sft", "previous"), "one of sft, previous"),
+        "max_new_tokens": COUNT,
+        "max_length": (lambda v: COUNT[0](v) and v >= 2, "an integer >= 2"),
+        "device": DEVICE,
+    }
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_fn: LabelFn,
                config: OnlineDPOConfig, seed: int = 0,
@@ -309,6 +334,22 @@ class RSFTConfig:
     """Longest prompt + answer in tokens for training."""
     device: str = "cpu"
     """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
+
+    #: Each field's range, checked when the config is built (a recipe names file and line).
+    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
+        "rounds": COUNT,
+        "n": COUNT,
+        "samples_per_prompt": COUNT,
+        "lr": POSITIVE,
+        "epochs": POSITIVE,
+        "batch_size": COUNT,
+        "max_new_tokens": COUNT,
+        "max_length": (lambda v: COUNT[0](v) and v >= 2, "an integer >= 2"),
+        "device": DEVICE,
+    }
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[str],

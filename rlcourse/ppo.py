@@ -28,12 +28,22 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from rlcourse import rl
+from rlcourse.config import (
+    COUNT,
+    NON_NEGATIVE,
+    OPTIONAL_POSITIVE,
+    POSITIVE,
+    TEMPERATURE,
+    check_ranges,
+    optional,
+    within,
+)
 from rlcourse.engine import (
     list_checkpoints,
     load_checkpoint,
@@ -108,6 +118,27 @@ class PPOConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollouts; the policy's and the reference's log-probs are
     taken at the same temperature."""
+
+    #: Each field's range, checked when the config is built (a recipe names file and line).
+    RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
+        "kl_coef": NON_NEGATIVE,
+        "kl_target": POSITIVE,
+        "kl_horizon": POSITIVE,
+        "clip_score": OPTIONAL_POSITIVE,
+        "clip_eps": (optional(within(1e-8, 1.0)), "null or a number in (0, 1]"),
+        "clip_eps_v": OPTIONAL_POSITIVE,
+        "gamma": (within(0.0, 1.0), "a number in [0, 1]"),
+        "lam": (within(0.0, 1.0), "a number in [0, 1]"),
+        "ppo_epochs": COUNT,
+        "minibatch_size": COUNT,
+        "vf_coef": NON_NEGATIVE,
+        "ent_coef": NON_NEGATIVE,
+        "max_grad_norm": OPTIONAL_POSITIVE,
+        "temperature": TEMPERATURE,
+    }
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def kl_controller(self) -> rl.FixedKLController | rl.AdaptiveKLController:
         """The KL-coefficient controller this configuration asks for."""

@@ -157,6 +157,7 @@ from typing import Any
 
 from rlcourse import grpo, online, ppo
 from rlcourse.adapters import LoraSettings, apply_lora, is_lora, merge_lora
+from rlcourse.config import FieldRangeError
 from rlcourse.data import (
     TEXT,
     DataError,
@@ -656,7 +657,11 @@ def _dataclass_section(cls: type, values: Mapping[str, Any], prefix: str, source
         where = _where(source, lines, f"{prefix}{k}")
         kwargs[k] = _typed(v, hints[k], where)
         _check_range(f"{prefix}{k}", kwargs[k], where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldRangeError as error:  # the range declared beside the field (cls.RANGES)
+        raise RecipeError(f"{_where(source, lines, prefix + error.key)}: must be {error.must}, "
+                          f"got {error.value!r}") from None
 
 
 def _loss_signature(method: str) -> dict[str, inspect.Parameter]:

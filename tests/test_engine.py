@@ -305,9 +305,10 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tok
 def test_infinite_lr_never_writes_a_nan_checkpoint(tok, items, tmp_path):
     """lr = inf turns the weights to NaN in the first update while the first loss is finite:
     without the weight check the step-1 checkpoint (and the final model) would be all NaN."""
+    config = _cfg(checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    config.lr = float("inf")  # past TrainConfig's range check: the guard must hold regardless
     with pytest.raises(NonFiniteError, match="non-finite weights .* optimizer step 1"):
-        train(_model(tok), sft_loss_fn, items,
-              _cfg(lr=float("inf"), checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+        train(_model(tok), sft_loss_fn, items, config)
     assert not list(tmp_path.glob("step-*"))
 
 

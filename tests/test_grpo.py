@@ -200,7 +200,7 @@ def test_loss_normalisations_follow_their_formulas(loss_type):
 
 
 def test_bad_loss_type_and_group_size_are_named():
-    with pytest.raises(ValueError, match="loss_type must be one of grpo, dapo, dr_grpo"):
+    with pytest.raises(ValueError, match="loss_type: must be one of grpo, dapo, dr_grpo"):
         grpo.GroupConfig(loss_type="token")
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
+    with pytest.raises(ValueError, match="group_size: must be an integer >= 2"):
         grpo.GroupConfig(group_size=1)
