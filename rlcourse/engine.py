@@ -52,6 +52,7 @@ from rlcourse.config import (
 )
 from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
+from rlcourse.guards import NonFiniteError, nonfinite_parameters
 from rlcourse.models import sequence_logprobs
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "reset_peak_memory",
     "save_checkpoint",
     "sft_loss_fn",
+    "stop_nonfinite",
     "target_tokens",
     "train",
 ]
@@ -442,26 +444,30 @@ def dropout_disabled(model: torch.nn.Module, disable: bool = True) -> Iterator[i
 # --------------------------------------------------------------------------------------------
 # Guards: a non-finite loss or weight stops the run before anything is written
 # --------------------------------------------------------------------------------------------
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN/inf loss or weight; nothing from that point on was saved."""
-
-
-def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters holding a NaN or an infinity (one device sync in all)."""
-    named = [(n, p) for n, p in model.named_parameters()]
-    if not named:
-        return []
-    ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
-    return [n for (n, _), good in zip(named, ok.tolist(), strict=True) if not good]
+def _nonfinite_message(what: str, where: str, ckpt_dir: Path | None, lr: float | None) -> str:
+    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
+    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    rate = f" (lr={lr:g})" if lr is not None else ""
+    return (f"{what} at {where}{rate}: training stopped and nothing from this point was saved; "
+            f"{kept}. Lower the lr, look for empty completions or rewards that explode, or use "
+            "bf16 instead of fp16")
 
 
 def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) -> None:
-    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
-    kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
-    raise NonFiniteError(
-        f"{what} at optimizer step {step} (lr={config.lr:g}): training stopped and nothing "
-        f"from this point was saved; {kept}. Lower the lr, look for empty completions, or use "
-        "bf16 instead of fp16")
+    raise NonFiniteError(_nonfinite_message(what, f"optimizer step {step}", ckpt_dir, config.lr))
+
+
+@contextlib.contextmanager
+def stop_nonfinite(method: str, step: int, ckpt_dir: Path | None, lr: float | None = None
+                   ) -> Iterator[None]:
+    """Turn a :class:`~rlcourse.guards.NonFiniteError` raised inside (a NaN loss, gradient norm
+    or weight, found by :mod:`rlcourse.guards`) into one message naming the method, the step,
+    the learning rate and the last good checkpoint: what every RL loop reports."""
+    try:
+        yield
+    except NonFiniteError as error:
+        raise NonFiniteError(_nonfinite_message(str(error), f"{method} step {step}", ckpt_dir,
+                                                lr)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,7 +733,7 @@ def train(
         accelerator.print(f"resuming from {found[-1]} (step {step})")
 
     def check_weights() -> None:
-        bad = _nonfinite_weights(model)
+        bad = nonfinite_parameters(model)
         # Collective, so that every process stops together (each may hold its own shard).
         count = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device),
                                    "sum")

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +49,9 @@ from rlcourse.engine import (
     make_accelerator,
     mean_over_processes,
     save_checkpoint,
+    stop_nonfinite,
 )
+from rlcourse.guards import check_finite_weights, checked_rewards
 from rlcourse.memory import ModelRole
 from rlcourse.models import generate, score_sequences
 from rlcourse.ppo import backward_and_step, language_model, sample_tokens
@@ -218,7 +219,8 @@ def group_step(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Callab
     batch = sample_fn(policy, generator)
     mask = batch["completion_mask"][:, 1:].float()
     with torch.no_grad():
-        scores = reward_fn(batch["input_ids"], batch["attention_mask"], mask).float()
+        raw = reward_fn(batch["input_ids"], batch["attention_mask"], mask)
+    scores = checked_rewards(raw, batch["input_ids"].shape[0], reward_fn)
     return group_update(policy, ref_model, batch, scores, optimizer, config, generator)
 
 
@@ -312,8 +314,10 @@ def train_group(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Calla
         steps = tqdm(steps, desc=config.advantage.upper(), leave=False)
     history = []
     for step in steps:
-        metrics = group_step(policy, ref_model, reward_fn, sample_fn, optimizer, config,
-                             generator)
+        with stop_nonfinite(config.advantage.upper(), step + 1, None, lr):
+            metrics = group_step(policy, ref_model, reward_fn, sample_fn, optimizer, config,
+                                 generator)
+            check_finite_weights(policy)  # before the next sampling step reads them
         metrics["step"] = step
         history.append(metrics)
         if callback is not None:
@@ -403,18 +407,19 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                        max_new_tokens=max_new_tokens, temperature=config.temperature,
                        seed=_step_seed(seed, step) + 1,
                        first_row=rank * local_n * config.group_size)
-        rewards = reward_fn(list(many), list(gen.texts))
-        scores = torch.as_tensor(np.asarray(rewards, dtype=np.float64)).float().flatten()
-        if scores.numel() != len(many) or not torch.isfinite(scores).all():
-            raise ValueError(f"reward_fn must return one finite number per completion: got "
-                             f"{scores.numel()} values for {len(many)} completions")
+        scores = checked_rewards(reward_fn(list(many), list(gen.texts)), len(many), reward_fn,
+                                 gen.texts)
         dev = accelerator.device
         batch = {"input_ids": gen.full_ids.to(dev),
                  "attention_mask": gen.full_attention_mask.to(dev),
                  "completion_mask": gen.full_completion_mask.to(dev)}
         order_gen = torch.Generator().manual_seed(_step_seed(seed, step) + 2 + rank)
-        metrics = group_update(model, ref_model, batch, scores.to(dev), optimizer, config,
-                               order_gen, accelerator, max_tokens=max_new_tokens)
+        with stop_nonfinite(config.advantage.upper(), step, ckpt_dir, lr):
+            metrics = group_update(model, ref_model, batch, scores.to(dev), optimizer, config,
+                                   order_gen, accelerator, max_tokens=max_new_tokens)
+            # every step (one isfinite pass, small beside sampling): never sample from, save
+            # or return a NaN model
+            check_finite_weights(accelerator.unwrap_model(model), accelerator)
         metrics["response_length"] = float(batch["completion_mask"].sum(-1).float().mean())
         metrics = mean_over_processes(accelerator, metrics)
         metrics["step"] = step

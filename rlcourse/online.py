@@ -43,6 +43,7 @@ from rlcourse.config import (
 )
 from rlcourse.data import pad_collate, tokenize_sft
 from rlcourse.engine import TrainConfig, sft_loss_fn, train
+from rlcourse.guards import checked_labels, checked_rewards
 from rlcourse.models import generate
 from rlcourse.preference import train_preference
 from rlcourse.reward_model import score_texts
@@ -107,8 +108,11 @@ def reward_labeller(reward_fn: TextRewardFn) -> LabelFn:
     (A reward model as annotator, as in RLAIF or online DPO with a reward model.)"""
 
     def label_fn(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list:
-        ra, rb = reward_fn(prompts, a), reward_fn(prompts, b)
-        return [None if x == y else bool(x > y) for x, y in zip(ra, rb, strict=True)]
+        # NaN, None or a string would win or lose every comparison arbitrarily: refused.
+        ra = checked_rewards(reward_fn(prompts, a), len(prompts), reward_fn, a, torch.float64)
+        rb = checked_rewards(reward_fn(prompts, b), len(prompts), reward_fn, b, torch.float64)
+        return [None if x == y else bool(x > y)
+                for x, y in zip(ra.tolist(), rb.tolist(), strict=True)]
 
     return label_fn
 
@@ -139,9 +143,7 @@ def label_pairs(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], labe
     if not keep:
         return []
     ps, xs, ys = ([s[i] for i in keep] for s in (prompts, a, b))
-    verdicts = label_fn(ps, xs, ys)
-    if len(verdicts) != len(ps):
-        raise ValueError(f"label_fn returned {len(verdicts)} verdicts for {len(ps)} pairs")
+    verdicts = checked_labels(label_fn(ps, xs, ys), len(ps), label_fn)
     return [{"prompt": p, "chosen": x if v else y, "rejected": y if v else x}
             for p, x, y, v in zip(ps, xs, ys, verdicts, strict=True) if v is not None]
 
@@ -302,7 +304,8 @@ def best_of_n(model: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int,
     prompts = list(prompts)
     many = [p for p in prompts for _ in range(n)]
     texts = list(generate(model, tokenizer, many, max_new_tokens=max_new_tokens, seed=seed).texts)
-    r = np.asarray(reward_fn(many, texts), dtype=np.float64)
+    r = checked_rewards(reward_fn(many, texts), len(many), reward_fn, texts,
+                        torch.float64).numpy()
     if not allow_empty:
         r = np.where([bool(t.strip()) for t in texts], r, -np.inf)
     r = r.reshape(len(prompts), n)

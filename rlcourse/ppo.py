@@ -49,7 +49,9 @@ from rlcourse.engine import (
     load_checkpoint,
     mean_over_processes,
     save_checkpoint,
+    stop_nonfinite,
 )
+from rlcourse.guards import check_finite_loss, check_finite_weights, checked_rewards
 from rlcourse.models import call_model, generate, output_logits, score_sequences
 
 __all__ = [
@@ -341,7 +343,8 @@ def make_experience(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable
     action_mask = batch["completion_mask"][:, 1:].float()
     was = policy.training
     policy.eval()
-    scores = reward_fn(ids, attn, action_mask).float()
+    raw = reward_fn(ids, attn, action_mask)
+    scores = checked_rewards(raw, ids.shape[0], reward_fn).to(ids.device)
     logprobs, values, _ = forward_policy(policy, ids, attn, config.temperature)
     policy.train(was)
     ref_logprobs = reference_logprobs(ref_model, ids, attn, config.temperature)
@@ -377,15 +380,23 @@ def _whiten_over_processes(x: Tensor, mask: Tensor, accelerator: Any, eps: float
 def backward_and_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
                       max_grad_norm: float | None, accelerator: Any = None) -> None:
     """One optimizer step: backward (through ``accelerate`` when given, which syncs gradients
-    across processes), clip the global gradient norm to ``max_grad_norm``, step."""
+    across processes), clip the global gradient norm to ``max_grad_norm``, step.
+
+    Every RL loop steps through here, so here is the guard: a NaN or infinite loss on any
+    process raises :class:`rlcourse.guards.NonFiniteError` before the step (the weights stay
+    as they were), and so does a non-finite gradient norm when clipping.
+    """
+    check_finite_loss(loss, "the loss", accelerator)
     if accelerator is not None:
         accelerator.backward(loss)
         if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            check_finite_loss(torch.as_tensor(norm), "the gradient norm")
     else:
         loss.backward()
         if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            check_finite_loss(norm, "the gradient norm")
     optimizer.step()
 
 
@@ -548,8 +559,12 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
 
         steps = tqdm(steps, desc="PPO", leave=False, initial=start, total=n_steps)
     for step in steps:
-        metrics, rollout = ppo_step(model, ref_model, reward_fn, sample, optimizer, config,
-                                    kl_ctl, generator, accelerator, order_generator)
+        with stop_nonfinite("PPO", step + 1, ckpt_dir, lr):
+            metrics, rollout = ppo_step(model, ref_model, reward_fn, sample, optimizer, config,
+                                        kl_ctl, generator, accelerator, order_generator)
+            # every step (one isfinite pass, small beside sampling): never sample from, save
+            # or return a NaN model
+            check_finite_weights(bare, accelerator)
         metrics["step"] = step
         history.append(metrics)
         done = step + 1
