@@ -54,7 +54,13 @@ from rlcourse.engine import (
 from rlcourse.guards import check_finite_weights, checked_rewards
 from rlcourse.memory import ModelRole
 from rlcourse.models import generate, score_sequences
-from rlcourse.ppo import backward_and_step, language_model, sample_tokens
+from rlcourse.ppo import (
+    backward_and_step,
+    gather_rows,
+    global_minibatches,
+    language_model,
+    sample_tokens,
+)
 
 __all__ = [
     "ADVANTAGES",
@@ -115,7 +121,8 @@ class GroupConfig:
     epochs: int = 1
     """Passes over each batch of samples."""
     minibatch_size: int | None = None
-    """Responses per minibatch (an optimizer step each); ``None``: the whole batch."""
+    """Responses per minibatch (an optimizer step each), over all processes (global, like
+    ``n_prompts``; a multiple of the number of processes); ``None``: the whole batch."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient L2 norm to this before each step; ``None``: no clipping."""
     temperature: float = 1.0
@@ -238,9 +245,11 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
     ``policy_loss``, ``kl_k3``, ``clip_frac``, ``approx_kl``.
 
     ``accelerator``: an ``accelerate.Accelerator`` that prepared ``policy`` and ``optimizer``
-    (several processes, each holding whole groups): gradients are averaged over processes and
-    the ``dapo`` token count is summed over them, so the update is the one of one process
-    holding every group.
+    (several processes, each holding whole groups): every process gathers the whole batch and
+    takes its slice of each global minibatch (:func:`rlcourse.ppo.global_minibatches`,
+    ``generator`` in the same state on every process), gradients are averaged over processes
+    and the ``dapo`` token count is summed over them, so the update is the one of one process
+    holding every group, for any minibatch size.
     """
     ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = batch["completion_mask"][:, 1:].float()
@@ -254,15 +263,22 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
                if config.kl_coef and ref_model is not None else None)
     groups = scores.view(-1, config.group_size)
     adv = group_advantages(groups, config.advantage).reshape(-1, 1).expand_as(mask)
+    processes = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    rows = {"input_ids": ids, "attention_mask": attn, "mask": mask, "old": old,
+            "adv": adv.contiguous(), **({"ref": ref} if ref is not None else {})}
+    if processes > 1:  # the whole batch on every process: minibatch sizes are global
+        rows = gather_rows(rows, accelerator)
+    ids, attn, mask, old, adv = (rows[k] for k in ("input_ids", "attention_mask", "mask", "old",
+                                                   "adv"))
+    ref = rows.get("ref")
     n = ids.shape[0]
     size = config.minibatch_size or n
-    processes = accelerator.num_processes if accelerator is not None else 1
     sums: dict[str, float] = {}
     count = 0
     for _ in range(config.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, size):
-            idx = order[start : start + size]
+        for idx in global_minibatches(n, size, generator, processes, rank,
+                                      "group.minibatch_size"):
             m = mask[idx]
             num_tokens = None
             if config.loss_type == "dapo" and accelerator is not None and processes > 1:
@@ -413,7 +429,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         batch = {"input_ids": gen.full_ids.to(dev),
                  "attention_mask": gen.full_attention_mask.to(dev),
                  "completion_mask": gen.full_completion_mask.to(dev)}
-        order_gen = torch.Generator().manual_seed(_step_seed(seed, step) + 2 + rank)
+        # one minibatch order for every process (minibatches are global; each takes its slice)
+        order_gen = torch.Generator().manual_seed(_step_seed(seed, step) + 2)
         with stop_nonfinite(config.advantage.upper(), step, ckpt_dir, lr):
             metrics = group_update(model, ref_model, batch, scores.to(dev), optimizer, config,
                                    order_gen, accelerator, max_tokens=max_new_tokens)

@@ -107,7 +107,8 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes of PPO updates over each batch of experience."""
     minibatch_size: int = 64
-    """Sequences per PPO minibatch (an optimizer step each)."""
+    """Sequences per PPO minibatch (an optimizer step each), over all processes (global, like
+    the rollout's batch size; a multiple of the number of processes)."""
     vf_coef: float = 0.1
     """Weight of the value loss in ``policy_loss + vf_coef * value_loss - ent_coef * entropy``."""
     ent_coef: float = 0.0
@@ -364,6 +365,40 @@ def _minibatches(n: int, size: int, generator: torch.Generator | None) -> Iterat
         yield order[start : start + size]
 
 
+def gather_rows(tensors: dict[str, Tensor], accelerator: Any) -> dict[str, Tensor]:
+    """Every process's rows of each ``(rows, length, ...)`` tensor, in process order (process 0's
+    rows first), right-padded with zeros to the longest length over processes (a padded
+    position has attention and action mask 0, so it changes no log-prob and no mean).
+
+    Minibatch sizes are global, as ``batch_size`` is: each process gathers the whole batch
+    (a few integer and float tensors of ``rows x length``) and takes its slice of every global
+    minibatch (:func:`global_minibatches`), so the minibatches, and hence the optimisation, do
+    not depend on how many processes run it."""
+    out = {}
+    for key, t in tensors.items():
+        if t.dim() > 1:
+            t = accelerator.pad_across_processes(t, dim=1, pad_index=0, pad_first=False)
+        out[key] = accelerator.gather(t.contiguous())
+    return out
+
+
+def global_minibatches(n: int, size: int, generator: torch.Generator | None,
+                       processes: int = 1, rank: int = 0, what: str = "minibatch_size"
+                       ) -> Iterator[Tensor]:
+    """This process's rows of each minibatch of a global batch of ``n`` rows: a permutation from
+    ``generator`` (in the same state on every process), cut into minibatches of ``size`` rows,
+    each split evenly over the ``processes`` (process ``rank`` takes the ``rank``-th part).
+
+    One process gets exactly :func:`_minibatches`; ``P`` processes get the same minibatches,
+    ``size / P`` rows each, which is why ``size`` must be a multiple of ``P``."""
+    if processes > 1 and size % processes:
+        raise ValueError(f"{what}={size} is global (rows per optimizer step over all "
+                         f"processes) and must be a multiple of the number of processes "
+                         f"({processes})")
+    for idx in _minibatches(n, size, generator):
+        yield idx.tensor_split(processes)[rank] if processes > 1 else idx
+
+
 def _whiten_over_processes(x: Tensor, mask: Tensor, accelerator: Any, eps: float = 1e-8
                            ) -> Tensor:
     """:func:`rlcourse.rl.masked_whiten` with the mean and the (Bessel-corrected) variance taken
@@ -412,28 +447,38 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, rollout: Rol
 
     ``accelerator`` (an ``accelerate.Accelerator`` that prepared ``policy`` and ``optimizer``;
     each process holds its share of the rollout): advantages are whitened over every process's
-    tokens, and each process's token means are weighted by its share of the minibatch's tokens
+    tokens, every process gathers the whole batch and takes its slice of each global minibatch
+    (:func:`global_minibatches`, the order from ``generator`` in the same state everywhere), and
+    each process's token means are weighted by its share of the minibatch's tokens
     (``n_local * processes / n_all``) before DDP averages the gradients, so the update is the
-    one of one process holding the whole batch.
+    one of one process holding the whole batch, for any minibatch size.
     """
     adv = rollout.advantages
     processes = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
     if config.whiten_advantages and processes > 1:
         adv = _whiten_over_processes(adv, rollout.action_mask, accelerator)
     elif config.whiten_advantages:
         adv = rl.masked_whiten(adv, rollout.action_mask)
+    rows = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+            "action_mask": rollout.action_mask, "logprobs": rollout.logprobs,
+            "values": rollout.values, "returns": rollout.returns, "advantages": adv}
+    if processes > 1:  # the whole batch on every process: minibatch sizes are global
+        rows = gather_rows(rows, accelerator)
+    n_rows = rows["input_ids"].shape[0]
     policy.train()
     sums: dict[str, float] = {}
     count = 0
     for _ in range(config.ppo_epochs):
-        for idx in _minibatches(len(rollout), config.minibatch_size, generator):
-            mask = rollout.action_mask[idx]
+        for idx in global_minibatches(n_rows, config.minibatch_size, generator, processes, rank,
+                                      "ppo.minibatch_size"):
+            mask = rows["action_mask"][idx]
             logprobs, values, entropy = forward_policy(
-                policy, rollout.input_ids[idx], rollout.attention_mask[idx], config.temperature)
-            pg_loss, pg_stats = rl.ppo_policy_loss(logprobs, rollout.logprobs[idx], adv[idx],
-                                                   mask, config.clip_eps)
-            vf_loss, vf_stats = rl.ppo_value_loss(values, rollout.values[idx],
-                                                  rollout.returns[idx], mask, config.clip_eps_v)
+                policy, rows["input_ids"][idx], rows["attention_mask"][idx], config.temperature)
+            pg_loss, pg_stats = rl.ppo_policy_loss(logprobs, rows["logprobs"][idx],
+                                                   rows["advantages"][idx], mask, config.clip_eps)
+            vf_loss, vf_stats = rl.ppo_value_loss(values, rows["values"][idx],
+                                                  rows["returns"][idx], mask, config.clip_eps_v)
             ent = rl.masked_mean(entropy, mask)
             loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * ent
             stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent,
@@ -529,8 +574,9 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     if accelerator is not None:
         model, optimizer = accelerator.prepare(policy, optimizer)
         bare = accelerator.unwrap_model(model)
-        order_generator = torch.Generator().manual_seed(
-            seed + 1_000_003 * (1 + accelerator.process_index))
+        # The same minibatch order on every process (minibatches are global; each process
+        # takes its slice of each), seeded as one process's order always was.
+        order_generator = torch.Generator().manual_seed(seed + 1_000_003)
 
         def sample(_: nn.Module, g: torch.Generator | None) -> dict[str, Tensor]:
             return sample_fn(bare, g)  # generate from the bare model, not the DDP wrapper
