@@ -59,6 +59,7 @@ __all__ = [
     "EpochSampler",
     "History",
     "NonFiniteError",
+    "Pooled",
     "TrainConfig",
     "count_tokens",
     "dropout_disabled",
@@ -538,16 +539,36 @@ def mean_over_processes(accelerator: Any, metrics: Mapping[str, float]) -> dict[
     return means
 
 
-def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], tokens: int
+@dataclass(frozen=True)
+class Pooled:
+    """A metric that is a mean over ``count`` examples of a micro-batch (KTO's
+    ``rewards/chosen``: the mean over the batch's desirable examples). The logged value is the
+    pooled mean over every micro-batch and process, ``sum(mean * count) / sum(count)``, as one
+    process holding the whole batch would compute it; a plain number counts as one."""
+
+    mean: float
+    count: int
+
+
+def _split_pooled(value: Any) -> tuple[Any, float]:
+    """``(value, weight)`` of a metric: a :class:`Pooled` weighs its count, anything else 1."""
+    if isinstance(value, Pooled):
+        return value.mean, float(value.count)
+    return value, 1.0
+
+
+def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], tokens: int,
+                    weights: Mapping[str, list[float]] | None = None
                     ) -> tuple[dict[str, float], int]:
     """Each metric's mean over the micro-batches since the last row, over ALL processes, and
     the tokens of all processes.
 
     ``mean_k = sum over processes of sum_k / sum over processes of count_k``: every micro-batch
-    that reported metric ``k`` weighs the same, as one process holding them all would. The key
-    sets are united across processes first: a metric some micro-batches do not report (KTO logs
-    ``rewards/chosen`` only for a batch holding a desirable example) would otherwise shift the
-    vectors being summed, mixing one metric into another or hanging the collective.
+    that reported metric ``k`` weighs the same (or, with ``weights``, its weight: ``sums`` then
+    holds ``value * weight``; :class:`Pooled` metrics), as one process holding them all would.
+    The key sets are united across processes first: a metric some micro-batches do not report
+    (KTO logs ``rewards/chosen`` only for a batch holding a desirable example) would otherwise
+    shift the vectors being summed, mixing one metric into another or hanging the collective.
     """
     keys = sorted(sums)
     if accelerator.num_processes > 1:
@@ -557,7 +578,8 @@ def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], to
         dist.all_gather_object(every, keys)
         keys = sorted(set().union(*every))
     totals = [float(torch.stack(sums[k]).double().sum()) if k in sums else 0.0 for k in keys]
-    counts = [float(len(sums.get(k, []))) for k in keys]
+    counts = [float(sum(weights[k]) if weights is not None and k in weights
+                    else len(sums.get(k, []))) for k in keys]
     dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # no fp64 on MPS
     local = torch.tensor([*totals, *counts, float(tokens)], dtype=dtype, device=accelerator.device)
     if accelerator.num_processes > 1:
@@ -768,6 +790,7 @@ def train(
     bar = tqdm(total=total, initial=step, desc="train",
                disable=not (config.progress and accelerator.is_local_main_process))
     sums: dict[str, list[torch.Tensor]] = {}
+    weights: dict[str, list[float]] = {}  # per metric and micro-batch (Pooled: its count)
     tokens, stop, grad_norm = 0, step >= total, torch.tensor(0.0)
     # Throughput counts the training steps only (data loading included, evaluation,
     # checkpoints and logging excluded): busy = their wall time since the last row.
@@ -793,7 +816,10 @@ def train(
                         loss, metrics = loss_fn(model, batch, **extra)
                         accelerator.backward(loss)  # divides by grad_accum_steps
                     for k, v in {"loss": loss, **metrics}.items():
-                        sums.setdefault(k, []).append(torch.as_tensor(v).detach().float())
+                        value, weight = _split_pooled(v)
+                        sums.setdefault(k, []).append(
+                            torch.as_tensor(value).detach().float() * weight)
+                        weights.setdefault(k, []).append(weight)
                     tokens += count_tokens(batch)
                 # A NaN/inf loss on any process stops every process together (one small
                 # all-reduce per step), before the update and before anything is written.
@@ -816,7 +842,7 @@ def train(
                     if accelerator.device.type == "cuda":
                         torch.cuda.synchronize(accelerator.device)  # the step's kernels count
                     busy += time.perf_counter() - t_mark
-                    row, tokens = _reduce_metrics(accelerator, sums, tokens)
+                    row, tokens = _reduce_metrics(accelerator, sums, tokens, weights)
                     check_weights()
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
                                 grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
@@ -824,7 +850,7 @@ def train(
                                 peak_mem_mb=peak_memory(accelerator.device)[0] / 2**20)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                     busy_total, tokens_total = busy_total + busy, tokens_total + tokens
-                    sums, tokens, busy = {}, 0, 0.0
+                    sums, weights, tokens, busy = {}, {}, 0, 0.0
                 else:
                     busy += time.perf_counter() - t_mark
                 if eval_fn is not None and (
@@ -885,8 +911,10 @@ def loss_eval_fn(loss_fn: LossFn, data: Sequence[Any], batch_size: int,
             chunk = [data[i] for i in range(s, min(s + batch_size, len(data)))]
             loss, metrics = loss_fn(model, collate(chunk))
             for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + len(chunk) * float(torch.as_tensor(v).float())
-                counts[k] = counts.get(k, 0) + len(chunk)
+                # a Pooled metric weighs its own count; a batch mean, the batch's size
+                value, weight = (v.mean, v.count) if isinstance(v, Pooled) else (v, len(chunk))
+                sums[k] = sums.get(k, 0.0) + weight * float(torch.as_tensor(value).float())
+                counts[k] = counts.get(k, 0) + weight
         return {f"{prefix}{k}": v / counts[k] for k, v in sums.items()}
 
     return evaluate

@@ -48,6 +48,7 @@ from rlcourse.data import (
     tokenize_unpaired,
 )
 from rlcourse.engine import (
+    Pooled,
     TrainConfig,
     count_tokens,
     dropout_disabled,
@@ -456,13 +457,13 @@ def kto_loss_fn(
     rewards = beta * (logps.detach() - ref)
     metrics = {"loss": loss.item(), "kl": z0.item(),
                "desirable_fraction": desirable.float().mean().item()}
-    # Only the labels present in this batch are logged (a batch may hold one kind only).
-    if desirable.any():
-        metrics["rewards/chosen"] = rewards[desirable].mean().item()
-        metrics["logps/chosen"] = logps.detach()[desirable].mean().item()
-    if (~desirable).any():
-        metrics["rewards/rejected"] = rewards[~desirable].mean().item()
-        metrics["logps/rejected"] = logps.detach()[~desirable].mean().item()
+    # Only the labels present in this batch are logged (a batch may hold one kind only), as
+    # means over the examples of that label, pooled over micro-batches and processes by count.
+    for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
+        n = int(rows.sum())
+        if n:
+            metrics[f"rewards/{name}"] = Pooled(rewards[rows].mean().item(), n)
+            metrics[f"logps/{name}"] = Pooled(logps.detach()[rows].mean().item(), n)
     return loss, metrics
 
 

@@ -84,3 +84,39 @@ def test_one_process_is_unchanged():
     assert mean_over_processes(acc, step) == step and mean_over_processes(None, step) == step
     t = torch.tensor([1.0, 2.0])
     assert _gathered(t) is t
+
+
+def test_pooled_metrics_weigh_their_counts_not_their_micro_batches():
+    """KTO's rewards/chosen is a mean over a micro-batch's desirable examples: micro-batches
+    holding 1 and 3 of them (means 0.5 and -1.5) pool to (0.5 - 3 * 1.5) / 4 = -1.0, what one
+    batch holding all four gives; an equal weight per micro-batch would log -0.5."""
+    from rlcourse.engine import Pooled, _split_pooled
+
+    acc = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    sums, weights = {}, {}
+    for metrics in ({"loss": 1.0, "rewards/chosen": Pooled(0.5, 1)},
+                    {"loss": 3.0, "rewards/chosen": Pooled(-1.5, 3)}):
+        for k, v in metrics.items():
+            value, weight = _split_pooled(v)
+            sums.setdefault(k, []).append(torch.tensor(value) * weight)
+            weights.setdefault(k, []).append(weight)
+    means, _ = _reduce_metrics(acc, sums, 0, weights)
+    assert means == {"loss": 2.0, "rewards/chosen": -1.0}
+
+
+def test_kto_loss_fn_reports_its_label_means_with_their_counts():
+    from rlcourse.engine import Pooled
+    from rlcourse.models import build_model, build_tokenizer
+    from rlcourse.preference import kto_loss_fn, precompute_reference_logps, tokenize_kto
+
+    tok = build_tokenizer(["what is rain ? rain is wet dry ."])
+    model = build_model(tok, n_layers=1, hidden_size=16, n_heads=2, seed=0)
+    rows = [{"prompt": "what is rain ?", "completion": c, "label": lab}
+            for c, lab in (("rain is wet .", True), ("rain is dry .", False),
+                           ("rain is wet", True), ("rain is wet .", True))]
+    from rlcourse.data import pad_collate
+
+    items = precompute_reference_logps(model, tokenize_kto(tok, rows, 32))
+    _, metrics = kto_loss_fn(model, pad_collate(items))
+    assert isinstance(metrics["rewards/chosen"], Pooled)
+    assert metrics["rewards/chosen"].count == 3 and metrics["rewards/rejected"].count == 1

@@ -97,7 +97,8 @@ def _assert_same_run(one: Path, two: Path, reward: bool = False, atol: float = 1
     assert [r["step"] for r in h2] == [r["step"] for r in h1] == [1, 2]
     for r1, r2 in zip(h1, h2, strict=True):  # rows reduced over processes, not rank 0's
         for key in r1:
-            if key in ("loss", "accuracy", "margin", "nll_per_token", "rewards/margins"):
+            if key in ("loss", "accuracy", "margin", "nll_per_token", "rewards/margins",
+                       "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
                 assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
 
 
@@ -120,8 +121,10 @@ def test_sft_token_mean_two_processes_with_accumulation_equal_one(workdir, tmp_p
 def test_kto_two_processes_equal_one(workdir, tmp_path):
     """KTO: 2 processes x batch 4 must give the model and logged loss of 1 process x batch 8.
     The logged metrics differ in their keys between processes (``rewards/chosen`` only for a
-    batch holding a desirable example), which hung the metric reduction; z0 is gathered from
-    every process's mismatched pairs."""
+    batch holding a desirable example), which hung the metric reduction, and are means over a
+    batch's examples of one label, pooled by count (a mean of per-process means gave
+    rewards/chosen -0.596 against one process's -0.460); z0 is gathered from every process's
+    mismatched pairs."""
     data = tmp_path / "unpaired.jsonl"
     write_jsonl(data, [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
                        for p in PAIRS for k in ("chosen", "rejected")])
