@@ -39,11 +39,13 @@ from rlcourse.config import (
     DEVICE,
     OPTIONAL_COUNT,
     POSITIVE,
+    FieldRangeError,
     check_ranges,
 )
 from rlcourse.data import pad_collate, tokenize_sft
 from rlcourse.engine import TrainConfig, sft_loss_fn, train
 from rlcourse.guards import checked_labels, checked_rewards
+from rlcourse.losses import OBJECTIVES
 from rlcourse.models import generate
 from rlcourse.preference import train_preference
 from rlcourse.reward_model import score_texts
@@ -183,7 +185,12 @@ class OnlineDPOConfig:
     max_length: int = 128
     """Longest prompt + answer in tokens for training."""
     loss: str = "dpo"
-    """Preference loss trained each round (``"dpo"``, ``"ipo"``, ...)."""
+    """Paired preference loss trained each round: any paired row of
+    :data:`rlcourse.losses.OBJECTIVES` (``"dpo"``, ``"ipo"``, ``"rdpo"``, ``"orpo"``,
+    ``"simpo"``, ...); ``beta`` goes to the losses that take it."""
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The loss's other hyperparameters (IPO's ``tau``, ORPO's ``lam``, SimPO's ``gamma``, ...);
+    missing ones take :data:`rlcourse.losses.DEFAULTS`."""
     device: str = "cpu"
     """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
 
@@ -200,10 +207,42 @@ class OnlineDPOConfig:
         "max_new_tokens": COUNT,
         "max_length": (lambda v: COUNT[0](v) and v >= 2, "an integer >= 2"),
         "device": DEVICE,
+        "loss": (lambda v: v in PAIRED_LOSSES,
+                 "a paired preference loss of rlcourse.losses.OBJECTIVES"),
     }
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        known = set(OBJECTIVES[self.loss].hyperparameters) - {"beta"}
+        unknown = sorted(set(self.loss_kwargs) - known)
+        if unknown:
+            raise FieldRangeError("loss_kwargs", self.loss_kwargs,
+                                  f"keys of {self.loss}'s hyperparameters "
+                                  f"({', '.join(sorted(known)) or 'none but beta'}); "
+                                  f"unknown: {', '.join(unknown)}")
+
+    def loss_hyperparameters(self) -> dict[str, Any]:
+        """The keyword arguments of the round's loss: ``beta`` if the loss takes it, then
+        ``loss_kwargs``."""
+        takes_beta = "beta" in OBJECTIVES[self.loss].hyperparameters
+        return {**({"beta": self.beta} if takes_beta else {}), **self.loss_kwargs}
+
+
+def _paired_losses() -> tuple[str, ...]:
+    """Policy losses on (prompt, chosen, rejected): the paired rows of OBJECTIVES, not the
+    reward model's Bradley-Terry loss."""
+    return tuple(name for name, o in OBJECTIVES.items()
+                 if o.data_format == "paired" and name != "bt")
+
+
+#: Losses :func:`online_dpo` can train each round (read when a config is checked, so a loss
+#: registered in :data:`rlcourse.losses.OBJECTIVES` later is accepted too).
+class _PairedLosses:
+    def __contains__(self, name: object) -> bool:
+        return name in _paired_losses()
+
+
+PAIRED_LOSSES = _PairedLosses()
 
 
 def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_fn: LabelFn,
@@ -233,7 +272,7 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
     prompts = list(prompts)
     rng = np.random.default_rng(seed)
     start = None
-    if config.reference == "sft":
+    if config.reference == "sft" and OBJECTIVES[config.loss].needs_reference:
         start = reference_model.eval() if reference_model is not None else \
             copy.deepcopy(model).eval()
     rows = []
@@ -259,7 +298,7 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
             # reference="previous": train_preference copies the model as it is now.
             run = train_preference(config.loss, model, pairs, cfg, tokenizer=tokenizer,
                                    reference_model=start, max_length=config.max_length,
-                                   seed=seed, beta=config.beta)
+                                   seed=seed, **config.loss_hyperparameters())
             last = run.history.last()
             row.update({key: last[key] for key in ("loss", "rewards/accuracies",
                                                    "rewards/margins") if key in last})

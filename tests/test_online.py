@@ -340,3 +340,43 @@ def test_benchmark_summary_of_runs(tmp_path):
     assert s["win_rate_stderr_of_mean"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)
     assert "history" not in m["online_dpo"]["runs"][0]
     assert m["x_here"]["label"].endswith("[x_here]")
+
+
+# --------------------------------------------------------------------------------------------
+# online DPO with every paired loss of the objectives table
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss, kwargs, passed", [
+    ("dpo", {}, {"beta": 0.5}),
+    ("ipo", {"tau": 0.3}, {"tau": 0.3}),            # no beta: IPO's strength is tau
+    ("rdpo", {"alpha": 0.05}, {"beta": 0.5, "alpha": 0.05}),
+    ("orpo", {"lam": 0.2}, {"lam": 0.2}),
+    ("simpo", {"gamma": 0.5}, {"beta": 0.5, "gamma": 0.5}),
+])
+def test_online_rounds_train_every_paired_loss_with_its_own_hyperparameters(
+        tok, monkeypatch, loss, kwargs, passed):
+    seen = {}
+    real = online.train_preference
+
+    def spy(method, *args, **kw):
+        seen["method"] = method
+        seen["hp"] = {k: v for k, v in kw.items() if k in ("beta", "tau", "alpha", "lam",
+                                                             "gamma")}
+        return real(method, *args, **kw)
+
+    monkeypatch.setattr(online, "train_preference", spy)
+    model = tiny(tok)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = online.OnlineDPOConfig(rounds=1, epochs=1, batch_size=4, max_new_tokens=4, loss=loss,
+                                 loss_kwargs=kwargs)
+    rows = online.online_dpo(model, tok, PROMPTS * 2, prefers_target, cfg)
+    assert rows[0]["n_pairs"] > 0
+    assert seen == {"method": loss, "hp": passed}
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_online_rounds_refuse_unpaired_losses_and_unknown_hyperparameters():
+    with pytest.raises(ValueError, match="loss: must be a paired preference loss"):
+        online.OnlineDPOConfig(loss="kto")
+    with pytest.raises(ValueError, match="loss_kwargs: must be keys of ipo's hyperparameters "
+                                         r"\(length_normalize, tau\); unknown: lam"):
+        online.OnlineDPOConfig(loss="ipo", loss_kwargs={"lam": 0.1})
