@@ -37,6 +37,7 @@ __all__ = [
     "apply_lora",
     "enable_gradient_checkpointing",
     "is_lora",
+    "linear_layer_names",
     "load_lora",
     "lora_parameter_count",
     "merge_lora",
@@ -105,6 +106,19 @@ def is_lora(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
+def linear_layer_names(model: Any) -> set[str]:
+    """The last name part of every linear layer LoRA can adapt (``q_proj``, ``down_proj``; for
+    GPT-2's ``Conv1D``, ``c_attn``, ``c_fc``, ...), the output layer excluded: what
+    ``lora.target_modules`` may list."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if (isinstance(module, torch.nn.Linear) or kind == "Conv1D") and module is not output:
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
 def apply_lora(model: Any, settings: LoraSettings | Mapping[str, Any] | None = None,
                seed: int = 0) -> Any:
     """Wrap a causal LM with LoRA adapters: every base weight frozen, only ``A`` and ``B`` train.
@@ -120,6 +134,13 @@ def apply_lora(model: Any, settings: LoraSettings | Mapping[str, Any] | None = N
     elif isinstance(settings, Mapping):
         settings = LoraSettings(**settings)
     tm = settings.target_modules
+    if not isinstance(tm, str):
+        names = linear_layer_names(model)
+        missing = [t for t in tm if t not in names]
+        if missing:  # peft's own message names neither the model's layers nor the key
+            raise ValueError(f"lora.target_modules: {', '.join(map(repr, missing))} match no "
+                             f"linear layer of {type(model).__name__}; its linear layers are "
+                             f"{', '.join(sorted(names)) or 'none'} (or use 'all-linear')")
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=float(settings.dropout),
         target_modules=tm if isinstance(tm, str) else list(tm), bias="none",

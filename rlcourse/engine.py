@@ -651,6 +651,17 @@ def _takes_num_tokens(loss_fn: Any) -> bool:
         return False
 
 
+def check_device_available(device: str, key: str = "train.device") -> None:
+    """A ``ValueError`` naming ``key`` when ``device`` asks for an accelerator this machine does
+    not have (before, ``cuda`` without a GPU failed with a traceback after the model loaded)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}=cuda but no CUDA GPU is visible (torch.cuda.is_available() is "
+                         f"False; torch {torch.__version__}): use auto or cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                and torch.backends.mps.is_available()):
+        raise ValueError(f"{key}=mps but this machine has no MPS device: use auto or cpu")
+
+
 def make_accelerator(config: TrainConfig):
     """The ``accelerate.Accelerator`` for ``config`` (precision, accumulation, CPU, trackers),
     with accelerate's process-wide state cleared so that each run gets what it asks for."""
@@ -661,6 +672,7 @@ def make_accelerator(config: TrainConfig):
     # process-wide singletons, so clear them (the distributed process group is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    check_device_available(config.device)
     mp = config.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

@@ -267,7 +267,7 @@ def test_lora_settings_are_validated():
                 dict(target_modules=[]), dict(target_modules=3)):
         with pytest.raises(ValueError):
             LoraSettings(**bad)
-    with pytest.raises(ValueError, match="LoRA"):
+    with pytest.raises(ValueError, match="lora.target_modules: .no_such_layer. match no linear"):
         apply_lora(build_model(build_tokenizer(["a b"]), n_layers=1, hidden_size=16, n_heads=2),
                    LoraSettings(target_modules=["no_such_layer"]))
 

@@ -31,6 +31,7 @@ from rlcourse.models.generation import (
     Generation,
     _filter_logits,  # noqa: F401 (tests import it from here)
     generate,
+    max_positions,
 )
 from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
 from rlcourse.models.io import load_causal_lm, load_model, load_tokenizer, save_model
@@ -74,6 +75,7 @@ __all__ = [
     "format_prompt",
     "freeze_untied_lm_head",
     "generate",
+    "max_positions",
     "last_token_index",
     "load_causal_lm",
     "load_model",

@@ -106,6 +106,17 @@ def _pad_to(t: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor
     return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
+def max_positions(model: Any) -> int | None:
+    """The longest sequence a model's position embeddings cover, from its config
+    (``max_position_embeddings``, GPT-2's ``n_positions``, ...); ``None`` when it names none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 @torch.no_grad()
 def _generate_batch(
     model: Any,
@@ -129,6 +140,18 @@ def _generate_batch(
     if min(len(e) for e in enc) == 0:
         raise ValueError("a prompt encodes to zero tokens; with chat=False start it with <bos>")
     P = max(len(e) for e in enc)
+    limit = max_positions(model)
+    if limit is not None and P + max_new_tokens > limit:
+        # else a RoPE model runs silently past the positions it was trained on and a learned
+        # position table (GPT-2) fails with an IndexError deep inside the model
+        longest = prompts[max(range(len(enc)), key=lambda i: len(enc[i]))]
+        raise ValueError(f"a prompt of {P} tokens plus max_new_tokens={max_new_tokens} is longer "
+                         f"than the model's {limit} positions (its config's "
+                         f"max_position_embeddings): {longest[:60]!r}...; shorten the prompts "
+                         "or max_new_tokens")
+    if eos_id is None:
+        raise ValueError("the tokenizer has no EOS token: an answer could not end before "
+                         "max_new_tokens; set tokenizer.eos_token (and save the tokenizer)")
     prompt_ids = torch.full((len(enc), P), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((len(enc), P), dtype=torch.long)
     for i, e in enumerate(enc):
