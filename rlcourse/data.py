@@ -47,6 +47,8 @@ __all__ = [
     "pad_collate",
     "pairs_to_unpaired",
     "read_jsonl",
+    "completion_for",
+    "prompt_text",
     "render_conversation",
     "render_rows",
     "split_padded",
@@ -306,6 +308,24 @@ def split_padded(batch: Mapping[str, torch.Tensor], prefix: str = ""
             f"{prefix}completion_mask": batch["completion_mask"][i, :n].clone(),
         })
     return out
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text of a prompt, for a reward function or a verifier that reads text: a string as
+    it is; a conversation (TRL's list of ``{role, content}`` messages) as its messages'
+    contents joined by newlines (a one-turn conversation: the user's message)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt)
+
+
+def completion_for(prompt: Any, text: str) -> Any:
+    """A sampled completion in the form of its prompt: the text for a plain prompt, the
+    assistant's message ``[{"role": "assistant", "content": text}]`` for a conversational one
+    (so that the row is one form, as :func:`render_rows` requires)."""
+    if isinstance(prompt, str):
+        return text
+    return [{"role": "assistant", "content": text}]
 
 
 def render_conversation(tokenizer: Any, prompt: list[Mapping[str, str]],

@@ -42,6 +42,7 @@ from rlcourse.config import (
     within,
 )
 from rlcourse.critic_free import grpo_advantages, rloo_advantages
+from rlcourse.data import prompt_text
 from rlcourse.engine import (
     TrainConfig,
     list_checkpoints,
@@ -423,8 +424,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                        max_new_tokens=max_new_tokens, temperature=config.temperature,
                        seed=_step_seed(seed, step) + 1,
                        first_row=rank * local_n * config.group_size)
-        scores = checked_rewards(reward_fn(list(many), list(gen.texts)), len(many), reward_fn,
-                                 gen.texts)
+        scores = checked_rewards(reward_fn([prompt_text(p) for p in many], list(gen.texts)),
+                                 len(many), reward_fn, gen.texts)
         dev = accelerator.device
         batch = {"input_ids": gen.full_ids.to(dev),
                  "attention_mask": gen.full_attention_mask.to(dev),

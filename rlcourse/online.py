@@ -42,7 +42,7 @@ from rlcourse.config import (
     FieldRangeError,
     check_ranges,
 )
-from rlcourse.data import pad_collate, tokenize_sft
+from rlcourse.data import completion_for, pad_collate, prompt_text, tokenize_sft
 from rlcourse.engine import TrainConfig, sft_loss_fn, train
 from rlcourse.guards import checked_labels, checked_rewards
 from rlcourse.losses import OBJECTIVES
@@ -111,8 +111,9 @@ def reward_labeller(reward_fn: TextRewardFn) -> LabelFn:
 
     def label_fn(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list:
         # NaN, None or a string would win or lose every comparison arbitrarily: refused.
-        ra = checked_rewards(reward_fn(prompts, a), len(prompts), reward_fn, a, torch.float64)
-        rb = checked_rewards(reward_fn(prompts, b), len(prompts), reward_fn, b, torch.float64)
+        texts = [prompt_text(p) for p in prompts]  # conversations as their messages' text
+        ra = checked_rewards(reward_fn(texts, a), len(prompts), reward_fn, a, torch.float64)
+        rb = checked_rewards(reward_fn(texts, b), len(prompts), reward_fn, b, torch.float64)
         return [None if x == y else bool(x > y)
                 for x, y in zip(ra.tolist(), rb.tolist(), strict=True)]
 
@@ -146,7 +147,8 @@ def label_pairs(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], labe
         return []
     ps, xs, ys = ([s[i] for i in keep] for s in (prompts, a, b))
     verdicts = checked_labels(label_fn(ps, xs, ys), len(ps), label_fn)
-    return [{"prompt": p, "chosen": x if v else y, "rejected": y if v else x}
+    return [{"prompt": p, "chosen": completion_for(p, x if v else y),
+             "rejected": completion_for(p, y if v else x)}
             for p, x, y, v in zip(ps, xs, ys, verdicts, strict=True) if v is not None]
 
 
@@ -343,7 +345,8 @@ def best_of_n(model: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int,
     prompts = list(prompts)
     many = [p for p in prompts for _ in range(n)]
     texts = list(generate(model, tokenizer, many, max_new_tokens=max_new_tokens, seed=seed).texts)
-    r = checked_rewards(reward_fn(many, texts), len(many), reward_fn, texts,
+    r = checked_rewards(reward_fn([prompt_text(p) for p in many], texts), len(many), reward_fn,
+                        texts,
                         torch.float64).numpy()
     if not allow_empty:
         r = np.where([bool(t.strip()) for t in texts], r, -np.inf)
@@ -414,7 +417,9 @@ def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[st
         bon = best_of_n(model, tokenizer, prompts, config.n, reward_fn,
                         seed=seed * 100_003 + k * 7919, max_new_tokens=config.max_new_tokens)
         keep = [i for i, t in enumerate(bon.best_texts) if t.strip()]
-        data = [{"prompt": prompts[i], "completion": bon.best_texts[i]} for i in keep]
+        data = [{"prompt": prompts[i], "completion": completion_for(prompts[i],
+                                                                     bon.best_texts[i])}
+                for i in keep]
         items = tokenize_sft(tokenizer, data, config.max_length, truncation="right")
         cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
                           schedule="constant", seed=seed * 1000 + k, device=config.device,

@@ -380,3 +380,53 @@ def test_online_rounds_refuse_unpaired_losses_and_unknown_hyperparameters():
     with pytest.raises(ValueError, match="loss_kwargs: must be keys of ipo's hyperparameters "
                                          r"\(length_normalize, tau\); unknown: lam"):
         online.OnlineDPOConfig(loss="ipo", loss_kwargs={"lam": 0.1})
+
+
+# --------------------------------------------------------------------------------------------
+# conversational prompts (TRL's lists of messages)
+# --------------------------------------------------------------------------------------------
+CONVERSATIONS = [[{"role": "user", "content": p}] for p in PROMPTS]
+
+
+def test_online_rounds_take_conversational_prompts_and_give_rewards_text(tok):
+    """Before, the sampled answers (text) were paired with message-list prompts and rendering
+    the rows raised "Chat messages should be dicts"; and a reward function was handed lists of
+    messages where its signature promises strings."""
+    seen = []
+
+    def reward(prompts, texts):
+        seen.extend(prompts)
+        return [float(t.split().count(TARGET)) for t in texts]
+
+    model = tiny(tok)
+    cfg = online.OnlineDPOConfig(rounds=1, epochs=1, batch_size=4, max_new_tokens=4)
+    rows = online.online_dpo(model, tok, CONVERSATIONS * 2, online.reward_labeller(reward), cfg)
+    assert rows[0]["round"] == 0 and set(seen) <= set(PROMPTS) and seen
+    seen.clear()
+    rsft = online.rejection_sampling_ft(tiny(tok), tok, CONVERSATIONS, reward,
+                                        online.RSFTConfig(rounds=1, n=4, epochs=1, batch_size=4,
+                                                          max_new_tokens=4))
+    assert rsft[0]["round"] == 0 and set(seen) == set(PROMPTS)
+
+
+def test_a_conversational_pair_is_rendered_like_a_plain_one(tok):
+    pairs = online.label_pairs(CONVERSATIONS[:1], ["apple is good ."], ["fig ."],
+                               lambda p, a, b: [True])
+    assert pairs == [{"prompt": CONVERSATIONS[0],
+                      "chosen": [{"role": "assistant", "content": "apple is good ."}],
+                      "rejected": [{"role": "assistant", "content": "fig ."}]}]
+
+
+def test_group_methods_give_rewards_the_prompt_text_of_a_conversation(tok):
+    from rlcourse import grpo
+
+    seen = []
+
+    def reward(prompts, texts):
+        seen.extend(prompts)
+        return [float(t.split().count(TARGET)) for t in texts]
+
+    cfg = GroupConfig(group_size=2, n_prompts=2)
+    grpo.train_group_lm(tiny(tok), tok, CONVERSATIONS, reward, cfg, n_steps=1, lr=1e-3,
+                        max_new_tokens=4, device="cpu", progress=False)
+    assert len(seen) == 4 and all(isinstance(p, str) and p in PROMPTS for p in seen)
