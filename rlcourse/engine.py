@@ -60,6 +60,7 @@ __all__ = [
     "History",
     "NonFiniteError",
     "Pooled",
+    "RunLog",
     "TrainConfig",
     "count_tokens",
     "dropout_disabled",
@@ -590,15 +591,18 @@ def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], to
     return means, int(values[-1])
 
 
-class _RunLog:
-    """Where a run is watched from while it trains (main process only): ``history.jsonl`` and,
-    if asked, TensorBoard through ``accelerate``'s trackers."""
+class RunLog:
+    """Where a run is watched from while it trains (main process only): ``history.jsonl`` in
+    ``logging_dir`` (a row per logged step, appended and fsynced as training goes) and, with
+    ``report_to="tensorboard"``, TensorBoard through ``accelerate``'s trackers. Every loop
+    writes one: the engine's, PPO's and the group methods'."""
 
-    def __init__(self, accelerator: Any, config: TrainConfig, rows: list[dict[str, Any]]
-                 ) -> None:
+    def __init__(self, accelerator: Any, config: Any, rows: list[dict[str, Any]]) -> None:
+        """``config``: anything with ``logging_dir`` and ``report_to`` (a :class:`TrainConfig`);
+        ``rows``: the history so far (a resumed run starts from the checkpoint's rows)."""
         self.accelerator, self.path, self.written = accelerator, None, 0
-        self.tensorboard = config.report_to == "tensorboard"
-        if not accelerator.is_main_process or not config.logging_dir:
+        self.tensorboard = getattr(config, "report_to", "none") == "tensorboard"
+        if not accelerator.is_main_process or not getattr(config, "logging_dir", None):
             return
         self.path = Path(config.logging_dir) / "history.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -610,17 +614,18 @@ class _RunLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.written = len(rows)
 
-    def flush(self, history: History) -> None:
+    def flush(self, history: History | list[dict[str, Any]]) -> None:
         """Append the rows not yet written (each complete: training and evaluation metrics)."""
+        rows = history.rows if isinstance(history, History) else history
         if not self.accelerator.is_main_process:
             return
-        new = history.rows[self.written:]
+        new = rows[self.written:]
         if self.path is not None and new:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write("".join(json.dumps(r) + "\n" for r in new))
                 fh.flush()
                 os.fsync(fh.fileno())  # survives a crash of the machine, not only the process
-        self.written = len(history.rows)
+        self.written = len(rows)
         if self.tensorboard:
             for row in new:
                 self.accelerator.log({k: v for k, v in row.items() if k != "step"},
@@ -784,7 +789,7 @@ def train(
                             scheduler, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    runlog = _RunLog(accelerator, config, history.rows)
+    runlog = RunLog(accelerator, config, history.rows)
     if runlog.tensorboard:
         accelerator.init_trackers("tensorboard", config={
             k: v if isinstance(v, (int, float, str, bool)) else str(v)

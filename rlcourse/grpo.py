@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +45,7 @@ from rlcourse.config import (
 from rlcourse.critic_free import grpo_advantages, rloo_advantages
 from rlcourse.data import prompt_text
 from rlcourse.engine import (
+    RunLog,
     TrainConfig,
     list_checkpoints,
     load_checkpoint,
@@ -356,8 +358,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    keep_checkpoints: int = 2, device: str = "auto",
                    mixed_precision: str = "no", weight_decay: float = 0.0,
                    progress: bool = True,
-                   callback: Callable[[int, dict[str, float]], Any] | None = None
-                   ) -> list[dict[str, float]]:
+                   callback: Callable[[int, dict[str, float]], Any] | None = None,
+                   logging_dir: str | Path | None = None) -> list[dict[str, float]]:
     """GRPO / RLOO / Dr. GRPO of a transformers language model, on one or several processes,
     with checkpoints and resume: what ``recipes/grpo.yaml`` and ``recipes/rloo.yaml`` run.
 
@@ -375,6 +377,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     (:mod:`rlcourse.engine`'s checkpoints); a later call with the same directory resumes from
     the newest and ends where an uninterrupted run would (sampling depends only on the seed
     and the step). Returns the history: one row per step, metrics averaged over processes.
+    ``logging_dir``: each row is appended to ``logging_dir/history.jsonl`` as the run goes
+    (:class:`rlcourse.engine.RunLog`).
     """
     prompts = list(prompts)
     if not prompts:
@@ -406,6 +410,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         history, start = state["history"], state["step"]
         accelerator.print(f"resuming from {found[-1]} (step {start})")
 
+    runlog = RunLog(accelerator, SimpleNamespace(logging_dir=logging_dir), history)
     steps: Any = range(start, n_steps)
     if progress and accelerator.is_local_main_process:
         from tqdm.auto import tqdm
@@ -442,6 +447,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         metrics = mean_over_processes(accelerator, metrics)
         metrics["step"] = step
         history.append(metrics)
+        runlog.flush(history)
         if ckpt_dir and (step == n_steps or (checkpoint_every and step % checkpoint_every == 0)):
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_dir, {"step": step, "history": history,

@@ -28,6 +28,7 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +46,7 @@ from rlcourse.config import (
     within,
 )
 from rlcourse.engine import (
+    RunLog,
     list_checkpoints,
     load_checkpoint,
     mean_over_processes,
@@ -547,7 +549,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               callback: Callable[[int, dict[str, float], Rollout], None] | None = None,
               progress: bool = True, checkpoint_dir: str | Path | None = None,
               checkpoint_every: int = 0, keep_checkpoints: int = 2,
-              accelerator: Any = None) -> list[dict[str, float]]:
+              accelerator: Any = None, logging_dir: str | Path | None = None
+              ) -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
@@ -565,6 +568,9 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     checkpoints, newest ``keep_checkpoints`` kept). A later call with the same directory resumes
     from the newest one and ends where an uninterrupted run would. ``ref_model`` is not saved:
     the caller rebuilds it from the initial model.
+
+    ``logging_dir``: each step's metrics are appended to ``logging_dir/history.jsonl`` as the
+    run goes (:class:`rlcourse.engine.RunLog`; a resumed run rewrites it from its checkpoint).
     """
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -599,6 +605,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
             kl_ctl.value = state["kl_coef"]
             history, start = state["history"], state["step"]
             print(f"resuming from {found[-1]} (step {start})")
+    runlog = RunLog(accelerator or SimpleNamespace(is_main_process=True),
+                    SimpleNamespace(logging_dir=logging_dir), history)
     steps: Any = range(start, n_steps)
     if progress and main:
         from tqdm.auto import tqdm
@@ -613,6 +621,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
             check_finite_weights(bare, accelerator)
         metrics["step"] = step
         history.append(metrics)
+        runlog.flush(history)
         done = step + 1
         if ckpt_dir is not None and (done == n_steps or (checkpoint_every
                                                          and done % checkpoint_every == 0)):
