@@ -56,7 +56,7 @@ from rlcourse.engine import (
 )
 from rlcourse.guards import check_finite_weights, checked_rewards
 from rlcourse.memory import ModelRole
-from rlcourse.models import generate, score_sequences
+from rlcourse.models import generate, score_sequences, shifted_mask
 from rlcourse.ppo import (
     backward_and_step,
     gather_rows,
@@ -227,7 +227,7 @@ def group_step(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Callab
     the rest is :func:`group_update`.
     """
     batch = sample_fn(policy, generator)
-    mask = batch["completion_mask"][:, 1:].float()
+    mask = shifted_mask(batch["completion_mask"])
     with torch.no_grad():
         raw = reward_fn(batch["input_ids"], batch["attention_mask"], mask)
     scores = checked_rewards(raw, batch["input_ids"].shape[0], reward_fn)
@@ -255,7 +255,7 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
     holding every group, for any minibatch size.
     """
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    mask = batch["completion_mask"][:, 1:].float()
+    mask = shifted_mask(batch["completion_mask"])
     bare = accelerator.unwrap_model(policy) if accelerator is not None else policy
     with torch.no_grad():
         was = bare.training

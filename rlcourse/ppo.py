@@ -54,7 +54,13 @@ from rlcourse.engine import (
     stop_nonfinite,
 )
 from rlcourse.guards import check_finite_loss, check_finite_weights, checked_rewards
-from rlcourse.models import call_model, generate, output_logits, score_sequences
+from rlcourse.models import (
+    call_model,
+    generate,
+    output_logits,
+    score_sequences,
+    shifted_mask,
+)
 
 __all__ = [
     "ActorCritic",
@@ -343,7 +349,7 @@ def make_experience(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable
     4. advantages and returns with :func:`rlcourse.rl.gae`.
     """
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    action_mask = batch["completion_mask"][:, 1:].float()
+    action_mask = shifted_mask(batch["completion_mask"])
     was = policy.training
     policy.eval()
     raw = reward_fn(ids, attn, action_mask)

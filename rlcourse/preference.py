@@ -71,7 +71,7 @@ from rlcourse.losses import (
     rdpo_loss,
     simpo_loss,
 )
-from rlcourse.models import encode_prompt_completion, sequence_logprobs
+from rlcourse.models import encode_prompt_completion, sequence_logprobs, shifted_mask
 
 __all__ = [
     "LOSS_FNS",
@@ -225,7 +225,7 @@ def stack_pairs(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 def _lengths(completion_mask: Tensor) -> Tensor:
     """Completion tokens that are scored (``sequence_logprobs`` reads ``mask[:, 1:]``)."""
-    return completion_mask[:, 1:].sum(-1).to(torch.float32)
+    return shifted_mask(completion_mask).sum(-1)
 
 
 def policy_logps(model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

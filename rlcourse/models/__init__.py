@@ -44,6 +44,7 @@ from rlcourse.models.scoring import (
     score_sequences,
     sequence_logprobs,
     shifted_logprobs,
+    shifted_mask,
     takes_position_ids,
     unwrap_model,
 )
@@ -60,6 +61,7 @@ from rlcourse.models.tokenizer import (
 from rlcourse.rl import last_token_index
 
 __all__ = [
+    "shifted_mask",
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "Generation",

@@ -29,6 +29,7 @@ from rlcourse.rl import entropy_from_logits
 
 __all__ = [
     "ScoredSequences",
+    "shifted_mask",
     "call_model",
     "output_logits",
     "output_values",
@@ -38,6 +39,14 @@ __all__ = [
     "takes_position_ids",
     "unwrap_model",
 ]
+
+
+def shifted_mask(completion_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> torch.Tensor:
+    """The mask of the scored tokens, aligned with shifted log-probs: ``completion_mask[:, 1:]``
+    [B, T-1] (column ``t`` is token ``t+1``, predicted from position ``t``), as ``dtype``. The
+    one place the shift is written: every loop's per-token mask comes from here."""
+    return completion_mask[:, 1:].to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ def sequence_logprobs(
     both-sided) padding gives the same values as each sequence run alone.
     """
     lp = score_sequences(model, input_ids, attention_mask).logprobs
-    mask = completion_mask[:, 1:].to(lp.dtype)
+    mask = shifted_mask(completion_mask, lp.dtype)
     lp = lp * mask
     if reduce == "none":
         return lp
