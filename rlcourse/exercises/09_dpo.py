@@ -192,8 +192,8 @@ def grade_dpo_train(fn) -> tuple[bool, str]:
     0.517 +- 0.054. Neither bar can tell DPO from its near misses: one short epoch from
     policy = reference moves the model little, and there every margin h is 0, where a misplaced
     beta, -sigma(beta h) and a no-grad copy of the policy as the reference all take DPO's first
-    step (measured: accuracy 0.625 to 0.645, win rate 0.45 to 0.56 for those, for no zero_grad
-    and for plain SFT on the chosen answers, 0.630). Telling them apart is the unit checks' job
+    step (measured, with no zero_grad and plain SFT on the chosen answers too: accuracy 0.625
+    to 0.645, win rate 0.450 to 0.558). Telling them apart is the unit checks' job
     (``dpo_mechanism``), which every one of them fails. The bars catch what the unit checks
     cannot see: a loop that breaks the model, e.g. ten times the learning rate (accuracy
     0.600, win rate 0.067 +- 0.030), or one that does not learn from the pairs.
