@@ -250,10 +250,11 @@ def grade_ppo_iteration(fn) -> tuple[bool, str]:
     one update per finished response: 0.998 (0.999); one update per response with lambda = 0:
     0.740 (0.740); the slides' form (lambda = 0, no clipping, one update per response): 0.801
     (0.851). Single runs of the lambda = 0 forms go down to 0.629 (a run can settle on a good
-    but suboptimal text, section 7 of the chapter), hence the mean over seeds. What stays below it, had it passed the unit checks: the score on the first token
-    0.401 (0.415), the rewards as advantages 0.312 (0.349), gradient ascent -0.812 (-0.812);
-    the uniform start is 0.259. The mistakes the bar cannot see (a KL bonus, a critic trained
-    by ascent, no zero_grad: means 0.944 to 0.997) are the unit checks' job (``ppo_mechanism``).
+    but suboptimal text, section 7 of the chapter), hence the mean over seeds. What stays below
+    the bar, had it passed the unit checks: the score on the first token 0.401 (0.415), the
+    rewards as advantages 0.312 (0.349), gradient ascent -0.812 (-0.812); the uniform start is
+    0.259. The mistakes the bar cannot see (a KL bonus, a critic trained by ascent, no
+    zero_grad: means 0.944 to 0.997) are the unit checks' job (``ppo_mechanism``).
     """
     runs = [_ppo_outcome(fn, seed) for seed in PPO_SEEDS]
     reached = float(np.mean([r[0] for r in runs]))
