@@ -151,11 +151,17 @@ def _rm_data():
     return train_pairs, test_pairs, true_chosen, true_rejected
 
 
+INVERTED = ("below 0.5 means your model orders more pairs the wrong way round than the right "
+            "way: its ranking is inverted (chosen and rejected swapped, or the sign of the loss "
+            "or of the score flipped); a model that ranked at random would get 0.5")
+
+
 def grade_reward_model(fn) -> tuple[bool, str]:
     """``score = fn(train_pairs)``; then ``score(prompt, response)`` on both answers of the
     386 held-out pairs of chapter 7 (prompts never seen in training). Passes when the accuracy
     against the true ordering reaches 0.7 (chapter 7's small-GPT reward model: 0.808; the
-    annotator's own labels: 0.873; a word-count model, the solution: about 0.77)."""
+    annotator's own labels: 0.873; a word-count model, the solution: about 0.77). An accuracy
+    below 0.5 is reported as an inverted ranking."""
     train_pairs, test_pairs, true_chosen, true_rejected = _rm_data()
     score = fn([dict(p) for p in train_pairs])
     chosen = [float(score(p["prompt"], p["chosen"])) for p in test_pairs]
@@ -164,7 +170,55 @@ def grade_reward_model(fn) -> tuple[bool, str]:
     vs_labels = rmod.pair_accuracy(chosen, rejected)
     report = (f"on {len(test_pairs)} held-out pairs: accuracy against the true ordering "
               f"{vs_truth:.3f} (bar {RM_ACCURACY_BAR}), against the labels {vs_labels:.3f}")
+    if vs_truth < 0.5:
+        report += f"; {INVERTED}"
     return vs_truth >= RM_ACCURACY_BAR, report
+
+
+# ---- the mechanism: does the model order the pairs it was trained on? -------------------------
+RM_PROBE_PAIRS, RM_FIT_BAR = 120, 0.7
+
+
+@functools.lru_cache(maxsize=1)
+def _rm_probe_pairs():
+    """The first 120 training pairs whose two answers have the same number of words: a length
+    score ties on every one of them, so only what is *in* the answers can order them."""
+    from rlcourse.worlds.assistant import tokens
+
+    train_pairs = _rm_data()[0]
+    same = [p for p in train_pairs if len(tokens(p["chosen"])) == len(tokens(p["rejected"]))]
+    return same[:RM_PROBE_PAIRS]
+
+
+def rm_mechanism(fn):
+    """The unit check before the graded run: ``score = fn(pairs)`` on 120 training pairs whose
+    answers have equal length must order those same pairs like their labels, accuracy at least
+    0.7 (a Bradley-Terry model fits the pairs it is trained on: the solution 1.0, with 10 Adam
+    steps in place of 300 still 0.86; a length score 0.5, every pair a tie; an inverted
+    ranking 0.0)."""
+    from rlcourse.exercises import Finding
+
+    pairs = _rm_probe_pairs()
+    score = fn([dict(p) for p in pairs])
+    margins = np.array([float(score(p["prompt"], p["chosen"]))
+                        - float(score(p["prompt"], p["rejected"])) for p in pairs])
+    fit = float(np.mean((margins > 0) + 0.5 * (margins == 0)))
+    if fit >= RM_FIT_BAR:
+        return None
+    message = (f"trained on {len(pairs)} pairs whose two answers have the same number of words, "
+               f"your model orders those same pairs like their labels with accuracy {fit:.3f} "
+               f"(a tie counts 1/2; the bar is {RM_FIT_BAR}: a Bradley-Terry model fits the "
+               f"pairs it was trained on, the solution 1.0)")
+    if fit < 0.5:
+        message += f"; {INVERTED}"
+    elif np.mean(margins == 0) > 0.5:
+        message += "; most pairs are ties: the score does not depend on what the answers say"
+    return Finding("fits_its_pairs", message + ".", np.sign(margins))
+
+
+def _rm_evidence_distance(mine, theirs) -> float:
+    """Share of the probe pairs the two models order differently (a match below 20 %)."""
+    return float(np.mean(mine.evidence != theirs.evidence)) / 0.2
 
 
 def _rm_reversed(pairs):
@@ -185,12 +239,16 @@ register(Exercise(
     solution=build_reward_model,
     cases=lambda rng: [],
     grade=grade_reward_model,
+    mechanism=rm_mechanism,
+    evidence_distance=_rm_evidence_distance,
     hint="Any model of r(prompt, response) trained on the pairs with the Bradley-Terry loss "
          "-log sigma(r_w - r_l). A linear model on word counts (DEFAULT_WORLD.vocabulary(), "
          "assistant.tokens) trained full batch with Adam is enough; return a function "
          "score(prompt, response) -> float.",
     wrong_answers=[
-        (_rm_reversed, "trained with chosen and rejected swapped: it prefers the worse answer"),
+        (_rm_reversed, "its ranking is inverted: trained with chosen and rejected swapped (or "
+                       "the sign of the loss or of the score flipped), it prefers the worse "
+                       "answer"),
         (_rm_length, "scored by length: in this world the judge does not reward length"),
     ],
 ))

@@ -188,8 +188,15 @@ def grade_dpo_train(fn) -> tuple[bool, str]:
     - the win rate against the SFT model on 60 evaluation prompts, judged by the world's
       hidden score (``evaluate_against``), with its bootstrap standard error.
 
-    Passes with accuracy >= 0.6 and a win rate >= 0.4 (not clearly worse than SFT; one short
-    epoch moves the win rate little: the solution measures about 0.66 and 0.52 +- 0.05).
+    Passes with accuracy >= 0.6 and a win rate >= 0.4. The solution measures 0.660 and
+    0.517 +- 0.054. Neither bar can tell DPO from its near misses: one short epoch from
+    policy = reference moves the model little, and there every margin h is 0, where a misplaced
+    beta, -sigma(beta h) and a no-grad copy of the policy as the reference all take DPO's first
+    step (measured, with no zero_grad and plain SFT on the chosen answers too: accuracy 0.625
+    to 0.645, win rate 0.450 to 0.558). Telling them apart is the unit checks' job
+    (``dpo_mechanism``), which every one of them fails. The bars catch what the unit checks
+    cannot see: a loop that breaks the model, e.g. ten times the learning rate (accuracy
+    0.600, win rate 0.067 +- 0.030), or one that does not learn from the pairs.
     """
     import copy
 
@@ -214,7 +221,103 @@ def grade_dpo_train(fn) -> tuple[bool, str]:
     return accuracy >= DPO_ACCURACY_BAR and win.rate >= DPO_WIN_BAR, report
 
 
-def _dpo_loop(margin_of):
+# ---- the mechanism: one step's gradient on a fixed case, then a second step -------------------
+DPO_PROBE_PAIRS = slice(400, 416)  # 2 batches of 8 shipped pairs, outside the graded 320
+DPO_DIRECTION_TOLERANCE = 0.01     # || g/|g| - g_dpo/|g_dpo| ||: rounding gives about 1e-5
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_case():
+    """The fixed case of the unit checks: the shipped SFT model as the policy and the shipped
+    *pretrained* model as the reference, so that the margins h differ from 0 (from about -4 to
+    17 on these pairs; at h = 0, where the graded run starts, every misplaced beta and even
+    -sigma(beta h) give the same direction as DPO), and two batches of 8 pairs."""
+    from rlcourse.config import DATA_DIR
+    from rlcourse.data import load_preferences, pad_collate
+    from rlcourse.models import load_model
+    from rlcourse.preference import tokenize_pairs
+
+    policy, tokenizer = load_model(DATA_DIR / "checkpoints" / "sft", device="cpu")
+    reference, _ = load_model(DATA_DIR / "checkpoints" / "base", device="cpu")
+    reference.eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    pairs = load_preferences(DATA_DIR / "preferences.jsonl")[DPO_PROBE_PAIRS]
+    items = tokenize_pairs(tokenizer, pairs, truncation="right")
+    return policy, reference, [pad_collate(items[:8]), pad_collate(items[8:])]
+
+
+def _probe(fn):
+    """Run ``fn`` on a copy of the probe's policy, watched by a :class:`GradientProbe`."""
+    import copy
+
+    from rlcourse.exercises.probes import GradientProbe
+
+    policy0, reference, batches = _probe_case()
+    policy = copy.deepcopy(policy0)
+    with GradientProbe(policy.parameters()) as probe:
+        fn(policy, reference, [dict(b) for b in batches], DPO_BETA, DPO_LR)
+    return probe
+
+
+@functools.lru_cache(maxsize=1)
+def _dpo_direction() -> torch.Tensor:
+    """The first step's gradient of the solution on the probe's case."""
+    return _probe(dpo_train).first_gradient
+
+
+def dpo_mechanism(fn):
+    """Unit checks of a DPO loop ``fn(policy, reference, batches, beta, lr)`` on a fixed case
+    (see ``_probe_case``), before the graded run:
+
+    1. the gradient of the first update points the way DPO's does (any positive scale: a sum
+       over the batch passes where the solution takes the mean);
+    2. the update is applied (the policy's weights change);
+    3. the second batch's backward pass does not find the first batch's gradient still in
+       ``.grad`` (``optimizer.zero_grad()``).
+    """
+    from rlcourse.exercises import Finding
+    from rlcourse.exercises.probes import direction_error
+
+    probe = _probe(fn)
+    g, target = probe.first_gradient, _dpo_direction()
+    if float(g.norm()) == 0.0:
+        return Finding("first_step_gradient", "no gradient reached the policy's weights before "
+                       "its first update: the loss must come from policy_logps(policy, batch) "
+                       "with gradients on, followed by loss.backward().")
+    error = direction_error(g, target)
+    if error > DPO_DIRECTION_TOLERANCE:
+        cos = float(g @ target / (g.norm() * target.norm()))
+        return Finding(
+            "first_step_gradient",
+            f"on a fixed batch of 8 pairs, with the SFT model as the policy and the pretrained "
+            f"model as the reference (so the margins h are far from 0), the gradient of your "
+            f"first update points elsewhere than the gradient of DPO's "
+            f"-mean log sigma(beta h): cosine {cos:.4f} (1 up to rounding; a summed loss "
+            f"passes).", (g / g.norm()).float())
+    if not probe.moved:
+        return Finding("update", "the policy's weights did not change: call optimizer.step() "
+                       "after loss.backward(), with an optimizer over policy.parameters().")
+    if probe.stale:
+        return Finding("zero_grad", "the backward pass of the second batch found the first "
+                       "batch's gradient still in .grad after the first update: every step "
+                       "then adds up all earlier gradients.")
+    return None
+
+
+def _dpo_evidence_distance(mine, theirs) -> float:
+    from rlcourse.exercises.probes import direction_error
+
+    if mine.check == "first_step_gradient" and mine.evidence is not None and (
+            theirs.evidence is not None):
+        return direction_error(mine.evidence, theirs.evidence) / 0.05
+    return 0.0
+
+
+# ---- wrong answers: each one the mechanism rejects, each one named ------------------------------
+def _dpo_loop(loss_of, reference_is_policy: bool = False, zero_grad: bool = True):
+    """A DPO loop like the solution's, with the loss ``loss_of(pc, pr, rc, rr, beta)``."""
+
     def loop(policy, reference, batches, beta=0.5, lr=5e-4):
         from rlcourse.preference import policy_logps
 
@@ -222,13 +325,18 @@ def _dpo_loop(margin_of):
         for batch in batches:
             pc, pr, _, _ = policy_logps(policy, batch)
             with torch.no_grad():
-                rc, rr, _, _ = policy_logps(reference, batch)
-            loss = -F.logsigmoid(beta * margin_of(pc, pr, rc, rr)).mean()
-            optimizer.zero_grad()
+                rc, rr, _, _ = policy_logps(policy if reference_is_policy else reference, batch)
+            loss = loss_of(pc, pr, rc, rr, beta)
+            if zero_grad:
+                optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
     return loop
+
+
+def _h(pc, pr, rc, rr):
+    return (pc - rc) - (pr - rr)
 
 
 register(Exercise(
@@ -238,14 +346,32 @@ register(Exercise(
     solution=dpo_train,
     cases=lambda rng: [],
     grade=grade_dpo_train,
+    mechanism=dpo_mechanism,
+    evidence_distance=_dpo_evidence_distance,
     hint="An AdamW optimizer on policy.parameters(); for each batch: policy_logps(policy, batch) "
          "-> summed log-probs of chosen and rejected; the same for the reference under "
          "torch.no_grad(); loss = -logsigmoid(beta * (margin of the log-ratios)).mean(); "
          "zero_grad, backward, step.",
     wrong_answers=[
-        (_dpo_loop(lambda pc, pr, rc, rr: (pr - rr) - (pc - rc)),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * _h(pr, pc, rr, rc)).mean()),
          "chosen and rejected swapped: the model learns the annotator's dislikes"),
-        (_dpo_loop(lambda pc, pr, rc, rr: pc - pr),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * (pc - pr)).mean()),
          "left out the reference: the margin of raw log-probs is not DPO's"),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -(beta * F.logsigmoid(_h(pc, pr, rc, rr))).mean()),
+         "beta outside the log-sigmoid, -beta log sigma(h): beta belongs inside, "
+         "-log sigma(beta h)"),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -F.logsigmoid(_h(pc, pr, rc, rr) / beta).mean()),
+         "divided by beta, -log sigma(h / beta): the margin is multiplied by beta"),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -torch.sigmoid(beta * _h(pc, pr, rc, rr)).mean()),
+         "-sigma(beta h) in place of -log sigma(beta h): forgot the log"),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * _h(pc, pr, rc, rr)).mean(),
+                   reference_is_policy=True),
+         "the reference's log-probs came from the policy itself (a no-grad copy): h is always "
+         "0, so every pair gets the same weight; use the frozen reference model"),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * _h(pc, pr, rc, rr)).mean(),
+                   zero_grad=False),
+         "no optimizer.zero_grad(): each step adds up the gradients of all earlier batches"),
+        (_dpo_loop(lambda pc, pr, rc, rr, beta: -pc.mean()),
+         "plain SFT on the chosen answers: no rejected answer and no reference, so no DPO"),
     ],
 ))

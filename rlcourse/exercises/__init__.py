@@ -20,9 +20,14 @@ From a terminal, all checks of a chapter against the reader's own notebook::
 
 **Build-it-yourself exercises** have a ``grade`` instead of input cases: the check runs a small
 experiment with the reader's function (a PPO iteration, a DPO training loop, a reward model)
-and grades the result against a bar measured on the exact answer or the hidden truth. Their
-reference solutions live in :mod:`rlcourse.exercises.solutions`, never in the chapter's stub
-cell; ``check(name, fn, show_solution=True)`` (or :func:`show_solution`) prints one on request.
+and grades the result against a bar measured on the exact answer or the hidden truth. Before
+that experiment, their ``mechanism`` unit-tests the reader's function on small fixed cases (one
+step's gradient on a fixed batch, the sign of the KL term, whether the critic's error falls,
+a gradient left over from the previous step) and returns a :class:`Finding` for the first
+check that fails. The registered wrong answers go through the same cases, and the one whose
+finding matches the reader's is named, as for the other exercises. Their reference solutions
+live in :mod:`rlcourse.exercises.solutions`, never in the chapter's stub cell;
+``check(name, fn, show_solution=True)`` (or :func:`show_solution`) prints one on request.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "Case",
     "CheckResult",
     "Exercise",
+    "Finding",
     "REGISTRY",
     "allclose",
     "check",
@@ -63,6 +69,20 @@ class Case:
 
 
 @dataclass
+class Finding:
+    """What a build-it-yourself exercise's mechanism check found wrong with a reader's function.
+
+    ``check`` names the check that failed (e.g. ``"kl_sign"``), ``message`` says what it measured
+    in the reader's terms, and ``evidence`` is what the check observed (a gradient direction, the
+    critic's values), compared with a wrong answer's by ``Exercise.evidence_distance``.
+    """
+
+    check: str
+    message: str
+    evidence: Any = None
+
+
+@dataclass
 class Exercise:
     """An exercise: what the reader writes, checked against ``reference`` on ``cases(rng)``.
 
@@ -72,6 +92,10 @@ class Exercise:
     A build-it-yourself exercise sets ``grade(fn) -> (passed, message)`` instead (``cases``
     returns no case then): it runs an experiment with the reader's function and judges the
     outcome. ``solution`` is the function :func:`show_solution` prints (default: ``reference``).
+    Its ``mechanism(fn) -> Finding | None`` runs first: unit checks on small fixed cases, which
+    every wrong answer must fail. A reader's finding names the wrong answer whose finding is on
+    the same check at ``evidence_distance(reader, wrong) < 1`` (the closest; default distance:
+    0 for the same check).
     """
 
     name: str
@@ -84,6 +108,8 @@ class Exercise:
     seed: int = 0
     grade: Callable[[Callable[..., Any]], tuple[bool, str]] | None = None
     solution: Callable[..., Any] | None = None
+    mechanism: Callable[[Callable[..., Any]], Finding | None] | None = None
+    evidence_distance: Callable[[Finding, Finding], float] | None = None
 
     def equal(self, expected: Any, received: Any) -> bool:
         return (self.compare or allclose)(expected, received)
@@ -244,20 +270,65 @@ def run_check(name: str, fn: Callable[..., Any]) -> CheckResult:
 
 
 def _run_graded(exercise: Exercise, fn: Callable[..., Any]) -> CheckResult:
-    """A build-it-yourself exercise: run its experiment with ``fn`` and grade the outcome."""
+    """A build-it-yourself exercise: its mechanism checks on small fixed cases first, then its
+    experiment with ``fn``, graded on the outcome."""
     name = exercise.name
     try:
-        passed, report = exercise.grade(fn)
+        finding = exercise.mechanism(fn) if exercise.mechanism is not None else None
+        if finding is None:
+            passed, report = exercise.grade(fn)
     except NotImplementedError:
         return CheckResult(name, "not_attempted", f"… {name}: not attempted yet.")
     except Exception as error:  # the reader's code may raise anything
         last = traceback.format_exception_only(type(error), error)[-1].strip()
         return CheckResult(name, "error", f"✗ {name}: your function raised an error.\n"
                                           f"  error:    {last}\n  hint:     {exercise.hint}")
+    if finding is not None:
+        message = (f"✗ {name}: failed the unit check \"{finding.check}\" (run before the "
+                   f"experiment).\n  {finding.message}\n  hint:     {exercise.hint}")
+        mistake = graded_mistake(exercise, finding)
+        if mistake:
+            message += f"\n  likely mistake: {mistake}"
+        return CheckResult(name, "failed", message)
     if passed:
         return CheckResult(name, "passed", f"✓ {name}: passed. {report}", 1)
     return CheckResult(name, "failed", f"✗ {name}: not there yet. {report}\n"
                                        f"  hint:     {exercise.hint}")
+
+
+# findings of the registered wrong answers, by exercise name: computed once, on the first failure
+_WRONG_FINDINGS: dict[str, list[tuple[str, Finding | None]]] = {}
+
+
+def wrong_answer_findings(exercise: Exercise) -> list[tuple[str, Finding | None]]:
+    """``(what_it_gets_wrong, finding)`` for every wrong answer of a build-it-yourself exercise:
+    the same mechanism checks the reader's function went through (cached)."""
+    if exercise.name not in _WRONG_FINDINGS:
+        found = []
+        for wrong, why in exercise.wrong_answers:
+            try:
+                finding = exercise.mechanism(wrong)
+            except Exception as error:  # pragma: no cover - a registered wrong answer crashed
+                finding = Finding("error", repr(error))
+            found.append((why, finding))
+        _WRONG_FINDINGS[exercise.name] = found
+    return _WRONG_FINDINGS[exercise.name]
+
+
+def graded_mistake(exercise: Exercise, finding: Finding) -> str | None:
+    """The registered wrong answer whose mechanism finding matches ``finding`` (same check,
+    closest evidence at a distance below 1), or ``None``."""
+    if exercise.mechanism is None:
+        return None
+    best, best_distance = None, 1.0
+    for why, theirs in wrong_answer_findings(exercise):
+        if theirs is None or theirs.check != finding.check:
+            continue
+        distance = (exercise.evidence_distance(finding, theirs)
+                    if exercise.evidence_distance is not None else 0.0)
+        if distance < best_distance:
+            best, best_distance = why, distance
+    return best
 
 
 def solution_source(name: str) -> str:
