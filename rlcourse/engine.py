@@ -52,7 +52,7 @@ from rlcourse.config import (
 )
 from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
-from rlcourse.guards import NonFiniteError, nonfinite_parameters
+from rlcourse.guards import NonFiniteError, check_finite_loss, check_finite_weights
 from rlcourse.models import sequence_logprobs
 
 __all__ = [
@@ -446,6 +446,20 @@ def dropout_disabled(model: torch.nn.Module, disable: bool = True) -> Iterator[i
 # --------------------------------------------------------------------------------------------
 # Guards: a non-finite loss or weight stops the run before anything is written
 # --------------------------------------------------------------------------------------------
+def _checkpoint(run: Any, config: TrainConfig, ckpt_dir: Path, history: History, step: int,
+                epoch: int, batches_in_epoch: int) -> None:
+    """The full state after ``step``, saved atomically by the main process; never a NaN model
+    (the last good checkpoint stays the newest)."""
+    with stop_nonfinite("optimizer", step, ckpt_dir, config.lr):
+        check_finite_weights(run.model, run.accelerator)
+    state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+             "history": history.rows, "config": config.to_dict()}
+    if run.accelerator.is_main_process:
+        save_checkpoint(ckpt_dir, state, run.accelerator.unwrap_model(run.model), run.optimizer,
+                        run.scheduler, config.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
 def _nonfinite_message(what: str, where: str, ckpt_dir: Path | None, lr: float | None) -> str:
     found = list_checkpoints(ckpt_dir) if ckpt_dir else []
     kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
@@ -453,10 +467,6 @@ def _nonfinite_message(what: str, where: str, ckpt_dir: Path | None, lr: float |
     return (f"{what} at {where}{rate}: training stopped and nothing from this point was saved; "
             f"{kept}. Lower the lr, look for empty completions or rewards that explode, or use "
             "bf16 instead of fp16")
-
-
-def _stop_nonfinite(what: str, step: int, config: Any, ckpt_dir: Path | None) -> None:
-    raise NonFiniteError(_nonfinite_message(what, f"optimizer step {step}", ckpt_dir, config.lr))
 
 
 @contextlib.contextmanager
@@ -602,6 +612,10 @@ class RunLog:
         ``rows``: the history so far (a resumed run starts from the checkpoint's rows)."""
         self.accelerator, self.path, self.written = accelerator, None, 0
         self.tensorboard = getattr(config, "report_to", "none") == "tensorboard"
+        if self.tensorboard:  # the accelerator was made with the tracker (make_accelerator)
+            accelerator.init_trackers("tensorboard", config={
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in config.to_dict().items()})
         if not accelerator.is_main_process or not getattr(config, "logging_dir", None):
             return
         self.path = Path(config.logging_dir) / "history.jsonl"
@@ -613,6 +627,11 @@ class RunLog:
             return
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.written = len(rows)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any."""
+        if self.tensorboard:
+            self.accelerator.end_training()
 
     def flush(self, history: History | list[dict[str, Any]]) -> None:
         """Append the rows not yet written (each complete: training and evaluation metrics)."""
@@ -689,6 +708,132 @@ def make_accelerator(config: TrainConfig):
     )
 
 
+@dataclass
+class _Run:
+    """What :func:`train` builds before its first step (:func:`_prepare`)."""
+
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    sampler: EpochSampler
+    total: int
+    steps_per_epoch: int
+
+
+def _prepare(model: torch.nn.Module, train_data: Sequence[Any], config: TrainConfig,
+             collate_fn: Callable[[list[Any]], Any] | None) -> _Run:
+    """The accelerator, seeded data loader, AdamW (no decay on 1-d parameters), the learning-rate
+    schedule and the number of optimizer steps."""
+    from transformers import get_scheduler
+
+    accelerator = make_accelerator(config)
+    if config.device not in ("auto", "cpu") and accelerator.device.type != config.device:
+        warnings.warn(f"device={config.device!r} asked for, training on {accelerator.device}",
+                      stacklevel=3)
+    torch.manual_seed(config.seed)  # fixes anything loss_fn draws at random
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    sampler = EpochSampler(len(train_data), config.seed)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size, sampler=sampler,
+        collate_fn=collate_fn or pad_collate, drop_last=config.drop_last,
+        # Its own generator: otherwise each new epoch's iterator draws from the global RNG,
+        # and a run resumed mid-epoch would see different random numbers in loss_fn.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # weight decay on matrices only, not on biases and norm gains
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if len(loader) == 0:
+        raise ValueError(f"no batches: {len(train_data)} examples, batch_size "
+                         f"{config.batch_size}, drop_last={config.drop_last}")
+    steps_per_epoch = max(1, math.ceil(len(loader) / config.grad_accum_steps))
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    # Not prepared on purpose: accelerate would step it once per process.
+    # transformers' "constant" ignores warm-up; "constant_with_warmup" is what we mean.
+    name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
+    scheduler = get_scheduler(name, optimizer, config.warmup_steps, total)
+    return _Run(accelerator, model, optimizer, scheduler, loader, sampler, total,
+                steps_per_epoch)
+
+
+def _resume(run: _Run, config: TrainConfig, ckpt_dir: Path | None
+            ) -> tuple[History, int, int, int]:
+    """``(history, step, epoch, batches used in the epoch)`` from the newest checkpoint in
+    ``ckpt_dir`` (weights, optimizer, schedule and RNG states restored), or a fresh start."""
+    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
+    if not found:
+        return History(), 0, 0, 0
+    state = load_checkpoint(found[-1], run.accelerator.unwrap_model(run.model), run.optimizer,
+                            run.scheduler, run.accelerator.device)
+    for key in ("batch_size", "grad_accum_steps", "seed"):
+        if state["config"][key] != getattr(config, key):
+            raise ValueError(f"{found[-1]} was written with {key}={state['config'][key]}, "
+                             f"this run has {getattr(config, key)}: use another checkpoint_dir")
+    run.accelerator.print(f"resuming from {found[-1]} (step {state['step']})")
+    return (History(state["history"]), state["step"], state["epoch"],
+            state["batches_in_epoch"])
+
+
+class _Meter:
+    """The metrics, tokens and busy time of the steps since the last logged row."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.weights: dict[str, list[float]] = {}  # per metric and micro-batch (Pooled: count)
+        self.tokens, self.busy, self.tokens_total, self.busy_total = 0, 0.0, 0, 0.0
+        self.mark = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, metrics: Mapping[str, Any], batch: Any) -> None:
+        for k, v in {"loss": loss, **metrics}.items():
+            value, weight = _split_pooled(v)
+            self.sums.setdefault(k, []).append(torch.as_tensor(value).detach().float() * weight)
+            self.weights.setdefault(k, []).append(weight)
+        self.tokens += count_tokens(batch)
+
+    def pause(self) -> None:
+        """Throughput counts training steps only (evaluation, checkpoints, logging excluded)."""
+        self.busy += time.perf_counter() - self.mark
+
+    def row(self, accelerator: Any) -> dict[str, float]:
+        """The pooled metrics over every process and the tokens per second since the last row."""
+        row, tokens = _reduce_metrics(accelerator, self.sums, self.tokens, self.weights)
+        row["tokens_per_s"] = tokens / max(self.busy, 1e-9)
+        self.busy_total, self.tokens_total = self.busy_total + self.busy, \
+            self.tokens_total + tokens
+        self.sums, self.weights, self.tokens, self.busy = {}, {}, 0, 0.0
+        return row
+
+
+def _accumulate(run: _Run, loss_fn: LossFn, window: list[Any], meter: _Meter,
+                takes_num_tokens: bool, grad_accum_steps: int) -> None:
+    """Forward and backward of one step's micro-batches; a NaN/inf loss on any process stops
+    every process together, before the update and before anything is written."""
+    accelerator, model = run.accelerator, run.model
+    extra = {}
+    if takes_num_tokens:  # the step's target tokens, over micro-batches and processes
+        count = torch.tensor(float(sum(target_tokens(b) for b in window)),
+                             device=accelerator.device)
+        extra["num_tokens"] = accelerator.reduce(count, "sum") / (
+            grad_accum_steps * accelerator.num_processes)
+    for j, batch in enumerate(window):
+        # Gradients are averaged over processes only at the last micro-batch.
+        last = j == len(window) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, metrics = loss_fn(model, batch, **extra)
+            accelerator.backward(loss)  # divides by grad_accum_steps
+        meter.add(loss, metrics, batch)
+    check_finite_loss(torch.stack(meter.sums["loss"][-len(window):]), "the loss", accelerator)
+
+
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -716,84 +861,19 @@ def train(
     ``eval_fn(model) -> metrics`` runs every ``eval_every`` steps and at the end (under
     ``torch.no_grad``, in eval mode). ``callbacks(step, history, model)`` run after each step;
     one that returns ``True`` stops training. ``config.device``: ``"auto"`` (accelerate's choice:
-    the GPU if there is one), ``"cpu"``, or ``"cuda"``/``"mps"`` (a warning if unavailable).
+    the GPU if there is one), ``"cpu"``, or ``"cuda"``/``"mps"`` (an error if unavailable).
+    A NaN/inf loss or weight stops the run (:class:`rlcourse.guards.NonFiniteError`) before
+    anything from that step is written.
     """
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
-    accelerator = make_accelerator(config)
-    if config.device not in ("auto", "cpu") and accelerator.device.type != config.device:
-        warnings.warn(f"device={config.device!r} asked for, training on {accelerator.device}",
-                      stacklevel=2)
-    torch.manual_seed(config.seed)  # fixes anything loss_fn draws at random
-    np.random.seed(config.seed % 2**32)
-    random.seed(config.seed)
-    sampler = EpochSampler(len(train_data), config.seed)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler,
-        collate_fn=collate_fn or pad_collate, drop_last=config.drop_last,
-        # Its own generator: otherwise each new epoch's iterator draws from the global RNG,
-        # and a run resumed mid-epoch would see different random numbers in loss_fn.
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    if config.gradient_checkpointing:
-
-        enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # weight decay on matrices only, not on biases and norm gains
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if len(loader) == 0:
-        raise ValueError(f"no batches: {len(train_data)} examples, batch_size "
-                         f"{config.batch_size}, drop_last={config.drop_last}")
-    steps_per_epoch = max(1, math.ceil(len(loader) / config.grad_accum_steps))
-    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-    # Not prepared on purpose: accelerate would step it once per process.
-    # transformers' "constant" ignores warm-up; "constant_with_warmup" is what we mean.
-    name = "constant_with_warmup" if config.schedule == "constant" else config.schedule
-    scheduler = get_scheduler(name, optimizer, config.warmup_steps, total)
-
-    takes_num_tokens = _takes_num_tokens(loss_fn)
-    history, step, epoch, skip = History(), 0, 0, 0
+    run = _prepare(model, train_data, config, collate_fn)
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, \
+        run.scheduler
     ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    found = list_checkpoints(ckpt_dir) if ckpt_dir else []
-    if found:
-        state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
-                                scheduler, accelerator.device)
-        for key in ("batch_size", "grad_accum_steps", "seed"):
-            if state["config"][key] != getattr(config, key):
-                raise ValueError(f"{found[-1]} was written with {key}={state['config'][key]}, "
-                                 f"this run has {getattr(config, key)}: use another checkpoint_dir")
-        history = History(state["history"])
-        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-        accelerator.print(f"resuming from {found[-1]} (step {step})")
-
-    def check_weights() -> None:
-        bad = nonfinite_parameters(model)
-        # Collective, so that every process stops together (each may hold its own shard).
-        count = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device),
-                                   "sum")
-        if count.item() > 0:
-            names = f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
-            _stop_nonfinite(f"non-finite weights{names}", step, config, ckpt_dir)
-
-    def checkpoint(batches_in_epoch: int) -> None:
-        check_weights()  # never write a NaN model: the last good checkpoint stays the newest
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "history": history.rows, "config": config.to_dict()}
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, state, accelerator.unwrap_model(model), optimizer,
-                            scheduler, config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
+    history, step, epoch, skip = _resume(run, config, ckpt_dir)
+    takes_num_tokens = _takes_num_tokens(loss_fn)
     runlog = RunLog(accelerator, config, history.rows)
-    if runlog.tensorboard:
-        accelerator.init_trackers("tensorboard", config={
-            k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in config.to_dict().items()})
     evaluated_at = None
 
     def evaluate() -> None:
@@ -804,49 +884,19 @@ def train(
         model.train()
         evaluated_at = step
 
-    bar = tqdm(total=total, initial=step, desc="train",
+    bar = tqdm(total=run.total, initial=step, desc="train",
                disable=not (config.progress and accelerator.is_local_main_process))
-    sums: dict[str, list[torch.Tensor]] = {}
-    weights: dict[str, list[float]] = {}  # per metric and micro-batch (Pooled: its count)
-    tokens, stop, grad_norm = 0, step >= total, torch.tensor(0.0)
-    # Throughput counts the training steps only (data loading included, evaluation,
-    # checkpoints and logging excluded): busy = their wall time since the last row.
-    busy, busy_total, tokens_total = 0.0, 0.0, 0
-    t_mark = time.perf_counter()
+    meter, stop = _Meter(), step >= run.total
     model.train()
     try:
         while not stop:
-            sampler.set_epoch(epoch)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            for end, window in _windows(loader, config.grad_accum_steps, skip):
-                extra = {}
-                if takes_num_tokens:  # the step's target tokens, over micro-batches and processes
-                    count = torch.tensor(float(sum(target_tokens(b) for b in window)),
-                                         device=accelerator.device)
-                    extra["num_tokens"] = accelerator.reduce(count, "sum") / (
-                        config.grad_accum_steps * accelerator.num_processes)
-                for j, batch in enumerate(window):
-                    # Gradients are averaged over processes only at the last micro-batch.
-                    last = j == len(window) - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        loss, metrics = loss_fn(model, batch, **extra)
-                        accelerator.backward(loss)  # divides by grad_accum_steps
-                    for k, v in {"loss": loss, **metrics}.items():
-                        value, weight = _split_pooled(v)
-                        sums.setdefault(k, []).append(
-                            torch.as_tensor(value).detach().float() * weight)
-                        weights.setdefault(k, []).append(weight)
-                    tokens += count_tokens(batch)
-                # A NaN/inf loss on any process stops every process together (one small
-                # all-reduce per step), before the update and before anything is written.
-                losses = torch.stack(sums["loss"][-len(window):])
-                finite = torch.isfinite(losses)
-                bad = torch.tensor(float(not finite.all()), device=accelerator.device)
-                if accelerator.reduce(bad, "sum").item() > 0:
-                    what = (f"the loss is {losses[~finite][0].item()}" if not finite.all()
-                            else "the loss is not finite on another process")
-                    _stop_nonfinite(what, step + 1, config, ckpt_dir)
+            run.sampler.set_epoch(epoch)
+            if hasattr(run.loader, "set_epoch"):
+                run.loader.set_epoch(epoch)
+            for end, window in _windows(run.loader, config.grad_accum_steps, skip):
+                with stop_nonfinite("optimizer", step + 1, ckpt_dir, config.lr):
+                    _accumulate(run, loss_fn, window, meter, takes_num_tokens,
+                                config.grad_accum_steps)
                 grad_norm = accelerator.clip_grad_norm_(
                     model.parameters(), config.max_grad_norm or float("inf"))
                 optimizer.step()
@@ -855,44 +905,43 @@ def train(
                     scheduler.step()
                 step += 1
                 bar.update(1)
-                if step % config.log_every == 0 or step == total:
+                if step % config.log_every == 0 or step == run.total:
                     if accelerator.device.type == "cuda":
                         torch.cuda.synchronize(accelerator.device)  # the step's kernels count
-                    busy += time.perf_counter() - t_mark
-                    row, tokens = _reduce_metrics(accelerator, sums, tokens, weights)
-                    check_weights()
+                    meter.pause()
+                    row = meter.row(accelerator)
+                    with stop_nonfinite("optimizer", step, ckpt_dir, config.lr):
+                        check_finite_weights(model, accelerator)
                     history.log(step, **row, lr=scheduler.get_last_lr()[0],
-                                grad_norm=float(grad_norm), epoch=step / steps_per_epoch,
-                                tokens_per_s=tokens / max(busy, 1e-9),
+                                grad_norm=float(grad_norm), epoch=step / run.steps_per_epoch,
                                 peak_mem_mb=peak_memory(accelerator.device)[0] / 2**20)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    busy_total, tokens_total = busy_total + busy, tokens_total + tokens
-                    sums, weights, tokens, busy = {}, {}, 0, 0.0
                 else:
-                    busy += time.perf_counter() - t_mark
+                    meter.pause()
                 if eval_fn is not None and (
-                        (config.eval_every and step % config.eval_every == 0) or step >= total):
+                        (config.eval_every and step % config.eval_every == 0)
+                        or step >= run.total):
                     evaluate()
                 runlog.flush(history)  # the step's row is complete: training + evaluation
-                if ckpt_dir and (step == total or (config.checkpoint_every
-                                                   and step % config.checkpoint_every == 0)):
-                    checkpoint(end)
+                if ckpt_dir and (step == run.total or (config.checkpoint_every
+                                                       and step % config.checkpoint_every == 0)):
+                    _checkpoint(run, config, ckpt_dir, history, step, epoch, end)
                 replies = [cb(step, history, model) for cb in callbacks or ()]
-                if any(r is True for r in replies) or step >= total:
+                if any(r is True for r in replies) or step >= run.total:
                     stop = True
                     break
-                t_mark = time.perf_counter()
+                meter.mark = time.perf_counter()
             else:  # the epoch ran to its end
                 epoch, skip = epoch + 1, 0
-        check_weights()  # the caller saves the model next
+        with stop_nonfinite("optimizer", step, ckpt_dir, config.lr):
+            check_finite_weights(model, accelerator)  # the caller saves the model next
         if eval_fn is not None and evaluated_at != step:
             evaluate()
             runlog.rewrite(history.rows)  # the last row gained its evaluation
-        history.totals = {"tokens": tokens_total, "step_seconds": busy_total}
+        history.totals = {"tokens": meter.tokens_total, "step_seconds": meter.busy_total}
     finally:
         bar.close()
-        if runlog.tensorboard:
-            accelerator.end_training()
+        runlog.close()
         # Remove accelerate's autocast wrapper from the caller's model.
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history
