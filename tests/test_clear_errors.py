@@ -69,3 +69,20 @@ def test_a_tokenizer_without_eos_is_refused(tok):
     no_eos.eos_token = None
     with pytest.raises(ValueError, match="the tokenizer has no EOS token"):
         generate(model, no_eos, ["what is rain ?"], max_new_tokens=4, seed=0)
+
+
+def test_a_model_folder_with_only_pickled_weights_says_how_to_convert(tok, tmp_path):
+    import os
+
+    from rlcourse.models import load_model, save_model
+
+    model = build_model(tok, n_layers=1, hidden_size=16, n_heads=2, seed=0)
+    save_model(model, tok, tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"holds pytorch_model.bin but no .safetensors weights.*"
+                                         r"save_pretrained"):
+        load_model(tmp_path, device="cpu")
+    os.remove(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"no model weights .* it holds .*config.json"):
+        load_model(tmp_path, device="cpu")

@@ -66,6 +66,23 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def _check_weight_files(path: Path) -> None:
+    """A clear error for a model folder without safetensors weights (before, transformers said
+    "no file named model.safetensors" after the tokenizer had loaded)."""
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in path.glob("*.bin"))
+    if pickled:
+        raise ValueError(
+            f"{path}: holds {', '.join(pickled)} but no .safetensors weights; rlcourse reads "
+            "safetensors only (a pickled file can run code when loaded). Convert once with "
+            "transformers, which writes safetensors: AutoModelForCausalLM.from_pretrained(path)"
+            ".save_pretrained(path)")
+    files = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
+    raise FileNotFoundError(f"{path}: no model weights (*.safetensors) in this folder; it holds "
+                            f"{files}")
+
+
 def load_causal_lm(path: str | os.PathLike, dtype: Any = None, trust_remote_code: bool = False):
     """``AutoModelForCausalLM.from_pretrained`` from a local directory, safetensors only, on the
     CPU: the one place a causal LM's weights are read (:func:`load_model`, and the backbone of
@@ -73,6 +90,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: Any = None, trust_remote_code
     """
     from transformers import AutoModelForCausalLM
 
+    _check_weight_files(Path(path))
     with _quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(
             path,
