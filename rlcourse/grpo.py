@@ -62,6 +62,7 @@ from rlcourse.ppo import (
     gather_rows,
     global_minibatches,
     language_model,
+    reference_logprobs,
     sample_tokens,
 )
 
@@ -262,8 +263,9 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
         bare.eval()
         old = token_logprobs(bare, ids, attn, config.temperature)
         bare.train(was)
-        ref = (token_logprobs(ref_model, ids, attn, config.temperature)
-               if config.kl_coef and ref_model is not None else None)
+        # kl_coef > 0: the reference model, or a LoRA policy with its adapters switched off
+        ref = (reference_logprobs(ref_model, ids, attn, config.temperature, bare)
+               if config.kl_coef else None)
     groups = scores.view(-1, config.group_size)
     adv = group_advantages(groups, config.advantage).reshape(-1, 1).expand_as(mask)
     processes = accelerator.num_processes if accelerator is not None else 1

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from rlcourse import grpo, ppo
+from rlcourse.adapters import is_lora
 from rlcourse.config import (
     COUNT,
     DEVICE,
@@ -274,7 +275,10 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
     prompts = list(prompts)
     rng = np.random.default_rng(seed)
     start = None
-    if config.reference == "sft" and OBJECTIVES[config.loss].needs_reference:
+    # Under LoRA the SFT reference is the policy with its adapters off (train_preference's
+    # default), with no copy of the weights.
+    if config.reference == "sft" and OBJECTIVES[config.loss].needs_reference \
+            and not is_lora(model):
         start = reference_model.eval() if reference_model is not None else \
             copy.deepcopy(model).eval()
     rows = []
@@ -297,9 +301,12 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
             cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
                               schedule="constant", seed=seed * 1000 + k, device=config.device,
                               log_every=10**9, progress=False)
-            # reference="previous": train_preference copies the model as it is now.
+            # reference="previous": train_preference copies the model as it is now (under
+            # LoRA its default would be the adapters switched off: the base, so copy here).
+            reference = start if start is not None or not is_lora(model) \
+                or config.reference == "sft" else copy.deepcopy(model).eval()
             run = train_preference(config.loss, model, pairs, cfg, tokenizer=tokenizer,
-                                   reference_model=start, max_length=config.max_length,
+                                   reference_model=reference, max_length=config.max_length,
                                    seed=seed, **config.loss_hyperparameters())
             last = run.history.last()
             row.update({key: last[key] for key in ("loss", "rewards/accuracies",

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from rlcourse import rl
+from rlcourse.adapters import adapters_disabled, is_lora
 from rlcourse.config import (
     COUNT,
     NON_NEGATIVE,
@@ -60,6 +61,7 @@ from rlcourse.models import (
     output_logits,
     score_sequences,
     shifted_mask,
+    unwrap_model,
 )
 
 __all__ = [
@@ -226,10 +228,23 @@ def forward_policy(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                       temperature: float = 1.0) -> Tensor:
-    """``log pi_ref(a_{t+1} | s_t)`` for every position: (B, L-1), no gradient."""
-    return score_sequences(ref_model, input_ids, attention_mask, temperature).logprobs
+def reference_logprobs(ref_model: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
+                       temperature: float = 1.0, policy: nn.Module | None = None) -> Tensor:
+    """``log pi_ref(a_{t+1} | s_t)`` for every position: (B, L-1), no gradient.
+
+    ``ref_model=None`` with a LoRA ``policy``: the reference is the policy's language model with
+    its adapters switched off (:func:`rlcourse.adapters.adapters_disabled`), as for DPO under
+    LoRA, with no second copy of the weights. Without either, a ``ValueError``: a KL penalty
+    with no reference would silently be no penalty."""
+    with torch.no_grad():
+        if ref_model is not None:
+            return score_sequences(ref_model, input_ids, attention_mask, temperature).logprobs
+        lm = language_model(unwrap_model(policy)) if policy is not None else None
+        if lm is None or not is_lora(lm):
+            raise ValueError("a KL penalty needs a reference model (or a LoRA policy, whose "
+                             "adapters switched off are the reference); got neither")
+        with adapters_disabled(lm):
+            return score_sequences(lm, input_ids, attention_mask, temperature).logprobs
 
 
 def reward_model_fn(reward_model: nn.Module) -> Callable[..., Tensor]:
@@ -356,7 +371,7 @@ def make_experience(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable
     scores = checked_rewards(raw, ids.shape[0], reward_fn).to(ids.device)
     logprobs, values, _ = forward_policy(policy, ids, attn, config.temperature)
     policy.train(was)
-    ref_logprobs = reference_logprobs(ref_model, ids, attn, config.temperature)
+    ref_logprobs = reference_logprobs(ref_model, ids, attn, config.temperature, policy)
     rewards = rl.kl_shaped_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef,
                                    config.clip_score)
     advantages, returns = rl.gae(rewards, values, config.gamma, config.lam, action_mask)
