@@ -84,8 +84,10 @@ def test_online_dpo_under_lora_uses_the_reference_it_names(tok, monkeypatch, ref
     monkeypatch.setattr(online, "train_preference", spy)
     cfg = online.OnlineDPOConfig(rounds=2, epochs=1, batch_size=4, max_new_tokens=4,
                                  reference=reference)
-    online.online_dpo(policy, tok, PROMPTS * 4, lambda p, a, b: [len(x) > len(y)
-                                                                 for x, y in zip(a, b)], cfg)
+    def longer(prompts, a, b):
+        return [len(x) > len(y) for x, y in zip(a, b, strict=True)]
+
+    online.online_dpo(policy, tok, PROMPTS * 4, longer, cfg)
     assert len(seen) == 2
     if reference == "sft":
         assert seen == [None, None]  # train_preference switches the adapters off
