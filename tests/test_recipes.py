@@ -747,3 +747,92 @@ def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_p
     out = tmp_path / "o"
     assert _run(workdir, "sft", out, "train.report_to=tensorboard") == 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+# ---- the output folder: one run at a time, and a model fingerprint of the model's own files ----
+def test_a_second_run_into_a_locked_output_stops_at_once(workdir, tmp_path, capsys):
+    """A run holds ``OUTPUT/.lock`` (flock) from start to end; another run into the same folder
+    stops with one line naming the folder and the holder's pid, and writes nothing there."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run, as far as the recipe sees
+        os.write(fd, b"4242\n")
+        assert _run(workdir, "dpo", out) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(out) in err and "pid 4242" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        os.close(fd)  # the other run ends: the folder is free
+    assert _run(workdir, "dpo", out) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_two_processes_into_one_output_folder(workdir, tmp_path, capsys):
+    """A real second process: while the first trains (its history.jsonl growing), the second is
+    refused with the first's pid; once the first is killed, the OS has released its lock and a
+    rerun proceeds (resuming or, here, starting afresh)."""
+    import time
+
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rlcourse.recipes", str(REPO_ROOT / "recipes" / "dpo.yaml"),
+         "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+         "--output", str(out), *TINY, "train.max_steps=100000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "history.jsonl").is_file():  # it holds the lock and trains
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first run never started training"
+            time.sleep(0.2)
+        assert (out / ".lock").read_text().strip() == str(first.pid)
+        assert _run(workdir, "dpo", out) == 2
+        err = capsys.readouterr().err
+        assert f"pid {first.pid}" in err and str(out) in err, err
+    finally:
+        first.kill()
+        first.wait()
+    assert _run(workdir, "dpo", out, "--overwrite") == 0
+
+
+def _copy_model(workdir: Path, to: Path) -> Path:
+    shutil.copytree(workdir / "model", to)
+    return to
+
+
+def test_an_output_folder_inside_the_model_folder_resumes(workdir, tmp_path, capsys):
+    model_dir = _copy_model(workdir, tmp_path / "model")
+    out = model_dir / "runs" / "dpo"  # the run writes into the model's own folder
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(model_dir),
+            "--data", str(workdir / "pairs.jsonl"), "--output", str(out), *TINY]
+    assert recipes.main(args) == 0
+    capsys.readouterr()
+    assert recipes.main(args) == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+
+
+def test_a_model_folder_that_is_a_git_clone_resumes(workdir, tmp_path, capsys):
+    model_dir = _copy_model(workdir, tmp_path / "model")
+    (model_dir / ".git" / "objects").mkdir(parents=True)
+    (model_dir / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    out = tmp_path / "o"
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(model_dir),
+            "--data", str(workdir / "pairs.jsonl"), "--output", str(out), *TINY]
+    assert recipes.main(args) == 0
+    capsys.readouterr()
+    # git fetch, a README edited on the hub: nothing that defines the model
+    (model_dir / ".git" / "FETCH_HEAD").write_text("0123abcd\n")
+    (model_dir / ".git" / "objects" / "pack").write_bytes(b"\0" * 100)
+    (model_dir / "README.md").write_text("# a model card\n")
+    assert recipes.main(args) == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+    # the tokenizer does define it
+    tok = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 7}))
+    assert recipes.main(args) == 2
+    assert "model (files)" in capsys.readouterr().err
