@@ -5,9 +5,9 @@ One small function per method turns a batch into ``(loss, metrics)``; the shared
 recipe, :func:`train_preference`, reads top to bottom:
 
 1. tokenise the data once (:func:`tokenize_pairs` or :func:`tokenize_unpaired`);
-2. if the method needs a reference model (DPO, IPO, R-DPO, KTO), compute the reference
-   log-probs of every completion **once** (:func:`precompute_reference_logps`) and release the
-   reference model, so that training holds one model, not two;
+2. if the method needs a reference model (DPO, IPO, R-DPO, KTO, the hinge, robust DPO), compute
+   the reference log-probs of every completion **once** (:func:`precompute_reference_logps`) and
+   release the reference model, so that training holds one model, not two;
 3. train with the method's ``loss_fn(model, batch)``: one forward over chosen and rejected
    stacked in the batch dimension, then a loss from :mod:`rlcourse.losses`;
 4. report peak memory and tokens per second.
