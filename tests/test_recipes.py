@@ -836,3 +836,30 @@ def test_a_model_folder_that_is_a_git_clone_resumes(workdir, tmp_path, capsys):
     (model_dir / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 7}))
     assert recipes.main(args) == 2
     assert "model (files)" in capsys.readouterr().err
+
+
+def test_ranges_are_declared_once():
+    """The recipe layer keeps ranges only for keys no section dataclass owns (each dataclass
+    declares its own in RANGES, checked in __post_init__)."""
+    from rlcourse.recipes.registry import methods
+    from rlcourse.recipes.typed import RANGES
+
+    owned = {f"{s.name}.{k}" for row in methods().values() for s in row.sections
+             for k in getattr(s.cls, "RANGES", {})}
+    assert owned & set(RANGES) == set()
+    for section in ("train", "ppo", "rollout", "group", "online", "rsft"):
+        assert not any(k.startswith(f"{section}.") for k in set(RANGES) - {"online.loss"})
+
+
+@pytest.mark.parametrize("method, key, value, must", [
+    ("ppo", "rollout.steps", 0, "an integer >= 1"),
+    ("ppo", "rollout.lr", -1.0, "a finite number > 0"),
+    ("grpo", "rollout.keep_checkpoints", 0, "an integer >= 1"),
+    ("grpo", "rollout.mixed_precision", "fp8", "one of no, bf16, fp16, auto"),
+    ("rloo", "rollout.checkpoint_every", -1, "an integer >= 0"),
+])
+def test_rollout_ranges_are_named_with_the_key(method, key, value, must):
+    path = REPO_ROOT / "recipes" / f"{method}.yaml"
+    with pytest.raises(recipes.RecipeError) as err:
+        recipes.load_recipe(path, {key: value})
+    assert str(err.value) == f"{path} (command line): {key}: must be {must}, got {value!r}"
