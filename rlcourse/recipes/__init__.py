@@ -166,7 +166,9 @@ from typing import Any
 
 from rlcourse.recipes.cli import main
 from rlcourse.recipes.load import load_recipe, loss_signature, parse_overrides
-from rlcourse.recipes.offline_methods import _train_preference
+from rlcourse.recipes.offline_methods import (  # the preference losses' runner (chapter 14)
+    _train_preference as _train_preference,
+)
 from rlcourse.recipes.reference import (
     REFERENCE_PATH,
     field_docs,
@@ -201,8 +203,6 @@ __all__ = [
     "reference_sections",
     "run_recipe",
 ]
-# _train_preference: the preference losses' runner, shown by chapter 14.
-_SHOWN = (_train_preference,)
 
 
 def __getattr__(name: str) -> Any:
