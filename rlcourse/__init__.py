@@ -10,7 +10,8 @@ Layers (imports point downward only; :data:`LAYERS` is the same table as code, a
    :mod:`rlcourse.adapters`, :mod:`rlcourse.guards`
 3. engines: :mod:`rlcourse.engine`, :mod:`rlcourse.ppo`, :mod:`rlcourse.grpo`,
    :mod:`rlcourse.preference`, :mod:`rlcourse.reward_model`, :mod:`rlcourse.online`,
-   :mod:`rlcourse.recipes`
+   :mod:`rlcourse.recipes` (a package: typed, schema, load, registry, offline_methods,
+   rl_methods, round_methods, rewards, output, checks, run, reference, cli)
 4. worlds and evaluation: :mod:`rlcourse.worlds`, :mod:`rlcourse.evaluation`
 5. teaching aids and book tooling: :mod:`rlcourse.teaching`, :mod:`rlcourse.exercises`,
    :mod:`rlcourse.notebooks`, :mod:`rlcourse.book`, :mod:`rlcourse.site`

@@ -114,10 +114,12 @@ FINGERPRINT_WHOLE = 64 << 20
 FINGERPRINT_SAMPLE = 16 << 20
 
 
-def directory_fingerprint(path: str | os.PathLike) -> str | None:
+def directory_fingerprint(path: str | os.PathLike,
+                          include: Callable[[Path], bool] | None = None) -> str | None:
     """A SHA-256 over every file below ``path`` (a model directory): its relative name, its size,
     and its bytes (files up to 64 MiB whole; larger ones their first and last 16 MiB). ``None``
-    when ``path`` is not a directory.
+    when ``path`` is not a directory. ``include(relative_path)``: hash only the files it accepts
+    (e.g. a model's weights, config and tokenizer, not a run folder or ``.git`` inside it).
 
     It tells "the same checkpoint" from "another checkpoint saved in the same folder" (new
     weights change the bytes right after a safetensors header, and configs and tokenizers are
@@ -128,7 +130,8 @@ def directory_fingerprint(path: str | os.PathLike) -> str | None:
     if not root.is_dir():
         return None
     h = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in sorted(p for p in root.rglob("*") if p.is_file()
+                       and (include is None or include(p.relative_to(root)))):
         size = file.stat().st_size
         h.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())
         with open(file, "rb") as fh:

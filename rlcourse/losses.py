@@ -1,4 +1,5 @@
-"""Preference losses without RL: DPO, cDPO, IPO, R-DPO, KTO, ORPO, SimPO and Bradley–Terry.
+"""Preference losses without RL: DPO, cDPO, IPO, R-DPO, SLiC-HF's hinge, robust DPO, KTO, ORPO,
+SimPO and Bradley–Terry.
 
 Layer 1 (pure math). Every loss is a function of *per-sequence* log-probabilities, tensors of
 shape ``[batch]``, and returns the *per-example* loss, shape ``[batch]``; the caller averages.
@@ -38,6 +39,7 @@ __all__ = [
     "Objective",
     "bradley_terry_loss",
     "dpo_loss",
+    "hinge_loss",
     "implicit_rewards",
     "ipo_loss",
     "kto_loss",
@@ -51,6 +53,7 @@ __all__ = [
     "prospect_value",
     "prospect_weight",
     "rdpo_loss",
+    "robust_dpo_loss",
     "simpo_loss",
 ]
 
@@ -65,6 +68,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "kto": {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
     "orpo": {"lam": 0.1},
     "simpo": {"beta": 2.0, "gamma": 1.0, "length_normalize": True},
+    "hinge": {"beta": 0.1},
+    # Robust DPO's assumed flip rate: TRL's default label_smoothing is 0.0, where the loss is
+    # plain DPO; 0.1 (one label in ten flipped) makes the method differ from DPO by default.
+    "robust": {"beta": 0.1, "label_smoothing": 0.1},
     "bt": {},
 }
 
@@ -152,6 +159,69 @@ def dpo_loss(
     return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
         -logits
     )
+
+
+def hinge_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float = DEFAULTS["hinge"]["beta"],
+) -> Tensor:
+    r"""SLiC-HF's hinge (calibration) loss per example (Zhao et al., 2023), in TRL's form
+    (``loss_type="hinge"``).
+
+    .. math::
+        L = \max(0,\ 1 - \beta h) = \beta \max(0,\ \delta - h), \quad \delta = 1/\beta
+
+    with ``h`` DPO's log-ratio margin (:func:`dpo_loss`). SLiC-HF writes
+    ``max(0, δ - log πθ(y_w|x) + log πθ(y_l|x))``, a margin δ on the policy's own log-likelihood
+    gap, plus a regulariser toward the SFT targets; TRL (and this function) take the gap relative
+    to the reference, ``h``, and put ``β`` in front, so ``β`` is both the inverse margin
+    (``δ = 1/β``) and a scale of the loss. With the reference log-probs set to 0 it is SLiC's
+    calibration term, times β. Unlike DPO a pair whose margin reaches ``βh >= 1`` gives no
+    gradient at all (DPO keeps pushing, with weight ``σ(-βh)``). At ``πθ = πref`` the loss is 1.
+    Inputs: summed log-probs, shape ``[batch]``.
+    """
+    h = (policy_chosen_logps - reference_chosen_logps) - (
+        policy_rejected_logps - reference_rejected_logps
+    )
+    return torch.relu(1.0 - beta * h)
+
+
+def robust_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float = DEFAULTS["robust"]["beta"],
+    label_smoothing: float = DEFAULTS["robust"]["label_smoothing"],
+) -> Tensor:
+    r"""Robust DPO (rDPO) loss per example (Chowdhury et al., 2024), TRL's ``loss_type="robust"``.
+
+    .. math::
+        L = \frac{(1-\varepsilon)\,(-\log\sigma(\beta h))
+                  - \varepsilon\,(-\log\sigma(-\beta h))}{1 - 2\varepsilon}
+
+    ``ε = label_smoothing`` in [0, 0.5) is the assumed rate at which preference labels are
+    flipped (TRL reads the same ``label_smoothing``). The loss is an unbiased estimate of the
+    clean-label DPO loss: averaged over a label flipped with probability ε, it equals
+    ``-log σ(βh)`` of the true label. Conservative DPO (cDPO, Mitchell 2023; :func:`dpo_loss`
+    with ``label_smoothing``) instead ADDS the flipped term, ``(1-ε)(-log σ(βh)) +
+    ε(-log σ(-βh))``: a smoothed target whose minimum lies at a finite margin
+    ``σ(βh) = 1 - ε``, where it stops pushing; rDPO's gradient in ``h`` is
+    ``-β[(1-ε)σ(-βh) + εσ(βh)]/(1-2ε) < 0`` everywhere, so it keeps raising the margin, and the
+    loss is not bounded below (it goes negative for large ``βh``). ``ε = 0`` is plain DPO; at
+    ``πθ = πref`` the loss is ``ln 2`` whatever ε is. Inputs: summed log-probs, shape ``[batch]``.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    h = (policy_chosen_logps - reference_chosen_logps) - (
+        policy_rejected_logps - reference_rejected_logps
+    )
+    logits = beta * h
+    eps = label_smoothing
+    return ((1.0 - eps) * -F.logsigmoid(logits) - eps * -F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
 
 
 def ipo_loss(
@@ -613,6 +683,34 @@ OBJECTIVES: dict[str, Objective] = {
         "Reward",
         notes="gamma is absolute here (TRL's simpo_gamma); the authors pass gamma/beta.",
         extra_inputs=("chosen_lengths", "rejected_lengths"),
+    ),
+    "hinge": Objective(
+        name="SLiC-HF (hinge)",
+        loss=hinge_loss,
+        needs_reference=True,
+        data_format="paired",
+        reduction="sum",
+        hyperparameters=DEFAULTS["hinge"],
+        latex=rf"\max\left(0,\ 1 - \left({_H}\right)\right)",
+        paper="Zhao et al., 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
+        notes="TRL's loss_type='hinge': the margin is the reference-relative h, delta = 1/beta; "
+        "SLiC-HF's own hinge reads the policy's log-likelihood gap, with no reference.",
+    ),
+    "robust": Objective(
+        name="Robust DPO",
+        loss=robust_dpo_loss,
+        needs_reference=True,
+        data_format="paired",
+        reduction="sum",
+        hyperparameters=DEFAULTS["robust"],
+        latex=(
+            rf"\frac{{-(1-\varepsilon)\log \sigma\left({_H}\right)"
+            rf" + \varepsilon \log \sigma\left(-\left({_H}\right)\right)}}{{1 - 2\varepsilon}}"
+        ),
+        paper="Chowdhury et al., 2024, Provably Robust DPO: Aligning Language Models with Noisy "
+        "Feedback",
+        notes="Unbiased under labels flipped with probability label_smoothing; cDPO (dpo's "
+        "label_smoothing) adds the flipped term instead of subtracting it.",
     ),
     "bt": Objective(
         name="Bradley–Terry reward model",

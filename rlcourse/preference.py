@@ -5,9 +5,9 @@ One small function per method turns a batch into ``(loss, metrics)``; the shared
 recipe, :func:`train_preference`, reads top to bottom:
 
 1. tokenise the data once (:func:`tokenize_pairs` or :func:`tokenize_unpaired`);
-2. if the method needs a reference model (DPO, IPO, R-DPO, KTO), compute the reference
-   log-probs of every completion **once** (:func:`precompute_reference_logps`) and release the
-   reference model, so that training holds one model, not two;
+2. if the method needs a reference model (DPO, IPO, R-DPO, KTO, the hinge, robust DPO), compute
+   the reference log-probs of every completion **once** (:func:`precompute_reference_logps`) and
+   release the reference model, so that training holds one model, not two;
 3. train with the method's ``loss_fn(model, batch)``: one forward over chosen and rejected
    stacked in the batch dimension, then a loss from :mod:`rlcourse.losses`;
 4. report peak memory and tokens per second.
@@ -62,6 +62,7 @@ from rlcourse.losses import (
     DEFAULTS,
     OBJECTIVES,
     dpo_loss,
+    hinge_loss,
     ipo_loss,
     kto_loss,
     kto_reference_point,
@@ -69,6 +70,7 @@ from rlcourse.losses import (
     orpo_loss,
     preference_metrics,
     rdpo_loss,
+    robust_dpo_loss,
     simpo_loss,
 )
 from rlcourse.models import encode_prompt_completion, sequence_logprobs, shifted_mask
@@ -410,6 +412,33 @@ def rdpo_loss_fn(
     return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
 
 
+def hinge_loss_fn(
+    model: Any,
+    batch: Mapping[str, Tensor],
+    beta: float = DEFAULTS["hinge"]["beta"],
+) -> tuple[Tensor, dict[str, float]]:
+    """SLiC-HF's hinge on a paired batch (TRL's ``loss_type="hinge"``): :func:`hinge_loss`."""
+    pc, pr, _, _ = policy_logps(model, batch)
+    rc = _reference(batch, "reference_chosen_logps", pc.device)
+    rr = _reference(batch, "reference_rejected_logps", pc.device)
+    loss = hinge_loss(pc, pr, rc, rr, beta=beta).mean()
+    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
+
+
+def robust_loss_fn(
+    model: Any,
+    batch: Mapping[str, Tensor],
+    beta: float = DEFAULTS["robust"]["beta"],
+    label_smoothing: float = DEFAULTS["robust"]["label_smoothing"],
+) -> tuple[Tensor, dict[str, float]]:
+    """Robust DPO on a paired batch (TRL's ``loss_type="robust"``): :func:`robust_dpo_loss`."""
+    pc, pr, _, _ = policy_logps(model, batch)
+    rc = _reference(batch, "reference_chosen_logps", pc.device)
+    rr = _reference(batch, "reference_rejected_logps", pc.device)
+    loss = robust_dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing).mean()
+    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
+
+
 def _gathered(t: Tensor) -> Tensor:
     """``t`` of every process, concatenated (no gradient); ``t`` itself in one process."""
     import torch.distributed as dist
@@ -513,6 +542,8 @@ LOSS_FNS: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
     "kto": kto_loss_fn,
     "orpo": orpo_loss_fn,
     "simpo": simpo_loss_fn,
+    "hinge": hinge_loss_fn,
+    "robust": robust_loss_fn,
 }
 
 

@@ -459,7 +459,8 @@ def _keyword_defaults(fn, skip=()):
 
 def test_every_loss_functions_defaults_are_the_objectives_table():
     from rlcourse.preference import LOSS_FNS, make_loss_fn
-    from rlcourse.recipes import _loss_signature
+    from rlcourse.recipes import loss_signature
+    from rlcourse.recipes import method as recipe_method
 
     assert set(LOSS_FNS) | {"bt"} == set(losses.DEFAULTS) == set(OBJECTIVES)
     for method, trainer_fn in LOSS_FNS.items():
@@ -472,7 +473,7 @@ def test_every_loss_functions_defaults_are_the_objectives_table():
         pure = _keyword_defaults(OBJECTIVES[method].loss)
         assert pure and pure.items() <= table.items(), method
         # A recipe's loss section defaults come from the same signature.
-        recipe = {k: p.default for k, p in _loss_signature(method).items()}
+        recipe = {k: p.default for k, p in loss_signature(recipe_method(method)).items()}
         assert recipe == table, method
         assert make_loss_fn(method).keywords == {}  # nothing bound: the defaults apply
     for fn in (losses.implicit_rewards, losses.preference_metrics):

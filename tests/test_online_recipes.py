@@ -91,7 +91,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_both_methods_are_recipes():
     assert {"online_dpo", "rsft"} <= set(recipes.METHODS)
-    assert set(recipes.ROUND_METHODS) <= set(recipes.PROMPT_METHODS)
+    for name in ("online_dpo", "rsft"):
+        assert recipes.method(name).data_key == "prompts" and recipes.method(name).single_process
 
 
 def test_online_dpo_recipe_with_a_verifier_raises_its_word(workdir, verifier, tmp_path):

@@ -12,6 +12,7 @@ import yaml
 
 from rlcourse import recipes
 from rlcourse.config import REPO_ROOT
+from rlcourse.recipes import reference
 
 
 @dataclass
@@ -31,14 +32,14 @@ def test_field_docs_reads_the_string_under_each_field():
 
 def test_an_undocumented_field_is_refused_by_name(monkeypatch):
     path = f"{__name__}:_Half"
-    monkeypatch.setattr(recipes, "REFERENCE_SECTIONS", (("half", path, "none", ""),))
+    monkeypatch.setattr(reference, "reference_sections", lambda: (("half", path, "none", ""),))
     with pytest.raises(ValueError, match=r"_Half\.b.*_Half\.c"):
         recipes.recipe_reference()
 
 
-@pytest.mark.parametrize("section", recipes.REFERENCE_SECTIONS, ids=lambda s: s[1])
+@pytest.mark.parametrize("section", recipes.reference_sections(), ids=lambda s: s[1])
 def test_every_config_field_has_a_doc(section):
-    cls = recipes._import_path(section[1])
+    cls = reference.import_path(section[1])
     docs = recipes.field_docs(cls)
     assert [f.name for f in fields(cls) if not docs.get(f.name, "").strip()] == []
 
@@ -60,7 +61,7 @@ def test_reference_rows_carry_type_default_and_doc():
 
 def test_every_key_of_the_shipped_recipes_is_in_the_reference():
     text = recipes.recipe_reference()
-    sections = {s[0] for s in recipes.REFERENCE_SECTIONS}
+    sections = {s[0] for s in recipes.reference_sections()}
     missing = []
     for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -75,6 +76,6 @@ def test_every_key_of_the_shipped_recipes_is_in_the_reference():
 
 def test_command_line_writes_the_reference(tmp_path, monkeypatch):
     target = tmp_path / "REFERENCE.md"
-    monkeypatch.setattr(recipes, "REFERENCE_PATH", target)
+    monkeypatch.setattr(reference, "REFERENCE_PATH", target)
     assert recipes.main(["--write-reference"]) == 0
     assert target.read_text(encoding="utf-8") == recipes.recipe_reference()

@@ -28,6 +28,7 @@ from rlcourse.engine import TrainConfig
 from rlcourse.models import build_model, build_tokenizer, load_model, save_model
 from rlcourse.ppo import PPOConfig
 from rlcourse.preference import LOSS_FNS
+from rlcourse.recipes.checks import launch_device
 
 torch.set_num_threads(1)
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
@@ -59,7 +60,8 @@ def test_recipe_parses_into_the_trainers_config(path):
         assert isinstance(recipe.ppo, PPOConfig)
         assert isinstance(recipe.rollout, recipes.PPORollout)
         return
-    if recipe.method in recipes.ROUND_METHODS:
+    family = recipes.method(recipe.method).family
+    if family == "rounds":
         from rlcourse.online import OnlineDPOConfig, RSFTConfig
 
         cls, name = ((OnlineDPOConfig, "online") if recipe.method == "online_dpo" else
@@ -69,7 +71,7 @@ def test_recipe_parses_into_the_trainers_config(path):
         text = path.read_text()  # every field named: nothing hides behind a default
         assert all(f"  {f.name}:" in text for f in fields(cls)), name
         return
-    if recipe.method in recipes.GROUP_METHODS:
+    if recipe.method in ("grpo", "rloo"):
         from rlcourse.grpo import GroupConfig
 
         assert isinstance(recipe.group, GroupConfig) and recipe.train is None
@@ -294,15 +296,20 @@ def test_accelerate_cpu_launch_of_two_processes_is_refused(workdir, tmp_path):
 def test_recipe_fields_cover_the_documented_keys():
     # The keys a recipe accepts are the Recipe's fields (plus the sections), so the module
     # docstring's list and the validator cannot drift apart silently.
-    accepted = recipes._COMMON_KEYS.union(*recipes._METHOD_KEYS.values())
-    assert accepted - {"train"} <= {f.name for f in fields(recipes.Recipe)}
+    # The sections are the registry rows' own; every other key is a Recipe field.
+    from rlcourse.recipes.registry import section_names
+
+    accepted = set().union(*(row.top_keys() for row in recipes.methods().values()))
+    assert accepted - section_names() <= {f.name for f in fields(recipes.Recipe)}
 
 
 def test_only_methods_with_a_reference_accept_a_reference_model():
     from rlcourse.losses import OBJECTIVES
 
-    for method in recipes.PREFERENCE_METHODS:
-        accepts = "reference_model" in recipes._METHOD_KEYS[method]
+    preference = [m for m in OBJECTIVES if m in LOSS_FNS]
+    assert {"dpo", "ipo", "rdpo", "kto", "orpo", "simpo"} <= set(preference)
+    for method in preference:
+        accepts = "reference_model" in recipes.method(method).top_keys()
         assert accepts == OBJECTIVES[method].needs_reference, method
 
 
@@ -528,10 +535,16 @@ def test_another_checkpoint_saved_into_the_model_folder_is_not_the_same_run(work
 
     assert run() == 0
     capsys.readouterr()
-    # A run.json written before fingerprints existed is compared on the keys it has.
+    # A run.json written before fingerprints existed is compared on the keys it has; one
+    # written when the fingerprint hashed every file in the folder ("model (fingerprint)") is
+    # not compared on that retired key.
     recorded = (out / "run.json").read_text()
     info = json.loads(recorded)
-    del info["identity"]["model (fingerprint)"]
+    del info["identity"]["model (files)"]
+    (out / "run.json").write_text(json.dumps(info))
+    assert run() == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+    info["identity"]["model (fingerprint)"] = "an all-files digest of an older version"
     (out / "run.json").write_text(json.dumps(info))
     assert run() == 0
     assert "already holds the finished run" in capsys.readouterr().err
@@ -544,7 +557,7 @@ def test_another_checkpoint_saved_into_the_model_folder_is_not_the_same_run(work
     save_model(model, tok, model_dir)
     assert run() == 2
     err = capsys.readouterr().err
-    assert "model (fingerprint)" in err and "a finished run of a different recipe" in err, err
+    assert "model (files)" in err and "a finished run of a different recipe" in err, err
 
 
 def test_partial_run_resumes_only_with_the_same_recipe(workdir, tmp_path, monkeypatch, capsys):
@@ -606,13 +619,13 @@ def test_launch_without_gpus_trains_on_cpu_and_a_lost_cpu_launch_is_refused(monk
     recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert recipes._launch_device(recipe) == "cpu" and recipe.train.device == "cpu"
+    assert launch_device(recipe) == "cpu" and recipe.train.device == "cpu"
     # accelerate launch --cpu --num_processes 2 runs ONE process and leaves MASTER_PORT behind.
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     with pytest.raises(recipes.RecipeError, match="started one process"):
-        recipes._launch_device(recipe)
+        launch_device(recipe)
 
 
 def _conversational(row: dict) -> dict:
@@ -734,3 +747,119 @@ def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_p
     out = tmp_path / "o"
     assert _run(workdir, "sft", out, "train.report_to=tensorboard") == 0
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+# ---- the output folder: one run at a time, and a model fingerprint of the model's own files ----
+def test_a_second_run_into_a_locked_output_stops_at_once(workdir, tmp_path, capsys):
+    """A run holds ``OUTPUT/.lock`` (flock) from start to end; another run into the same folder
+    stops with one line naming the folder and the holder's pid, and writes nothing there."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run, as far as the recipe sees
+        os.write(fd, b"4242\n")
+        assert _run(workdir, "dpo", out) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(out) in err and "pid 4242" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        os.close(fd)  # the other run ends: the folder is free
+    assert _run(workdir, "dpo", out) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_two_processes_into_one_output_folder(workdir, tmp_path, capsys):
+    """A real second process: while the first trains (its history.jsonl growing), the second is
+    refused with the first's pid; once the first is killed, the OS has released its lock and a
+    rerun proceeds (resuming or, here, starting afresh)."""
+    import time
+
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rlcourse.recipes", str(REPO_ROOT / "recipes" / "dpo.yaml"),
+         "--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"),
+         "--output", str(out), *TINY, "train.max_steps=100000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "history.jsonl").is_file():  # it holds the lock and trains
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first run never started training"
+            time.sleep(0.2)
+        assert (out / ".lock").read_text().strip() == str(first.pid)
+        assert _run(workdir, "dpo", out) == 2
+        err = capsys.readouterr().err
+        assert f"pid {first.pid}" in err and str(out) in err, err
+    finally:
+        first.kill()
+        first.wait()
+    assert _run(workdir, "dpo", out, "--overwrite") == 0
+
+
+def _copy_model(workdir: Path, to: Path) -> Path:
+    shutil.copytree(workdir / "model", to)
+    return to
+
+
+def test_an_output_folder_inside_the_model_folder_resumes(workdir, tmp_path, capsys):
+    model_dir = _copy_model(workdir, tmp_path / "model")
+    out = model_dir / "runs" / "dpo"  # the run writes into the model's own folder
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(model_dir),
+            "--data", str(workdir / "pairs.jsonl"), "--output", str(out), *TINY]
+    assert recipes.main(args) == 0
+    capsys.readouterr()
+    assert recipes.main(args) == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+
+
+def test_a_model_folder_that_is_a_git_clone_resumes(workdir, tmp_path, capsys):
+    model_dir = _copy_model(workdir, tmp_path / "model")
+    (model_dir / ".git" / "objects").mkdir(parents=True)
+    (model_dir / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    out = tmp_path / "o"
+    args = [str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(model_dir),
+            "--data", str(workdir / "pairs.jsonl"), "--output", str(out), *TINY]
+    assert recipes.main(args) == 0
+    capsys.readouterr()
+    # git fetch, a README edited on the hub: nothing that defines the model
+    (model_dir / ".git" / "FETCH_HEAD").write_text("0123abcd\n")
+    (model_dir / ".git" / "objects" / "pack").write_bytes(b"\0" * 100)
+    (model_dir / "README.md").write_text("# a model card\n")
+    assert recipes.main(args) == 0
+    assert "already holds the finished run" in capsys.readouterr().err
+    # the tokenizer does define it
+    tok = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 7}))
+    assert recipes.main(args) == 2
+    assert "model (files)" in capsys.readouterr().err
+
+
+def test_ranges_are_declared_once():
+    """The recipe layer keeps ranges only for keys no section dataclass owns (each dataclass
+    declares its own in RANGES, checked in __post_init__)."""
+    from rlcourse.recipes.registry import methods
+    from rlcourse.recipes.typed import RANGES
+
+    owned = {f"{s.name}.{k}" for row in methods().values() for s in row.sections
+             for k in getattr(s.cls, "RANGES", {})}
+    assert owned & set(RANGES) == set()
+    for section in ("train", "ppo", "rollout", "group", "online", "rsft"):
+        assert not any(k.startswith(f"{section}.") for k in set(RANGES) - {"online.loss"})
+
+
+@pytest.mark.parametrize("method, key, value, must", [
+    ("ppo", "rollout.steps", 0, "an integer >= 1"),
+    ("ppo", "rollout.lr", -1.0, "a finite number > 0"),
+    ("grpo", "rollout.keep_checkpoints", 0, "an integer >= 1"),
+    ("grpo", "rollout.mixed_precision", "fp8", "one of no, bf16, fp16, auto"),
+    ("rloo", "rollout.checkpoint_every", -1, "an integer >= 0"),
+])
+def test_rollout_ranges_are_named_with_the_key(method, key, value, must):
+    path = REPO_ROOT / "recipes" / f"{method}.yaml"
+    with pytest.raises(recipes.RecipeError) as err:
+        recipes.load_recipe(path, {key: value})
+    assert str(err.value) == f"{path} (command line): {key}: must be {must}, got {value!r}"

@@ -1,0 +1,134 @@
+"""The RL methods: PPO (:func:`rlcourse.ppo.train_ppo`) and the group methods GRPO and RLOO
+(:func:`rlcourse.grpo.train_group_lm`). Each samples answers to ``prompts`` every step, scores
+them with a reward and updates the policy; none has a ``train`` section."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from rlcourse import grpo, ppo
+from rlcourse.data import TEXT, DataError, read_jsonl
+from rlcourse.engine import TrainConfig, make_accelerator
+from rlcourse.grpo import GroupConfig
+from rlcourse.models import RewardModel, ValueHeadModel, freeze_untied_lm_head, load_model
+from rlcourse.ppo import PPOConfig
+from rlcourse.recipes.registry import Method, Section
+from rlcourse.recipes.rewards import check_reward, reward_function
+from rlcourse.recipes.schema import GroupRollout, PPORollout
+from rlcourse.recipes.typed import RecipeError
+
+__all__ = ["ROWS", "read_prompts"]
+
+
+def read_prompts(recipe: Any, path: Path) -> list[str]:
+    """The ``prompt`` of every row of a JSONL file (at least one)."""
+    prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": TEXT})]
+    if not prompts:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return prompts
+
+
+def _no_train(sections: str, upper: bool = False):
+    def check(recipe: Any, raw: Any) -> None:
+        if "train" in raw:
+            name = recipe.method.upper() if upper else recipe.method
+            raise RecipeError(f"{recipe.where('train')}: a {name} recipe takes its settings "
+                              f"from the {sections} sections")
+    return check
+
+
+# ---- PPO --------------------------------------------------------------------------------------
+def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_rows: Any,
+             progress: bool, save: bool):
+    """PPO with the four models of the slides: actor, critic, reward model, reference."""
+    device = str(next(model.parameters()).device)
+    reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
+                                         trust_remote_code=recipe.trust_remote_code)
+    reference = ppo.freeze(model)
+    r = recipe.rollout
+    if r.separate_critic:
+        critic = ValueHeadModel(copy.deepcopy(model), seed=recipe.seed)
+        freeze_untied_lm_head(critic.model)  # the critic's logits are never used
+        policy = ppo.ActorCritic(model, critic)
+    else:
+        policy = ValueHeadModel(model, seed=recipe.seed)
+    accelerator = make_accelerator(TrainConfig(device=r.device))
+    sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
+                             temperature=recipe.ppo.temperature,
+                             num_processes=accelerator.num_processes,
+                             process_index=accelerator.process_index)
+    history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
+                            recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
+                            checkpoint_dir=Path(recipe.output) / "checkpoints",
+                            checkpoint_every=r.checkpoint_every,
+                            keep_checkpoints=r.keep_checkpoints, accelerator=accelerator)
+    return ppo.language_model(policy), history, {}
+
+
+# ---- GRPO and RLOO ----------------------------------------------------------------------------
+def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_rows: Any,
+               progress: bool, save: bool):
+    """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
+    function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
+    device = str(next(model.parameters()).device)
+    fn = reward_function(recipe, tokenizer, device)
+    reference = None
+    if recipe.group.kl_coef:
+        if recipe.reference_model:
+            reference, _ = load_model(recipe.reference_model, device=device, dtype=recipe.dtype,
+                                      trust_remote_code=recipe.trust_remote_code)
+            reference = ppo.freeze(reference)
+        else:
+            reference = ppo.freeze(model)
+    r = recipe.rollout
+    history = grpo.train_group_lm(
+        model, tokenizer, prompts, fn, recipe.group, r.steps, lr=r.lr,
+        max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
+        checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
+        keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
+        weight_decay=r.weight_decay, progress=progress)
+    return model, history, {"n_prompts_in_file": len(prompts)}
+
+
+def _group_checks(recipe: Any, raw: Any) -> None:
+    check_reward(recipe)
+    _no_train("'group' and 'rollout'")(recipe, raw)
+
+
+def _advantage(allowed: tuple[str, ...]):
+    """``group.advantage`` defaults to the method's name and must be one it allows."""
+    def defaults(values: dict[str, Any], recipe: Any) -> None:
+        advantage = values.setdefault("advantage", recipe.method)
+        if advantage not in allowed:
+            raise RecipeError(f"{recipe.where('group.advantage')}: a {recipe.method} recipe "
+                              f"takes advantage {' or '.join(allowed)}, got {advantage!r}")
+    return defaults
+
+
+_ROLLOUT_NOT_IDENTITY = frozenset({"checkpoint_every", "keep_checkpoints", "device"})
+
+
+def _group_row(name: str, allowed: tuple[str, ...], summary: str) -> Method:
+    return Method(
+        name, family="rl", run=_run_group, read=read_prompts, data_key="prompts",
+        sections=(Section("group", GroupConfig, _advantage(allowed)),
+                  Section("rollout", GroupRollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
+        keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",), reference=True,
+        check_raw=_group_checks, length_key="rollout.max_new_tokens", device_section="rollout",
+        split_key="group.n_prompts", summary=summary)
+
+
+ROWS = (
+    Method("ppo", family="rl", run=_run_ppo, read=read_prompts, data_key="prompts",
+           sections=(Section("ppo", PPOConfig),
+                     Section("rollout", PPORollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
+           keys=frozenset({"reward_model"}), required=("prompts", "reward_model"),
+           check_raw=_no_train("'ppo' and 'rollout'", upper=True),
+           length_key="rollout.max_new_tokens", device_section="rollout",
+           split_key="rollout.batch_size",
+           summary="PPO with a critic, a reward model and a KL-shaped reward"),
+    _group_row("grpo", ("grpo", "dr_grpo"), "GRPO: group-normalised advantages, no critic"),
+    _group_row("rloo", ("rloo",), "RLOO: leave-one-out baselines, no critic"),
+)

@@ -1,0 +1,40 @@
+"""Every shipped recipe resolves to the configuration it resolved to before the recipe layer
+became a package with a method registry (``tests/data/recipe_snapshots.json``, written by
+``load_recipe`` at commit 36a8888, before the refactor; the hinge and robust recipes were added
+after it).
+
+The snapshot is ``Recipe.to_dict()`` without ``source`` (the path the file was read from) and
+without the sections a method does not have (``None`` before, absent now), plus the class of
+each section, so a section parsed into another dataclass fails too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlcourse import recipes
+from rlcourse.config import REPO_ROOT
+
+SNAPSHOTS = json.loads((REPO_ROOT / "tests" / "data" / "recipe_snapshots.json").read_text())
+SHIPPED = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+SECTIONS = ("train", "ppo", "rollout", "group", "online", "rsft", "lora")
+
+
+def _resolved(path):
+    recipe = recipes.load_recipe(path)
+    config = json.loads(json.dumps(recipe.to_dict()))
+    config.pop("source")
+    config = {k: v for k, v in config.items() if not (k in SECTIONS and v is None)}
+    types = {k: type(getattr(recipe, k)).__name__ for k in SECTIONS
+             if getattr(recipe, k) is not None}
+    return {"config": config, "section_types": types}
+
+
+def test_every_shipped_recipe_has_a_snapshot():
+    assert sorted(SNAPSHOTS) == [p.name for p in SHIPPED]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_recipe_resolves_to_its_snapshot(path):
+    assert _resolved(path) == SNAPSHOTS[path.name]
