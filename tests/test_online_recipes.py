@@ -195,7 +195,9 @@ def test_other_rounds_refuse_to_resume(workdir, verifier, tmp_path, monkeypatch,
     ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nonline:\n"
      "  reference: start\n", "online.reference", "one of sft, previous"),
     ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nonline:\n"
-     "  loss: ipo\n", "online.loss", "must be dpo"),
+     "  loss: kto\n", "online.loss", "must be a paired preference loss"),
+    ("method: online_dpo\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nonline:\n"
+     "  loss: ipo\n  loss_kwargs: {lam: 1}\n", "online.loss_kwargs", "unknown: lam"),
     ("method: rsft\nmodel: m\nprompts: p\noutput: o\nreward_model: r\nmax_length: 64\n",
      "max_length", "rsft.max_length"),
     ("method: rsft\nmodel: m\nprompts: p\noutput: o\nreward_model: r\ntrain:\n  lr: 1\n",

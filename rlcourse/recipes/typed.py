@@ -91,6 +91,11 @@ def typed(value: Any, hint: Any, at: str) -> Any:
                 if isinstance(value, bool) else ""
             raise RecipeError(f"{at}: expected a string, got {_type_name(value)}{hint_}")
         return value
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{at}: expected a mapping of keys to values, got "
+                              f"{_type_name(value)}")
+        return dict(value)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise RecipeError(f"{at}: expected a list of {len(args)} values, got "
@@ -125,7 +130,6 @@ RANGES: dict[str, tuple[Any, str]] = {
     "loss.desirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.undesirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     "loss.reduction": (lambda v: v in ("token", "sequence"), "one of token, sequence"),
-    "online.loss": (lambda v: v == "dpo", "dpo (the only paired loss taking beta alone)"),
 }
 
 
