@@ -76,6 +76,7 @@ __all__ = [
     "sft_loss_fn",
     "stop_nonfinite",
     "target_tokens",
+    "tracker_settings",
     "train",
 ]
 
@@ -651,7 +652,7 @@ class RunLog:
                                      step=row["step"])
 
 
-def _tracker_settings(config: TrainConfig) -> dict[str, Any]:
+def tracker_settings(config: TrainConfig) -> dict[str, Any]:
     """``Accelerator`` arguments for ``config.report_to`` (TensorBoard needs ``logging_dir``)."""
     if config.report_to in ("none", None):
         return {}
@@ -704,7 +705,7 @@ def make_accelerator(config: TrainConfig):
         mixed_precision=mp,
         gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.device == "cpu",
-        **_tracker_settings(config),
+        **tracker_settings(config),
     )
 
 

@@ -238,3 +238,49 @@ def test_a_reward_function_edited_between_runs_is_not_the_same_run(workdir, tmp_
     err = capsys.readouterr().err
     assert "reward_fn (source sha256)" in err, err
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_grpo_recipe_with_lora_and_a_kl_penalty(workdir, verifier, tmp_path):
+    """LoRA on a group method: only adapters train, the KL's reference is the policy with its
+    adapters switched off (no copy), the adapter folder is saved, history.jsonl is written as
+    the run goes; before, 'lora' was an unknown key for GRPO and RLOO."""
+    from rlcourse.adapters import load_lora
+
+    out = tmp_path / "o"
+    assert _run(workdir, "grpo", out, "rollout.steps=2", "group.kl_coef=0.05", "lora.r=4",
+                "lora.target_modules=[q_proj, v_proj]") == 0
+    assert (out / "model" / "adapter_config.json").is_file()
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl_k3"] == 0.0
+    adapted, _ = load_lora(out / "model", device="cpu")
+    assert any("lora" in n for n, _ in adapted.named_parameters())
+
+
+def test_a_reward_function_returning_nan_stops_the_recipe_with_one_line(workdir, tmp_path,
+                                                                         capsys, monkeypatch):
+    (tmp_path / "rlc_bad_rewards.py").write_text(
+        "def nan_for_some(prompts, completions):\n"
+        "    return [float('nan') if i % 3 else 1.0 for i, _ in enumerate(completions)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = recipes.main([str(REPO_ROOT / "recipes" / "grpo.yaml"),
+                         "--model", str(workdir / "model"),
+                         "--data", str(workdir / "prompts.jsonl"),
+                         "--output", str(tmp_path / "o"), "reward_model=null",
+                         "reward_fn=rlc_bad_rewards:nan_for_some", *TINY, "rollout.steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: reward function rlc_bad_rewards.nan_for_some (")
+    assert "returned nan for completion 1" in err[-1]
+    assert not (tmp_path / "o" / "model").exists()
+
+
+def test_a_device_the_machine_lacks_is_refused_before_the_model_loads(workdir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(recipes.RecipeError, match=r"rollout.device: rollout.device=cuda but no "
+                                                  "CUDA GPU is visible"):
+        recipes.run_recipe(recipes.load_recipe(
+            REPO_ROOT / "recipes" / "grpo.yaml",
+            {"model": str(tmp_path / "not-read"), "prompts": str(workdir / "prompts.jsonl"),
+             "output": str(tmp_path / "o"), "reward_model": None,
+             "reward_fn": "rlc_toy_verifiers:count_yes", "rollout.device": "cuda"}))

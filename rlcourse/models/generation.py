@@ -163,7 +163,9 @@ def _generate_batch(
     cache = DynamicCache()
     # transformers >= 5.2x names the KV-cache argument ``cache``; older versions
     # ``past_key_values``. The DynamicCache object is updated in place either way.
-    params = inspect.signature(type(model).forward).parameters
+    # (a PEFT model's forward takes **kwargs and passes them on: ask the model underneath)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     attn = prompt_mask

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from rlcourse.engine import check_device_available, tracker_settings
+from rlcourse.models import max_positions
 from rlcourse.recipes.registry import method
 from rlcourse.recipes.typed import RecipeError
 
@@ -40,6 +42,17 @@ def launch_device(recipe: Any) -> str:
         if hasattr(settings, "device"):
             settings.device = "cpu"
         return "cpu"
+    key = f"{row.device_section}.device" if row.device_section else "device"
+    try:  # before the model loads: a GPU asked for on a machine without one
+        check_device_available(device, key)
+    except ValueError as err:
+        raise RecipeError(f"{recipe.where(key)}: {err}") from None
+    train = recipe.sections.get("train")
+    if train is not None and train.report_to == "tensorboard":
+        try:
+            tracker_settings(train)
+        except ValueError as err:
+            raise RecipeError(f"{recipe.where('train.report_to')}: {err}") from None
     return device
 
 
@@ -85,16 +98,6 @@ def check_processes(recipe: Any, state: Any) -> None:
             raise RecipeError(f"{recipe.where(row.split_key)}: {per} prompts per step cannot be "
                               f"split over {n} processes (each answers whole "
                               "prompts): use a multiple of the number of processes")
-
-
-def max_positions(model: Any) -> int | None:
-    """The longest sequence the model's position embeddings cover (None: no such limit)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_lengths(recipe: Any, model: Any) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rlcourse.data import DataError
 from rlcourse.engine import NonFiniteError
+from rlcourse.guards import RewardError
 from rlcourse.recipes import reference
 from rlcourse.recipes.load import load_recipe, parse_overrides
 from rlcourse.recipes.registry import methods
@@ -67,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(recipe.to_dict(), indent=1, default=str))
             return 0
         result = run_recipe(recipe, overwrite=args.overwrite)
-    except (RecipeError, DataError, FileNotFoundError) as err:  # bad input: one line, code 2
+    except (RecipeError, DataError, RewardError, FileNotFoundError) as err:  # bad input: one
+        # line, code 2 (a reward function returning NaN, None or strings is bad input too)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:  # training diverged: nothing saved, the checkpoints kept

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse import grpo, ppo
+from rlcourse.adapters import is_lora
 from rlcourse.data import TEXT, DataError, read_jsonl
 from rlcourse.engine import TrainConfig, make_accelerator
 from rlcourse.grpo import GroupConfig
@@ -63,7 +64,8 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
                             checkpoint_dir=Path(recipe.output) / "checkpoints",
                             checkpoint_every=r.checkpoint_every,
-                            keep_checkpoints=r.keep_checkpoints, accelerator=accelerator)
+                            keep_checkpoints=r.keep_checkpoints, accelerator=accelerator,
+                            logging_dir=Path(recipe.output) if save else None)
     return ppo.language_model(policy), history, {}
 
 
@@ -75,7 +77,9 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
     device = str(next(model.parameters()).device)
     fn = reward_function(recipe, tokenizer, device)
     reference = None
-    if recipe.group.kl_coef:
+    if recipe.group.kl_coef and not (is_lora(model) and not recipe.reference_model):
+        # (under LoRA without a reference_model the reference is the policy with its
+        # adapters switched off: ppo.reference_logprobs, no copy of the weights)
         if recipe.reference_model:
             reference, _ = load_model(recipe.reference_model, device=device, dtype=recipe.dtype,
                                       trust_remote_code=recipe.trust_remote_code)
@@ -88,7 +92,8 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
         max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
         checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
         keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
-        weight_decay=r.weight_decay, progress=progress)
+        weight_decay=r.weight_decay, progress=progress,
+        logging_dir=Path(recipe.output) if save else None)
     return model, history, {"n_prompts_in_file": len(prompts)}
 
 
@@ -116,7 +121,8 @@ def _group_row(name: str, allowed: tuple[str, ...], summary: str) -> Method:
         sections=(Section("group", GroupConfig, _advantage(allowed)),
                   Section("rollout", GroupRollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",), reference=True,
-        check_raw=_group_checks, length_key="rollout.max_new_tokens", device_section="rollout",
+        lora=True, check_raw=_group_checks, length_key="rollout.max_new_tokens",
+        device_section="rollout",
         split_key="group.n_prompts", summary=summary)
 
 
