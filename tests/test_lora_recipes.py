@@ -156,9 +156,11 @@ def test_ppo_and_simpo_sections():
     with pytest.raises(recipes.RecipeError, match="reference_batch_size"):  # no reference
         recipes.load_recipe(text="method: simpo\nmodel: m\ndata: d\noutput: o\n"
                                  "reference_batch_size: 8\n")
-    with pytest.raises(recipes.RecipeError, match="lora"):
-        recipes.load_recipe(text="method: ppo\nmodel: m\nprompts: p\nreward_model: r\n"
-                                 "output: o\nlora: {r: 4}\n")
+    for method in ("ppo", "online_dpo", "rsft"):
+        with pytest.raises(recipes.RecipeError, match=rf"<recipe>:6: lora: {method} does not "
+                                                      r"train adapters.*taken by: sft, "):
+            recipes.load_recipe(text=f"method: {method}\nmodel: m\nprompts: p\n"
+                                     "reward_model: r\noutput: o\nlora: {r: 4}\n")
     r = recipes.load_recipe(text="method: dpo\nmodel: m\ndata: d\noutput: o\nlora: {}\n")
     assert r.lora is not None and r.lora.target_modules == "all-linear"
 
