@@ -11,7 +11,8 @@ Models: the shipped SFT checkpoint (3 layers, hidden 128) and two larger configu
 same tiny Llama-style architecture, freshly initialised (speed does not depend on the weights).
 Data: the first pairs of ``data/preferences.jsonl``, batch 8 pairs.
 
-Rows for GPUs are written as "not measured" unless the script runs on a machine with CUDA.
+Rows for GPUs are written as "not measured" unless the script runs on a machine with CUDA; the
+GPU step of a 0.5B-sized model is measured by ``benchmarks/gpu_check.sh`` (``results/gpu.json``).
 
 Usage::
 
@@ -39,6 +40,9 @@ from rlcourse.models import build_model, load_model
 from rlcourse.preference import make_loss_fn, precompute_reference_logps, tokenize_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime_table.json"
+#: The GPU row when the script runs without CUDA: not measured here, measured by gpu_check.sh.
+NO_GPU_STATUS = ("not measured by this script (it ran on a CPU); "
+                 "the GPU step is in benchmarks/results/gpu.json")
 
 #: name -> tiny_config keyword arguments (None: the shipped SFT checkpoint).
 SIZES: dict[str, dict[str, int] | None] = {
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
     else:
         rows.append({"model": "any", "device": "cuda", "device_name": "NVIDIA GPU",
-                     "status": "not measured in this environment (no GPU was available)"})
+                     "status": NO_GPU_STATUS})
     result = {
         "benchmark": "tokens per second of one DPO training step (forward of chosen + rejected, "
                      "backward, AdamW), batch 8 pairs, reference log-probs precomputed",

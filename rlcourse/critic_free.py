@@ -4,7 +4,7 @@ PPO learns a critic :math:`V_\phi` to turn one sampled reward into an advantage.
 only at the end of the response, a cheaper baseline is to sample a *group* of :math:`K` responses
 to the same prompt and compare each with its siblings:
 
-* **RLOO** (Ahmadian et al., 2024; Kool et al., 2019): leave-one-out baseline,
+* **Leave-one-out** (Kool et al., 2019), the advantage of RLOO (Ahmadian et al., 2024):
   :math:`A_i = r_i - \frac{1}{K-1}\sum_{j\ne i} r_j`, an unbiased REINFORCE baseline because
   :math:`r_j` for :math:`j \ne i` does not depend on :math:`y_i`.
 * **GRPO** (Shao et al., 2024): group-normalised reward,
@@ -13,6 +13,14 @@ to the same prompt and compare each with its siblings:
 
 Both free the memory of the critic: of the slides' four models only actor, reward and reference
 remain (and the reward can be a rule, e.g. a unit test or a verifier, instead of a model).
+
+This module computes advantages only; what update they feed is :mod:`rlcourse.grpo`'s. There
+``advantage="rloo"`` puts the leave-one-out advantage into GRPO's update (the clipped ratio,
+``epochs`` passes, an optional :math:`\beta k_3` KL *in the loss*). Ahmadian et al.'s RLOO is
+plain REINFORCE, one on-policy pass, with the KL *in the reward*:
+:math:`r_i = r_\phi(x, y_i) - \beta \log\frac{\pi_\theta(y_i|x)}{\pi_{ref}(y_i|x)}` before the
+leave-one-out baseline. The two coincide with one pass, one minibatch and :math:`\beta = 0`
+(``recipes/rloo.yaml``'s defaults), up to the constant scale of the loss normalisation.
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     r"""Leave-one-out advantages :math:`A_i = r_i - \frac{1}{K-1}\sum_{j \ne i} r_j`.
 
     ``rewards``: (n_prompts, K), K samples per prompt -> advantages of the same shape.
-    Equivalently :math:`A_i = \frac{K}{K-1}(r_i - \bar r)`.
+    Equivalently :math:`A_i = \frac{K}{K-1}(r_i - \bar r)`. RLOO (Ahmadian et al., 2024) is
+    REINFORCE with this advantage, computed from rewards that already include the KL penalty
+    :math:`-\beta \log(\pi_\theta/\pi_{ref})`; ``GroupConfig(advantage="rloo")`` uses it in
+    GRPO's update instead (see the module docstring).
     """
     r = _groups(rewards)
     k = r.shape[1]

@@ -205,16 +205,16 @@ def share_of_gain(
     With w_i the model's win indicators against the baseline answers b_i and c_i the perfect
     assistant's against the *same* b_i (:func:`ceiling_indicators`):
 
-    .. math::  G = \frac{\bar w - \tfrac12}{\bar c - \tfrac12}
+    .. math::  \mathrm{SoG} = \frac{\bar w - \tfrac12}{\bar c - \tfrac12}
 
     0 for a model no better than the baseline, 1 for the perfect assistant, negative for a
     worse model. The standard error is a **paired** bootstrap: every resample draws the
     comparisons i with replacement and takes *the same* i for numerator and denominator,
-    G^{(k)} = (\bar w^{(k)} − ½)/(\bar c^{(k)} − ½), and the error is the standard deviation
-    of the G^{(k)}. Pairing matters: both means are over the same baseline answers, so they
-    move together (for the perfect assistant w = c, G^{(k)} = 1 in every resample and the error
+    SoG^{(k)} = (\bar w^{(k)} − ½)/(\bar c^{(k)} − ½), and the error is the standard deviation
+    of the SoG^{(k)}. Pairing matters: both means are over the same baseline answers, so they
+    move together (for the perfect assistant w = c, SoG^{(k)} = 1 in every resample and the error
     is exactly 0; resampling the two independently would report a spurious error). Resamples
-    whose ceiling is ½ (no gain possible in them) are left out. G is NaN when the ceiling is ½.
+    whose ceiling is ½ (no gain possible in them) are left out. SoG is NaN when the ceiling is ½.
     """
     w = np.asarray(wins, dtype=np.float64)
     c = np.asarray(ceiling_wins, dtype=np.float64)

@@ -7,11 +7,20 @@ a baseline :math:`b_i` that does not depend on :math:`y_i`:
 
 PPO learns a critic :math:`V_\phi` for :math:`b`. With a reward only at the end of the text, a
 cheaper baseline is to sample :math:`K` responses to the **same prompt** and compare each with its
-siblings (:mod:`rlcourse.critic_free`): RLOO subtracts the mean of the other :math:`K-1` rewards,
-GRPO subtracts the group mean and divides by the group's standard deviation, Dr. GRPO only
-subtracts the mean. Every token of response :math:`i` gets advantage :math:`A_i`, and the update
-is PPO's clipped ratio (:func:`rlcourse.rl.ppo_policy_loss`) plus an optional k3 KL penalty to
-a reference model (:func:`rlcourse.rl.k3`) in the loss, not in the reward.
+siblings (:mod:`rlcourse.critic_free`): ``"rloo"`` subtracts the mean of the other :math:`K-1`
+rewards (the leave-one-out baseline), GRPO subtracts the group mean and divides by the group's
+standard deviation, Dr. GRPO only subtracts the mean. Every token of response :math:`i` gets
+advantage :math:`A_i`, and the update is PPO's clipped ratio (:func:`rlcourse.rl.ppo_policy_loss`)
+plus an optional k3 KL penalty to a reference model (:func:`rlcourse.rl.k3`) in the loss, not in
+the reward, whatever the advantage.
+
+So ``advantage="rloo"`` is the leave-one-out advantage inside GRPO's update, not exactly RLOO as
+Ahmadian et al. (2024) define it: theirs is REINFORCE (one on-policy pass, no clipping) with
+the KL in the reward, :math:`r_i - \beta\log(\pi_\theta(y_i|x)/\pi_{ref}(y_i|x))`, before the
+baseline. With ``epochs=1``, one minibatch (the ratio is 1, the clip inactive), ``kl_coef=0``
+and a ``loss_type`` that sums each answer's token terms (``dapo``, ``dr_grpo``: REINFORCE on
+:math:`\log\pi(y|x)` divided by a constant per batch; ``grpo`` weighs answer :math:`i` by
+:math:`1/|y_i|`) the two are the same update; ``recipes/rloo.yaml`` runs that.
 
 One :func:`group_step` = sample ``n_prompts`` prompts, ``group_size`` responses each (rows of
 one group are consecutive), score them, group advantages, then ``epochs`` passes of minibatch
@@ -99,21 +108,22 @@ class GroupConfig:
     ratio is 1 and the update is REINFORCE with the group baseline.
 
     ``loss_type``: how the per-token terms ``l_it`` (clipped surrogate + ``kl_coef * k3``) of
-    a minibatch of ``G`` responses become one loss (:func:`group_loss_weights`):
+    a minibatch of ``B`` responses become one loss (:func:`group_loss_weights`):
 
     - ``"grpo"`` (Shao et al., 2024): mean over tokens within each response, then over
-      responses, ``(1/G) sum_i (1/|y_i|) sum_t l_it``;
+      responses, ``(1/B) sum_i (1/|y_i|) sum_t l_it``;
     - ``"dapo"`` (Yu et al., 2025; the default, what chapter 15 writes): token-level mean over
       the whole minibatch, ``sum_{i,t} l_it / sum_i |y_i|``, with the token count summed over
       all processes;
     - ``"dr_grpo"`` (Liu et al., 2025): sum over tokens divided by a constant,
-      ``sum_{i,t} l_it / (G * L_max)``, ``L_max`` the longest response the sampler allows
+      ``sum_{i,t} l_it / (B * L_max)``, ``L_max`` the longest response the sampler allows
       (``max_tokens`` of :func:`group_update`); no length bias.
     """
 
     advantage: str = "grpo"
-    """``"grpo"`` (group z-score), ``"rloo"`` (leave-one-out mean) or ``"dr_grpo"`` (group mean,
-    not divided by the std)."""
+    """``"grpo"`` (group z-score), ``"rloo"`` (leave-one-out mean, in this same clipped update with
+    the KL in the loss: see the module docstring) or ``"dr_grpo"`` (group mean, not divided by
+    the std)."""
     group_size: int = 8
     """K: responses sampled for each prompt (at least 2)."""
     n_prompts: int = 32
@@ -162,10 +172,10 @@ def group_loss_weights(mask: Tensor, loss_type: str, num_tokens: Tensor | float 
                        max_tokens: int | None = None) -> Tensor:
     """Weights ``w_it`` such that the minibatch loss is ``sum_{i,t} w_it l_it``.
 
-    ``mask`` (G, T) marks response tokens. ``grpo``: ``w_it = m_it / (G |y_i|)``; ``dapo``:
+    ``mask`` (B, T) marks response tokens. ``grpo``: ``w_it = m_it / (B |y_i|)``; ``dapo``:
     ``w_it = m_it / N`` with ``N = num_tokens`` (default ``sum m``; several processes pass
     the global count divided by the number of processes, since DDP averages gradients);
-    ``dr_grpo``: ``w_it = m_it / (G * max_tokens)`` (default ``max_tokens = T``).
+    ``dr_grpo``: ``w_it = m_it / (B * max_tokens)`` (default ``max_tokens = T``).
     """
     m = mask.float()
     g = m.shape[0]

@@ -234,7 +234,15 @@ def k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 def k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """``k3 = (r - 1) - log r`` with ``log r = log pi_ref - log pi``: unbiased and always >= 0.
+    """``k3 = (r - 1) - log r`` with ``log r = log pi_ref - log pi``: always >= 0.
+
+    Its *value* is unbiased: for ``a ~ pi``, ``E[k3] = KL(pi || pi_ref)`` (``E[r] = 1``). Its
+    *gradient* is not that of this KL. Used as a loss on samples from ``pi_theta`` (as GRPO does,
+    the sampling not differentiated), ``grad k3 = (1 - r) grad log pi_theta(a)``, whose mean is
+    ``-E_{pi_ref}[grad log pi_theta] = grad KL(pi_ref || pi_theta)``: the KL in the *other*
+    direction, while ``grad KL(pi_theta || pi_ref) = E_{pi_theta}[-log r grad log pi_theta]``.
+    The two agree only to first order near ``pi_theta = pi_ref``. ``tests/test_rl.py`` checks
+    both by Monte Carlo on a small categorical.
 
     Computed as ``expm1(x) - x`` with ``x = log r``; for ``|x| < 1e-2`` the series
     ``x^2/2 + x^3/6 + x^4/24 + x^5/120`` is used, because ``exp(x) - 1 - x`` loses every digit
@@ -298,6 +306,13 @@ def reinforce_loss(logprobs: Tensor, returns: Tensor, mask: Tensor | None = None
     ``-grad L = (1/B) sum_b sum_t (G_t - b_t) grad log pi(a_t|s_t)`` is an unbiased estimate of
     the policy gradient ``grad J = E[sum_t G_t grad log pi(a_t|s_t)]`` for any baseline that
     does not depend on the action ``a_t`` (it only changes the variance).
+
+    That holds for ``gamma = 1`` only. ``returns`` is the reward-to-go ``G_t`` (the rewards
+    before ``t`` dropped: they do not depend on ``a_t``; the whole return ``G_0`` at every ``t``
+    is also unbiased, with more variance). With discounting, the gradient of
+    ``J = E[G_0]`` is ``E[sum_t gamma^t G_t grad log pi(a_t|s_t)]``; this loss drops the
+    ``gamma^t``, as REINFORCE and PPO do in practice, and follows a slightly different
+    direction (Thomas, 2014).
 
     Tokens are summed per response (the return of one text), then averaged over responses.
     """

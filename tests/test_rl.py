@@ -133,6 +133,36 @@ def test_k1_and_k3_are_unbiased_for_kl():
     assert math.isclose(float((p * rl.k3(logp, logq)).sum()), kl, rel_tol=1e-12)
 
 
+def test_k3_value_is_unbiased_but_its_gradient_is_that_of_the_other_kl():
+    # Monte Carlo on a small categorical pi_theta = softmax(theta), samples a ~ pi_theta (the
+    # sampling not differentiated, as in GRPO's loss), against exact float64 formulas.
+    theta = torch.tensor([1.0, 0.5, -0.5, -1.0], dtype=D, requires_grad=True)
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=D)  # pi_ref
+    logp = torch.log_softmax(theta, 0)
+    p = logp.detach().exp()
+    n = 200_000
+    a = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    k = rl.k3(logp[a], q.log()[a])
+
+    # 1. the value: the mean of k3 is KL(pi || pi_ref) within a few standard errors
+    f = p.log() - q.log()
+    kl = float((p * f).sum())
+    value_se = float(k.detach().std()) / math.sqrt(n)
+    assert abs(float(k.detach().mean()) - kl) < 4 * value_se
+
+    # 2. the gradient of mean k3 as a loss. Per sample it is (1 - r_a)(e_a - pi), r = q / p:
+    # its mean estimates -E_q[grad log pi] = grad KL(pi_ref || pi_theta) = pi - q, NOT
+    # grad KL(pi_theta || pi_ref) = pi_j (f_j - KL) (f = log pi - log q).
+    (grad,) = torch.autograd.grad(k.mean(), theta)
+    per_sample = (1 - (q / p)[a])[:, None] * (torch.eye(4, dtype=D)[a] - p)
+    assert torch.allclose(grad, per_sample.mean(0), atol=1e-12)
+    grad_se = per_sample.std(0) / math.sqrt(n)
+    grad_kl_ref_pi = p - q
+    grad_kl_pi_ref = p * (f - kl)
+    assert bool(((grad - grad_kl_ref_pi).abs() < 4 * grad_se).all()), (grad, grad_kl_ref_pi)
+    assert float(((grad - grad_kl_pi_ref).abs() / grad_se).max()) > 50, (grad, grad_kl_pi_ref)
+
+
 # ---------------------------------------------------------------- KL-shaped reward
 def test_kl_shaped_rewards_hand_example():
     logp = t([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])

@@ -203,7 +203,7 @@ register(Exercise(
     cases=_gain_cases,
     hint="Ceiling C = mean of c_i, c_i = 1 if the baseline answer scores below best and 1/2 if it "
          "already scores best (the perfect answer ties it): C = 1 - q/2. Then "
-         "G = (WR - 1/2) / (C - 1/2), WR with ties counting half.",
+         "SoG = (WR - 1/2) / (C - 1/2), WR with ties counting half.",
     wrong_answers=[
         (_gain_ceiling_one, "the ceiling taken as 1: against a baseline whose answers are often "
                             "already perfect, even the perfect assistant cannot win them all"),

@@ -49,7 +49,9 @@ PREREQUISITES: dict[str, tuple[tuple[int, ...], str]] = {
     "13_side_by_side": ((9, 10, 11, 12), "the four method chapters"),
     "14_real_model": ((9,), "a GPU and Hugging Face models help, but are not needed"),
     "15_beyond": ((4, 8), "REINFORCE with a baseline (chapter 4), PPO (chapter 8)"),
-    "16_learning_from_own_samples": ((4, 8, 15), "chapters 4, 8 and 15"),
+    "16_learning_from_own_samples": ((4, 6, 7, 8, 9, 15),
+                                     "win rate and ceiling (6), reward models (7), PPO (8), "
+                                     "DPO (9), GRPO and RLOO (15)"),
 }
 
 
@@ -86,7 +88,7 @@ SLIDES: tuple[Slide, ...] = (
     Slide("PPO (2)", "advantage $R_t + \\gamma V_{t+1} - V_t$ and the actor loss",
           "08_ppo", "## 4. The slides' advantage, actor loss and critic loss"),
     Slide("PPO (3)", "the critic loss; one update per finished response",
-          "04_policy_gradients", "## 6. Actor–critic"),
+          "08_ppo", "## 4. The slides' advantage, actor loss and critic loss"),
     Slide("DPO (1)", "the costs of PPO; the DPO loss",
           "09_dpo", "## 1. The case against PPO"),
     Slide("DPO (2)", "the data: prompt, chosen, reject, sampled from the SFT model",
