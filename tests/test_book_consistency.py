@@ -72,7 +72,9 @@ PROSE_NUMBERS_ALLOWED: dict[str, dict[str, str | dict[str, str]]] = {
         "1505ccbb": {"243": "arithmetic: 3 tokens, 5 positions, 3^5 texts"},
     },
     "07_reward_models": {
-        "cc79a3e6": {"70": "the exercise's pass mark (rlcourse/exercises/07_reward_models.py)"},
+        "cc79a3e6": {"70": "the exercise's pass mark (rlcourse/exercises/07_reward_models.py)",
+                     "120": "the exercise's unit check: equal-length training pairs it trains "
+                            "on (rlcourse/exercises/07_reward_models.py)"},
     },
     "09_dpo": {
         "67f1912d": {"320": "the exercise's grading run (rlcourse/exercises: 10 batches of 32)"},
