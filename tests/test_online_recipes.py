@@ -171,6 +171,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_p
     drop = ("train_seconds",)
     assert ([{k: v for k, v in r.items() if k not in drop} for r in rows[0]]
             == [{k: v for k, v in r.items() if k not in drop} for r in rows[1]])
+    # history.jsonl grew a row per round and, after the resume, holds each round once
+    live = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in live] == [r["round"] for r in rows[0]]
 
 
 def test_other_rounds_refuse_to_resume(workdir, verifier, tmp_path, monkeypatch, capsys):

@@ -10,9 +10,11 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rlcourse import online
+from rlcourse.engine import RunLog
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.models import load_model, save_model
 from rlcourse.online import OnlineDPOConfig, RSFTConfig
@@ -57,8 +59,14 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
             print(f"resuming {recipe.method} after round {done} of {config.rounds} "
                   f"({latest})", file=sys.stderr)
 
+    # OUTPUT/history.jsonl grows a row per finished round (rewritten from the checkpoint's
+    # rows on a resume), as the other methods' grows per logged step
+    runlog = RunLog(SimpleNamespace(is_main_process=True),
+                    SimpleNamespace(logging_dir=recipe.output if save else None), rows)
+
     def after_round(k: int, row: dict[str, Any], policy: Any) -> None:
         rows.append(row)
+        runlog.flush(rows)
         if progress:
             shown = ", ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
                               for key, v in row.items() if key != "round")
