@@ -1,0 +1,137 @@
+"""SIGKILL, then the same command again: every method ends with the weights of a run that was
+never stopped (LoRA included).
+
+A ``kill -9`` runs no cleanup: no ``finally``, no lock release by the program, possibly half a
+checkpoint on disk. The recipe runs in a child process; the test waits until the first
+checkpoint is complete, then kills the child at once (mid-step, or mid-way through writing the
+next checkpoint: wherever it happens to be), reruns the same command in this process and
+compares the saved weights with an uninterrupted run's. The kernel drops the ``flock`` of a dead
+process, so the rerun takes the output folder; atomic writes leave either a whole checkpoint or
+none; resume replays data order, sampling seeds and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlcourse import recipes
+from rlcourse.config import REPO_ROOT
+from rlcourse.data import write_jsonl
+from rlcourse.models import RewardModel, build_model, build_tokenizer, load_model, save_model
+
+torch.set_num_threads(1)
+WORDS = ["what is rain ? rain is wet dry .", "what is snow ? snow is cold hot .",
+         "tell me about dogs a dog can bark .", "yes no yes no"]
+PROMPTS = ["what is rain ?", "what is snow ?", "tell me about dogs", "what is a dog ?"]
+PAIRS = [{"prompt": "what is rain ?", "chosen": "rain is wet .", "rejected": "rain is dry ."},
+         {"prompt": "what is snow ?", "chosen": "snow is cold .", "rejected": "snow is hot ."},
+         {"prompt": "tell me about dogs", "chosen": "a dog can bark .", "rejected": "yes no ."},
+         {"prompt": "what is a dog ?", "chosen": "a dog can bark .", "rejected": "no ."}]
+VERIFIER = '''
+import os, time
+
+
+def count_yes(prompts, completions):
+    time.sleep(float(os.environ.get("RLC_SLOW", "0")))  # the child is slowed down to be killed
+    return [float(c.split().count("yes")) for c in completions]
+'''
+STEPS = ["train.max_steps=6", "train.checkpoint_every=1", "train.batch_size=2",
+         "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=1", "train.progress=false",
+         "train.device=cpu", "max_length=32"]
+ROLLOUT = ["rollout.steps=5", "rollout.checkpoint_every=1", "rollout.max_new_tokens=4",
+           "rollout.lr=1e-2", "rollout.device=cpu"]
+CASES = {
+    "sft": ("sft", "data", "sft.jsonl", STEPS),
+    "dpo+lora": ("dpo", "data", "pairs.jsonl", [*STEPS, "lora.r=4", "lora.alpha=8"]),
+    "kto": ("kto", "data", "pairs.jsonl", STEPS),
+    "ppo": ("ppo", "prompts", "prompts.jsonl", [*ROLLOUT, "rollout.batch_size=4",
+                                                "ppo.minibatch_size=2", "ppo.ppo_epochs=1"]),
+    "grpo": ("grpo", "prompts", "prompts.jsonl", [*ROLLOUT, "group.group_size=2",
+                                                  "group.n_prompts=2", "reward_model=null",
+                                                  "reward_fn=rlc_kill_verifier:count_yes"]),
+    "online_dpo": ("online_dpo", "prompts", "prompts.jsonl",
+                   ["online.rounds=4", "online.max_new_tokens=4", "online.max_length=32",
+                    "online.batch_size=4", "online.device=cpu", "reward_model=null",
+                    "reward_fn=rlc_kill_verifier:count_yes"]),
+    "rsft": ("rsft", "prompts", "prompts.jsonl",
+             ["rsft.rounds=4", "rsft.n=2", "rsft.max_new_tokens=4", "rsft.max_length=32",
+              "rsft.batch_size=4", "rsft.device=cpu", "reward_model=null",
+              "reward_fn=rlc_kill_verifier:count_yes"]),
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sigkill")
+    tok = build_tokenizer(WORDS)
+    model = build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0)
+    save_model(model, tok, root / "model")
+    save_model(RewardModel(model, seed=1), tok, root / "rm")
+    write_jsonl(root / "pairs.jsonl", PAIRS)
+    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
+                                     for p in PAIRS])
+    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    (root / "rlc_kill_verifier.py").write_text(VERIFIER)
+    return root
+
+
+def _args(workdir: Path, case: str, out: Path) -> list[str]:
+    method, data_key, data, extra = CASES[case]
+    args = [str(REPO_ROOT / "recipes" / f"{method}.yaml"), "--model", str(workdir / "model"),
+            f"--{data_key}", str(workdir / data), "--output", str(out), *extra]
+    if method in ("ppo", "online_dpo", "rsft") and "reward_model=null" not in extra:
+        args += ["--reward-model", str(workdir / "rm")]
+    return args
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    adapter = out / "model" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else out / "model" / "model.safetensors"))
+
+
+def _first_checkpoint_written(out: Path) -> bool:
+    ckpts = out / "checkpoints"
+    return ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monkeypatch, case):
+    monkeypatch.syspath_prepend(str(workdir))
+    assert recipes.main(_args(workdir, case, tmp_path / "whole")) == 0
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLC_SLOW": "0.3",
+           "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-m", "rlcourse.recipes",
+                              *_args(workdir, case, out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not _first_checkpoint_written(out) and child.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within two minutes"
+        time.sleep(0.01)
+    finished_first = child.poll() is not None
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not finished_first, "the run finished before it could be killed"
+    assert not (out / "model").exists()
+    state = json.loads((out / "run.json").read_text())
+    assert state["status"] == "running"
+
+    assert recipes.main(_args(workdir, case, out)) == 0  # the same command again
+    whole, resumed = _weights(tmp_path / "whole"), _weights(out)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
+    if (tmp_path / "whole" / "model" / "config.json").is_file():
+        load_model(out / "model", device="cpu")  # a loadable model, not only tensors
