@@ -284,3 +284,12 @@ def test_a_device_the_machine_lacks_is_refused_before_the_model_loads(workdir, t
             {"model": str(tmp_path / "not-read"), "prompts": str(workdir / "prompts.jsonl"),
              "output": str(tmp_path / "o"), "reward_model": None,
              "reward_fn": "rlc_toy_verifiers:count_yes", "rollout.device": "cuda"}))
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("key, value", [("max_length", "64"), ("truncation", "left")])
+def test_rl_recipes_refuse_length_keys_they_would_ignore(method, key, value):
+    with pytest.raises(recipes.RecipeError, match=rf"(?i)<recipe>:6: {key}: a {method} recipe "
+                                                  "samples its answers"):
+        recipes.load_recipe(text=f"method: {method}\nmodel: m\nprompts: p\noutput: o\n"
+                                 f"reward_model: r\n{key}: {value}\n")

@@ -33,10 +33,16 @@ def read_prompts(recipe: Any, path: Path) -> list[str]:
 
 def _no_train(sections: str, upper: bool = False):
     def check(recipe: Any, raw: Any) -> None:
+        name = recipe.method.upper() if upper else recipe.method
         if "train" in raw:
-            name = recipe.method.upper() if upper else recipe.method
             raise RecipeError(f"{recipe.where('train')}: a {name} recipe takes its settings "
                               f"from the {sections} sections")
+        for key in ("max_length", "truncation"):  # accepted and ignored before
+            if key in raw:
+                raise RecipeError(
+                    f"{recipe.where(key)}: a {name} recipe samples its answers and cuts no "
+                    "training rows: the answer's length is rollout.max_new_tokens, and every "
+                    "prompt plus it must fit the model's positions (checked when sampling)")
     return check
 
 
