@@ -863,3 +863,12 @@ def test_rollout_ranges_are_named_with_the_key(method, key, value, must):
     with pytest.raises(recipes.RecipeError) as err:
         recipes.load_recipe(path, {key: value})
     assert str(err.value) == f"{path} (command line): {key}: must be {must}, got {value!r}"
+
+
+def test_an_output_path_that_is_a_file_is_named(workdir, tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a folder")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        assert _run(workdir, "dpo", out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].endswith(f"output: {tmp_path / 'taken'} is a file, not a folder: choose "
+                                "another output"), err

@@ -118,6 +118,10 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
     state = PartialState(cpu=train_device == "cpu")
     check_processes(recipe, state)
     out = Path(recipe.output)
+    blocking = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocking is not None:  # else a FileExistsError traceback from mkdir
+        raise RecipeError(f"{recipe.where('output')}: {blocking} is a file, not a folder: "
+                          "choose another output")
     with ExitStack() as stack:
         if save:
             _lock(stack, recipe, state)
