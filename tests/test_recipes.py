@@ -872,3 +872,20 @@ def test_an_output_path_that_is_a_file_is_named(workdir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].endswith(f"output: {tmp_path / 'taken'} is a file, not a folder: choose "
                                 "another output"), err
+
+
+def test_a_tokenizer_without_eos_is_named_before_training(workdir, tmp_path, capsys):
+    import shutil
+
+    from rlcourse.models import load_tokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(workdir / "model", model_dir)
+    tok = load_tokenizer(model_dir)
+    tok.eos_token = None
+    tok.save_pretrained(model_dir)
+    code = recipes.main([str(REPO_ROOT / "recipes" / "dpo.yaml"), "--model", str(model_dir),
+                         "--data", str(workdir / "pairs.jsonl"), "--output",
+                         str(tmp_path / "o"), *TINY])
+    assert code == 2
+    assert "has no EOS token" in capsys.readouterr().err

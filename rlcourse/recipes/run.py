@@ -132,6 +132,10 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
                                       trust_remote_code=recipe.trust_remote_code)
         check_lengths(recipe, model)
+        if tokenizer.eos_token_id is None:  # every method ends an answer with it
+            raise RecipeError(f"{recipe.where('model')}: the tokenizer in {recipe.model} has no "
+                              "EOS token, so an answer cannot end; set tokenizer.eos_token and "
+                              "save the tokenizer again")
         rows = read_data(recipe)
         eval_rows = read_data(recipe, "eval_data") if recipe.eval_data else None
         state.wait_for_everyone()  # every process has read OUTPUT before the main one changes it
