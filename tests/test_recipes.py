@@ -889,3 +889,19 @@ def test_a_tokenizer_without_eos_is_named_before_training(workdir, tmp_path, cap
                          str(tmp_path / "o"), *TINY])
     assert code == 2
     assert "has no EOS token" in capsys.readouterr().err
+
+
+def test_tensorboard_without_its_package_is_refused_before_the_model_loads(tmp_path,
+                                                                          monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+        "tensorboard", "tensorboardX") else real(name, *a))
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {
+        "model": str(tmp_path / "never-read"), "data": str(tmp_path / "d.jsonl"),
+        "output": str(tmp_path / "o"), "train.report_to": "tensorboard",
+        "train.device": "cpu"})
+    with pytest.raises(recipes.RecipeError, match=r"train.report_to: report_to='tensorboard' "
+                                                  "but neither tensorboard nor tensorboardX"):
+        recipes.run_recipe(recipe)
