@@ -693,8 +693,8 @@ def train_preference(
         reference_model = None
         gc.collect()
         reference_seconds = time.perf_counter() - start
-    if method == "kto":
-        weights = {**DEFAULTS["kto"], **hyperparameters}
+    if objective.data_format == "unpaired" and "desirable_weight" in objective.hyperparameters:
+        weights = {**objective.hyperparameters, **hyperparameters}  # KTO's class weights
         _warn_kto_balance(items, weights["desirable_weight"], weights["undesirable_weight"])
 
     # 3. Train on the shared loop.
