@@ -457,10 +457,11 @@ PROTOCOL_SPLITS: dict[str, dict[str, int]] = {
     "test": {"n_prompts": 400, "n_samples": 3, "prompt_seed": 2, "sample_seed": 30_000},
 }
 BASELINE_DRAWS = 5
-PROTOCOL_NOTE = ("Compute shrunk to one 2-core CPU (one thread): the online-DPO family only "
-                 "(three trajectories, nine candidates with offline DPO), three new training "
-                 "seeds, 400 prompts x 3 answers per split; the reward-model methods of the "
-                 "development grid were not rerun.")
+PROTOCOL_NOTE = ("shrunk to fit about an hour on one thread of a 2-core CPU shared with other "
+                 "jobs: the online-DPO family only (three trajectories judged after several "
+                 "round counts, and offline DPO), 400 fresh prompts x 3 answers per split, as "
+                 "many new training seeds as finished; the reward-model methods of the "
+                 "development grid were not rerun")
 
 
 def protocol_splits(quick: bool) -> dict[str, dict[str, Any]]:
