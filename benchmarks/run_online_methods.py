@@ -455,7 +455,15 @@ TRAJECTORIES: dict[str, tuple[str, tuple[int, ...]]] = {
 PROTOCOL_SPLITS: dict[str, dict[str, int]] = {
     "validation": {"n_prompts": 400, "n_samples": 3, "prompt_seed": 1, "sample_seed": 20_000},
     "test": {"n_prompts": 400, "n_samples": 3, "prompt_seed": 2, "sample_seed": 30_000},
+    # Not a split of the protocol: the 200 original evaluation prompts, which chose the
+    # development grid's variants, judged as the grid was (model seed EVAL_SEED; baseline draw 0
+    # is the grid's own SFT answers, seed EVAL_SEED + 1). The same retrained models on the old
+    # prompts and on fresh ones separate "new phrasings" from "chosen on the prompts reported".
+    "original": {"n_prompts": 200, "n_samples": 5, "prompt_seed": -1, "sample_seed": EVAL_SEED},
 }
+#: The splits every counted seed must have been judged on (the others are summarised over the
+#: seeds judged on them).
+REQUIRED_SPLITS = ("validation", "test")
 BASELINE_DRAWS = 5
 PROTOCOL_NOTE = ("shrunk to fit about an hour on one thread of a 2-core CPU shared with other "
                  "jobs: the online-DPO family only (three trajectories judged after several "
@@ -469,7 +477,12 @@ def protocol_splits(quick: bool) -> dict[str, dict[str, Any]]:
     out = {}
     for name, spec in PROTOCOL_SPLITS.items():
         spec = {**spec, **({"n_prompts": 24, "n_samples": 1} if quick else {})}
-        prompts = DEFAULT_WORLD.fresh_prompts(name, spec["n_prompts"], seed=spec["prompt_seed"])
+        if name == "original":
+            prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / "eval_prompts.jsonl")]
+            prompts = prompts[: spec["n_prompts"]]
+        else:
+            prompts = DEFAULT_WORLD.fresh_prompts(name, spec["n_prompts"],
+                                                  seed=spec["prompt_seed"])
         out[name] = {**spec, "prompts": prompts}
     return out
 
@@ -619,9 +632,14 @@ def summarise_protocol(runs_file: Path = PROTOCOL_RUNS, out: Path | None = PROTO
     for r in rows:
         if r["kind"] == "candidate":
             cand.setdefault(r["candidate"], {})[(r["split"], r["seed"])] = r
-    splits = sorted({s for s, _ in base}, key=lambda s: s != "validation")
+    order = list(PROTOCOL_SPLITS)
+    splits = sorted({s for s, _ in base}, key=order.index)
     all_seeds = sorted({seed for c in cand.values() for _, seed in c})
-    seeds = [s for s in all_seeds if all((n, s) in c for c in cand.values() for n in splits)]
+    seeds = [s for s in all_seeds
+             if all((n, s) in c for c in cand.values() for n in REQUIRED_SPLITS)]
+    seeds_of = {n: seeds if n in REQUIRED_SPLITS else
+                [s for s in seeds if all((n, s) in c for c in cand.values())] for n in splits}
+    splits = [n for n in splits if seeds_of[n]]
     if not seeds:
         raise SystemExit(f"{runs_file}: no seed has every candidate judged on every split")
     draws = {n: sorted(d for s, d in base if s == n) for n in splits}
@@ -632,7 +650,10 @@ def summarise_protocol(runs_file: Path = PROTOCOL_RUNS, out: Path | None = PROTO
                    "n_comparisons": len(b["scores"]), "prompt_seed": b["prompt_seed"],
                    "sample_seed": b["sample_seed"],
                    "baseline_draw_seeds": [b["sample_seed"] + 1 + d for d in draws[n]],
-                   "prompts": "DEFAULT_WORLD.fresh_prompts(split, n_prompts, seed=prompt_seed)"}
+                   "seeds": seeds_of[n],
+                   "prompts": ("data/eval_prompts.jsonl (the development grid's prompts; not a "
+                               "split of the protocol, chooses nothing)") if n == "original" else
+                   "DEFAULT_WORLD.fresh_prompts(split, n_prompts, seed=prompt_seed)"}
 
     def judged(scores_by_seed: list[list[float]], n: str, d: int, boot_seed: int) -> dict:
         b = base[(n, d)]
@@ -647,7 +668,7 @@ def summarise_protocol(runs_file: Path = PROTOCOL_RUNS, out: Path | None = PROTO
     for i, (key, by) in enumerate(sorted(cand.items())):
         entry: dict[str, Any] = {}
         for n in splits:
-            runs = [by[(n, s)] for s in seeds]
+            runs = [by[(n, s)] for s in seeds_of[n]]
             per_draw = [judged([r["scores"] for r in runs], n, d, 1000 * i + d)
                         for d in draws[n]]
             entry[n] = {
@@ -682,7 +703,7 @@ def summarise_protocol(runs_file: Path = PROTOCOL_RUNS, out: Path | None = PROTO
         "selected_on": "validation", "reported_on": "test",
         "selection_rule": "the candidate with the highest share of gain on the validation split "
                           "(mean over seeds, then over the baseline draws)",
-        "seeds": seeds, "n_seeds": len(seeds),
+        "seeds": seeds, "n_seeds": len(seeds), "required_splits": list(REQUIRED_SPLITS),
         "seeds_started": all_seeds,
         "splits": info, "baseline_draws": len(draws.get("test", [])),
         "n_bootstrap": n_bootstrap,

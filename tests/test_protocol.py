@@ -48,6 +48,15 @@ def _rows(n_prompts: int = 40):
                                     "model_share_best", "model_share_repetition",
                                     "model_share_garbled")},
                 "samples": [], "machine": {"threads": 1}})
+    # the original evaluation prompts (chooses nothing), judged for seed 1 only
+    prompts = DEFAULT_WORLD.prompts()[:n_prompts]
+    rows.append({"kind": "baseline", "split": "original", "draw": 0, "prompts": prompts,
+                 "n_prompts": n_prompts, "n_samples": 1, "prompt_seed": -1, "sample_seed": 1000,
+                 "scores": [0.0] * n_prompts})
+    template = next(r for r in rows if r["kind"] == "candidate")
+    for key in ("online_dpo@4", "online_dpo_prev@8"):
+        rows.append({**template, "split": "original", "seed": 1, "candidate": key,
+                     "scores": [1.0] * n_prompts})
     return [{**r, "quick": False} for r in rows]
 
 
@@ -67,6 +76,9 @@ def test_protocol_selects_on_validation_and_reports_on_test(tmp_path):
     assert r["report"]["test"]["ceiling"]["mean"] == 1.0
     assert r["splits"]["test"]["n_prompts"] == 40 and r["baseline_draws"] == 2
     assert json.loads((tmp_path / "p.json").read_text())["selected"] == "online_dpo@4"
+    # a split outside the protocol is summarised over the seeds judged on it, chooses nothing
+    assert r["splits"]["original"]["seeds"] == [1]
+    assert c["original"]["share_of_gain"]["mean"] == 1.0
 
 
 def test_committed_results_record_which_split_chose_and_which_reported():
