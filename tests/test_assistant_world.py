@@ -358,3 +358,13 @@ def test_fresh_prompt_names_its_topic():
     for topic in W.topics:
         for _ in range(50):
             assert W.topic_of(W.fresh_prompt(topic.name, rng, p_two=0.5)) == topic.name
+
+
+def test_one_request_phrasings_per_topic_number_as_the_docstring_says():
+    from rlcourse.worlds.assistant import FRESH_OPENERS, FRESH_TEMPLATES
+
+    rng = np.random.default_rng(0)
+    topic = W.topics[0]
+    k = len(topic.keywords)
+    seen = {W.fresh_prompt(topic.name, rng, p_two=0.0) for _ in range(40_000)}
+    assert len(seen) == len(FRESH_OPENERS) * len(FRESH_TEMPLATES) * (k + k * (k - 1)) == 1728

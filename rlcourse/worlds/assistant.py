@@ -486,8 +486,9 @@ class AssistantWorld:
         """One new phrasing of a question about ``topic``: an opener of :data:`FRESH_OPENERS`,
         a request (:data:`FRESH_TEMPLATES` with one keyword of the topic, or two joined by
         "and"), and with probability ``p_two`` a second request about the same topic ("tell me
-        about rain. what is true about snow?"). About 2·10^4 one-request and 4·10^6
-        two-request phrasings per topic: an endless supply for this world's purposes."""
+        about rain. what is true about snow?"). With 6 openers, 18 templates and 4 + 12 keyword
+        choices that is 6·18·16 = 1,728 one-request and 6·(18·16)² ≈ 5·10^5 two-request
+        phrasings per topic (about 4·10^6 in all): an endless supply for this world's purposes."""
         rng = _rng(seed)
         t = self.topic_by_name[topic]
         text = self._fresh_request(rng, t)
