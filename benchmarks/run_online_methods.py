@@ -21,11 +21,29 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --summarise        # -> JSON files
     OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --overopt          # Gao et al.
     python benchmarks/run_online_methods.py --jobs 16 --seeds 3 --methods a,b  # a 16-core machine
+    OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --protocol --seeds 3 --first-seed 10
+    OMP_NUM_THREADS=1 python benchmarks/run_online_methods.py --summarise-protocol
 
 Every finished run appends one JSON row to ``benchmarks/results/online_methods_runs.jsonl``
 (nothing is lost when the grid is stopped); ``--summarise`` puts the mean over seeds under the
 key ``online_methods`` of ``benchmarks/results/side_by_side.json`` (other keys untouched).
 ``--overopt`` writes ``benchmarks/results/overoptimisation.json``.
+
+**Which prompts chose, which reported.** The grid above was judged on the 200 evaluation
+prompts, and its variants (rounds, beta, reference) were compared and picked on those same
+prompts: its numbers are development numbers (``side_by_side.json`` records
+``"selected_on"``/``"reported_on"`` accordingly). ``--protocol`` redoes the online-DPO choice
+properly, with fresh prompts the models never saw
+(:meth:`rlcourse.worlds.assistant.AssistantWorld.fresh_prompts`): new training seeds; every
+candidate (each online-DPO trajectory judged at several round counts, and offline DPO as in
+``run_side_by_side.py``) is judged on a *validation* split and on a *test* split of fresh
+prompts, each against several independent draws of SFT answers; ``--summarise-protocol`` picks
+the candidate with the highest mean share of gain on validation (baseline draw 0) and reports it
+on test: mean over seeds with the paired bootstrap error over prompts across seeds
+(:func:`rlcourse.evaluation.seed_mean_paired`), and the share of gain over the baseline draws
+(:func:`rlcourse.evaluation.spread_over_draws`), in ``benchmarks/results/online_protocol.json``
+(``"selected_on": "validation"``, ``"reported_on": "test"``). The per-comparison true scores
+behind it are rows of ``online_protocol_runs.jsonl``.
 """
 
 from __future__ import annotations
@@ -48,7 +66,16 @@ from rlcourse import reward_model as rmod
 from rlcourse.config import DATA_DIR, REPO_ROOT
 from rlcourse.data import load_preferences, read_jsonl
 from rlcourse.engine import TrainConfig
-from rlcourse.evaluation import evaluate_against
+from rlcourse.evaluation import (
+    ceiling_indicators,
+    evaluate_against,
+    kl_to_reference,
+    perfect_assistant_scores,
+    sample_stats,
+    seed_mean_paired,
+    spread_over_draws,
+    win_indicators,
+)
 from rlcourse.files import atomic_write_text
 from rlcourse.grpo import GroupConfig
 from rlcourse.models import RewardModel, generate, load_model
@@ -58,6 +85,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNS_FILE = RESULTS / "online_methods_runs.jsonl"
 SIDE_BY_SIDE = RESULTS / "side_by_side.json"
 OVEROPT = RESULTS / "overoptimisation.json"
+PROTOCOL_RUNS = RESULTS / "online_protocol_runs.jsonl"
+PROTOCOL = RESULTS / "online_protocol.json"
 RM_CACHE = REPO_ROOT / "runs" / "online" / "reward_model"
 EVAL_SEED = 1000
 
@@ -281,7 +310,10 @@ def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str
             if len(values) > 1:
                 s[f"{key}_min"], s[f"{key}_max"] = min(values), max(values)
                 s[f"{key}_seed_std"] = statistics.stdev(values)
-        # stderr of the seed mean from the per-seed bootstrap errors (independent evaluations)
+        # stderr of the seed mean from the per-seed bootstrap errors, as if the evaluations were
+        # independent. They are not: every seed is judged against the same SFT answers, so this
+        # understates the error (the per-comparison verdicts needed for the paired bootstrap,
+        # evaluation.seed_mean_paired, were not kept for these runs; --protocol keeps them).
         s["win_rate_stderr_of_mean"] = (sum(r["win_rate_stderr"] ** 2 for r in runs) ** 0.5
                                         / len(runs))
         label = LABELS.get(runs[0]["base_method"], name)
@@ -297,6 +329,15 @@ def summarise(runs_file: Path = RUNS_FILE, out: Path = SIDE_BY_SIDE) -> dict[str
                 "the reward model only; judged by the true score (benchmarks/"
                 "run_online_methods.py; per-run rows with training histories in "
                 "online_methods_runs.jsonl)",
+        "selected_on": "eval_prompts",
+        "reported_on": "eval_prompts",
+        "split_note": "development numbers: the variants (rounds, beta, reference) were compared "
+                      "and chosen on the same 200 eval prompts x 5 samples (one SFT draw, seed "
+                      f"{EVAL_SEED + 1}) that these rows report; win_rate_stderr_of_mean treats "
+                      "the seeds as independent evaluations although they share that SFT draw. "
+                      "The choice made on a validation split and reported on a test split is in "
+                      "online_protocol.json (--protocol).",
+        "n_prompts": 200, "n_samples_per_prompt": 5,
         "methods": methods,
     }
     atomic_write_text(out, json.dumps(results, indent=1) + "\n")
@@ -395,6 +436,293 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
     return result
 
 
+# --------------------------------------------------------------------------------------------
+# The protocol: choose on a validation split of fresh prompts, report on a test split
+# --------------------------------------------------------------------------------------------
+
+#: Online-DPO trajectories of the protocol: the settings of a RUNS row, trained for the largest
+#: round count listed and judged after each one. A shorter run is the start of a longer one
+#: (each round's prompts, samples and labels depend on the seed and the round index only), so
+#: judging one trajectory after 8, 16, 24 and 32 rounds gives the four round-count candidates.
+TRAJECTORIES: dict[str, tuple[str, tuple[int, ...]]] = {
+    "online_dpo": ("online_dpo", (4, 8)),                     # reference SFT, beta 0.5
+    "online_dpo_16r": ("online_dpo_16r", (8, 16)),            # reference SFT, beta 0.2
+    "online_dpo_prev": ("online_dpo_prev", (8, 16, 24, 32)),  # reference previous, beta 0.5
+}
+#: The fresh-prompt splits: prompts drawn with ``prompt_seed``, ``n_samples`` answers each from
+#: the model (seed ``sample_seed``) and from the SFT model for baseline draw d (seed
+#: ``sample_seed + 1 + d``).
+PROTOCOL_SPLITS: dict[str, dict[str, int]] = {
+    "validation": {"n_prompts": 400, "n_samples": 3, "prompt_seed": 1, "sample_seed": 20_000},
+    "test": {"n_prompts": 400, "n_samples": 3, "prompt_seed": 2, "sample_seed": 30_000},
+    # Not a split of the protocol: the 200 original evaluation prompts, which chose the
+    # development grid's variants, judged as the grid was (model seed EVAL_SEED; baseline draw 0
+    # is the grid's own SFT answers, seed EVAL_SEED + 1). The same retrained models on the old
+    # prompts and on fresh ones separate "new phrasings" from "chosen on the prompts reported".
+    "original": {"n_prompts": 200, "n_samples": 5, "prompt_seed": -1, "sample_seed": EVAL_SEED},
+}
+#: The splits every counted seed must have been judged on (the others are summarised over the
+#: seeds judged on them).
+REQUIRED_SPLITS = ("validation", "test")
+BASELINE_DRAWS = 5
+PROTOCOL_NOTE = ("shrunk to fit about an hour on one thread of a 2-core CPU shared with other "
+                 "jobs: the online-DPO family only (three trajectories judged after several "
+                 "round counts, and offline DPO), 400 fresh prompts x 3 answers per split, as "
+                 "many new training seeds as finished; the reward-model methods of the "
+                 "development grid were not rerun")
+
+
+def protocol_splits(quick: bool) -> dict[str, dict[str, Any]]:
+    """The splits with their prompts (fewer in quick mode)."""
+    out = {}
+    for name, spec in PROTOCOL_SPLITS.items():
+        spec = {**spec, **({"n_prompts": 24, "n_samples": 1} if quick else {})}
+        if name == "original":
+            prompts = [r["prompt"] for r in read_jsonl(DATA_DIR / "eval_prompts.jsonl")]
+            prompts = prompts[: spec["n_prompts"]]
+        else:
+            prompts = DEFAULT_WORLD.fresh_prompts(name, spec["n_prompts"],
+                                                  seed=spec["prompt_seed"])
+        out[name] = {**spec, "prompts": prompts}
+    return out
+
+
+def judge(model: Any, sft: Any, tok: Any, split: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The true score of every answer of ``model`` to the split's prompts (``n_samples`` each,
+    sampling seed ``seed``), KL to the SFT model on those answers, and their sample stats."""
+    many = [p for p in split["prompts"] for _ in range(split["n_samples"])]
+    g = generate(model, tok, many, max_new_tokens=48, seed=seed)
+    scores = [DEFAULT_WORLD.true_score(p, t) for p, t in zip(many, g.texts, strict=True)]
+    kl, kl_se = kl_to_reference(model, sft, g)
+    stats = sample_stats(many, g.texts).as_dict()
+    return {"scores": scores, "kl": kl, "kl_stderr": kl_se,
+            **{f"model_{k}": v for k, v in stats.items()},
+            "samples": [{"prompt": many[i], "model": g.texts[i]} for i in (0, len(many) // 2)]}
+
+
+def _machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def run_protocol(seeds: list[int], quick: bool, out: Path) -> None:
+    """Train every trajectory and offline DPO for each seed; judge each candidate on both
+    splits. Rows already in ``out`` (same candidate, split, seed) are not redone."""
+    torch.set_num_threads(1)
+    world = load_world()
+    sft, tok = world["sft"], world["tok"]
+    splits = protocol_splits(quick)
+    draws = 2 if quick else BASELINE_DRAWS
+    old = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() \
+        else []
+    done = {(r["kind"], r.get("candidate"), r["split"], r.get("seed"), r.get("draw"))
+            for r in old if r.get("quick") == quick}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(row: dict[str, Any]) -> None:
+        row = {**row, "quick": quick, "machine": _machine()}
+        with out.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    # the SFT answers every candidate is compared with, one row per (split, draw), and the SFT
+    # model judged like a candidate (SFT against SFT: about one half)
+    for name, split in splits.items():
+        spec = {k: v for k, v in split.items() if k != "prompts"}
+        for d in range(draws):
+            if ("baseline", None, name, None, d) not in done:
+                j = judge(sft, sft, tok, split, split["sample_seed"] + 1 + d)
+                write({"kind": "baseline", "split": name, "draw": d, "prompts": split["prompts"],
+                       **spec, "scores": j["scores"],
+                       **{k: v for k, v in j.items() if k.startswith("model_")}})
+        if ("sft", None, name, None, None) not in done:
+            write({"kind": "sft", "split": name, **spec,
+                   **judge(sft, sft, tok, split, split["sample_seed"])})
+
+    def judge_all(key: str, seed: int, model: Any, extra: dict[str, Any]) -> None:
+        for name, split in splits.items():
+            if ("candidate", key, name, seed, None) in done:
+                continue
+            j = judge(model, sft, tok, split, split["sample_seed"])
+            write({"kind": "candidate", "candidate": key, "split": name, "seed": seed,
+                   **extra, **j})
+            print(f"  {key} seed {seed} {name}: true score {j['model_mean_score']:.3f}, "
+                  f"KL {j['kl']:.2f}", flush=True)
+
+    annotator = Annotator(world=DEFAULT_WORLD, temperature=0.4)  # as data/build.py
+    for seed in seeds:
+        for traj, (run_name, judge_at) in TRAJECTORIES.items():
+            if quick:
+                judge_at = (1, 2)
+            keys = [f"{traj}@{r}" for r in judge_at]
+            if all(("candidate", k, n, seed, None) in done for k in keys for n in splits):
+                continue
+            _, _, hp = RUNS[run_name]
+            cfg = online.OnlineDPOConfig(**{**hp, "rounds": max(judge_at)})
+            if quick:
+                cfg.prompts_per_round = 64
+            torch.manual_seed(seed)
+            model = copy.deepcopy(sft)
+            labels, start = [0], time.perf_counter()
+
+            def cb(k: int, row: dict, m: Any, traj=traj, judge_at=judge_at, cfg=cfg,
+                   labels=labels, start=start, seed=seed) -> None:
+                labels[0] += row["n_pairs"]
+                if k + 1 in judge_at:
+                    settings = {**online.config_dict(cfg), "rounds": k + 1}
+                    judge_all(f"{traj}@{k + 1}", seed, m,
+                              {"trajectory": traj, "rounds": k + 1, "n_labels": labels[0],
+                               "train_seconds": round(time.perf_counter() - start, 1),
+                               "settings": settings})
+
+            online.online_dpo(model, tok, world["train_prompts"],
+                              online.labeller(annotator, seed=seed), cfg, seed=seed, callback=cb)
+        if not all(("candidate", "offline_dpo", n, seed, None) in done for n in splits):
+            judge_all("offline_dpo", seed, *_offline_dpo(seed, quick))
+        print(f"seed {seed} done", flush=True)
+
+
+def _offline_dpo(seed: int, quick: bool) -> tuple[Any, dict[str, Any]]:
+    """Chapter 13's DPO row (``run_side_by_side.py``: its recipe, overrides and settings) on the
+    2,559 shipped pairs, one training seed."""
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run_side_by_side as sbs
+
+    from rlcourse.recipes import load_recipe, run_recipe
+
+    over = sbs.overrides("dpo", seed, DATA_DIR, REPO_ROOT / "runs" / "protocol")
+    if quick:
+        over["train.epochs"] = 0.05
+    warnings.filterwarnings("ignore", message=".*chosen == rejected.*")
+    start = time.perf_counter()
+    result = run_recipe(load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", over), save=False,
+                        progress=False)
+    n_pairs = len(load_preferences(DATA_DIR / "preferences.jsonl"))
+    settings = {"recipe": "recipes/dpo.yaml", "lr": sbs.RUNS["dpo"][2], **sbs.RUNS["dpo"][3],
+                "epochs": sbs.EPOCHS}
+    return result.model.eval(), {"trajectory": "offline_dpo", "rounds": 0, "n_labels": n_pairs,
+                                 "train_seconds": round(time.perf_counter() - start, 1),
+                                 "settings": settings}
+
+
+def protocol_label(key: str, rounds: int) -> str:
+    """A candidate's label, from the RUNS row behind it."""
+    if key == "offline_dpo":
+        return "offline DPO (2,559 shipped pairs, chapter 13)"
+    _, _, hp = RUNS[TRAJECTORIES[key.split("@")[0]][0]]
+    ref = "SFT" if hp["reference"] == "sft" else "previous round"
+    return f"online DPO (annotator, ref {ref}, beta {hp['beta']}, {rounds} rounds)"
+
+
+def summarise_protocol(runs_file: Path = PROTOCOL_RUNS, out: Path | None = PROTOCOL,
+                       quick: bool = False, n_bootstrap: int = 2000) -> dict[str, Any]:
+    """Choose on validation, report on test: ``online_protocol.json``.
+
+    Only the seeds for which every candidate was judged on both splits count. For every
+    candidate, split and baseline draw: the mean over seeds with paired-bootstrap errors
+    (:func:`rlcourse.evaluation.seed_mean_paired`). The selected candidate has the highest
+    share of gain on validation (mean over its baseline draws); it is reported on test, where
+    the share of gain is given for each draw and over draws (:func:`spread_over_draws`)."""
+    rows = [json.loads(x) for x in runs_file.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("quick", False) == quick]
+    base = {(r["split"], r["draw"]): r for r in rows if r["kind"] == "baseline"}
+    sft_rows = {r["split"]: r for r in rows if r["kind"] == "sft"}
+    cand: dict[str, dict[tuple[str, int], dict]] = {}
+    for r in rows:
+        if r["kind"] == "candidate":
+            cand.setdefault(r["candidate"], {})[(r["split"], r["seed"])] = r
+    order = list(PROTOCOL_SPLITS)
+    splits = sorted({s for s, _ in base}, key=order.index)
+    all_seeds = sorted({seed for c in cand.values() for _, seed in c})
+    seeds = [s for s in all_seeds
+             if all((n, s) in c for c in cand.values() for n in REQUIRED_SPLITS)]
+    seeds_of = {n: seeds if n in REQUIRED_SPLITS else
+                [s for s in seeds if all((n, s) in c for c in cand.values())] for n in splits}
+    splits = [n for n in splits if seeds_of[n]]
+    if not seeds:
+        raise SystemExit(f"{runs_file}: no seed has every candidate judged on every split")
+    draws = {n: sorted(d for s, d in base if s == n) for n in splits}
+    info = {}
+    for n in splits:
+        b = base[(n, 0)]
+        info[n] = {"n_prompts": b["n_prompts"], "n_samples": b["n_samples"],
+                   "n_comparisons": len(b["scores"]), "prompt_seed": b["prompt_seed"],
+                   "sample_seed": b["sample_seed"],
+                   "baseline_draw_seeds": [b["sample_seed"] + 1 + d for d in draws[n]],
+                   "seeds": seeds_of[n],
+                   "prompts": ("data/eval_prompts.jsonl (the development grid's prompts; not a "
+                               "split of the protocol, chooses nothing)") if n == "original" else
+                   "DEFAULT_WORLD.fresh_prompts(split, n_prompts, seed=prompt_seed)"}
+
+    def judged(scores_by_seed: list[list[float]], n: str, d: int, boot_seed: int) -> dict:
+        b = base[(n, d)]
+        many = [p for p in b["prompts"] for _ in range(b["n_samples"])]
+        sb = np.array(b["scores"])
+        c = ceiling_indicators(sb, perfect_assistant_scores(many)).reshape(b["n_prompts"], -1)
+        w = np.stack([win_indicators(s, sb).reshape(b["n_prompts"], -1)
+                      for s in scores_by_seed])
+        return seed_mean_paired(w, c, n_bootstrap, seed=boot_seed).as_dict()
+
+    candidates = {}
+    for i, (key, by) in enumerate(sorted(cand.items())):
+        entry: dict[str, Any] = {}
+        for n in splits:
+            runs = [by[(n, s)] for s in seeds_of[n]]
+            per_draw = [judged([r["scores"] for r in runs], n, d, 1000 * i + d)
+                        for d in draws[n]]
+            entry[n] = {
+                "draws": per_draw,
+                **{k: spread_over_draws([x[k] for x in per_draw]).as_dict()
+                   for k in ("win_rate", "ceiling", "share_of_gain")},
+                "share_of_gain_stderr_mean": float(np.mean([x["share_of_gain_stderr"]
+                                                            for x in per_draw])),
+                "win_rate_stderr_mean": float(np.mean([x["win_rate_stderr"] for x in per_draw])),
+                **{k: statistics.fmean(r[k] for r in runs)
+                   for k in ("kl", "model_mean_score", "model_mean_length", "model_share_flawed",
+                             "model_share_best", "model_share_repetition", "model_share_garbled")},
+                "samples": runs[0]["samples"],
+            }
+        r0 = by[(splits[0], seeds[0])]
+        candidates[key] = {
+            "label": protocol_label(key, r0["rounds"]), "trajectory": r0["trajectory"],
+            "rounds": r0["rounds"], "settings": r0["settings"],
+            "n_labels": statistics.fmean(by[(splits[0], s)]["n_labels"] for s in seeds),
+            "train_seconds": statistics.fmean(by[(splits[0], s)]["train_seconds"]
+                                              for s in seeds),
+            **entry}
+    selected = max(candidates,
+                   key=lambda k: candidates[k]["validation"]["share_of_gain"]["mean"])
+    sel = candidates[selected]
+    sft_check = {n: {"win_rate": spread_over_draws([
+        judged([sft_rows[n]["scores"]], n, d, 7)["win_rate"] for d in draws[n]]).as_dict()}
+        for n in splits if n in sft_rows}
+    result = {
+        "benchmark": "online DPO: the variant chosen on a validation split of fresh prompts, "
+                     "reported on a test split that played no part in choosing",
+        "selected_on": "validation", "reported_on": "test",
+        "selection_rule": "the candidate with the highest share of gain on the validation split "
+                          "(mean over seeds, then over the baseline draws)",
+        "seeds": seeds, "n_seeds": len(seeds), "required_splits": list(REQUIRED_SPLITS),
+        "seeds_started": all_seeds,
+        "splits": info, "baseline_draws": len(draws.get("test", [])),
+        "n_bootstrap": n_bootstrap,
+        "standard_errors": "paired bootstrap over prompts across seeds "
+                           "(rlcourse.evaluation.seed_mean_paired); naive_stderr = sd of the "
+                           "per-seed win rates / sqrt(seeds), for comparison",
+        "compute_note": PROTOCOL_NOTE, "quick": quick,
+        "selected": selected,
+        "report": {"label": sel["label"], "validation_share_of_gain": sel["validation"][
+            "share_of_gain"], "test": sel["test"]},
+        "candidates": candidates,
+        "sft_vs_sft": sft_check,
+        "machine": next(iter(cand[selected].values()))["machine"],
+    }
+    if out is not None:
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(RUNS))
@@ -405,6 +733,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="record the runs under this method name")
     parser.add_argument("--out", type=Path, default=RUNS_FILE)
     parser.add_argument("--summarise", action="store_true")
+    parser.add_argument("--protocol", action="store_true",
+                        help="train the protocol's candidates for --seeds seeds from --first-seed")
+    parser.add_argument("--summarise-protocol", action="store_true")
     parser.add_argument("--jobs", type=int, default=0, help="run (method, seed) pairs in "
                         "this many parallel processes")
     parser.add_argument("--with-overopt", action="store_true", help="with --jobs: also --overopt")
@@ -420,6 +751,21 @@ def main(argv: list[str] | None = None) -> None:
             x = m["summary"]
             print(f"{name:20s} {x['n_seeds']} seeds: win {x['win_rate']:.3f} "
                   f"(± {x['win_rate_stderr_of_mean']:.3f}) KL {x['kl']:.2f}")
+        return
+    if args.summarise_protocol:
+        r = summarise_protocol(args.out if args.out != RUNS_FILE else PROTOCOL_RUNS,
+                               None if args.quick else PROTOCOL, quick=args.quick)
+        for key, c in r["candidates"].items():
+            print(f"{key:22s} validation share {c['validation']['share_of_gain']['mean']:.3f}  "
+                  f"test share {c['test']['share_of_gain']['mean']:.3f} "
+                  f"(draws {c['test']['share_of_gain']['min']:.3f}-"
+                  f"{c['test']['share_of_gain']['max']:.3f})  KL {c['test']['kl']:.2f}")
+        print(f"selected on validation: {r['selected']} ({r['n_seeds']} seeds)")
+        return
+    if args.protocol:
+        out = args.out if args.out != RUNS_FILE else (
+            REPO_ROOT / "runs" / "protocol_quick.jsonl" if args.quick else PROTOCOL_RUNS)
+        run_protocol(list(range(args.first_seed, args.first_seed + args.seeds)), args.quick, out)
         return
     if args.overopt:
         overoptimisation(args.quick, 16 if args.quick else args.n_max,

@@ -27,6 +27,13 @@ Results go to ``benchmarks/results/side_by_side.json``. The file is *merged*, no
 results (and the SFT and base rows, which are evaluated only when missing)::
 
     OMP_NUM_THREADS=1 python benchmarks/run_side_by_side.py --methods ipo_summed,ipo_tau1 --seeds 3
+
+Which prompts chose, which reported: the learning rates and loss hyperparameters were tuned by
+``run_preference_methods.py`` on the same 200 evaluation prompts this file reports, so its
+numbers are development numbers; ``settings`` records this (``"selected_on"``,
+``"reported_on"``, seeds, prompt counts; ``--record-only`` rewrites them without training).
+Chapter 16's online-DPO choice made on a validation split of fresh prompts and reported on a
+test split is in ``online_protocol.json`` (``run_online_methods.py --protocol``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,16 @@ from rlcourse.models import load_model
 from rlcourse.recipes import load_recipe, run_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "side_by_side.json"
+#: Where the choices behind this file were made and where it reports (see the docstring).
+SPLITS = {
+    "selected_on": "eval_prompts",
+    "reported_on": "eval_prompts",
+    "split_note": "development numbers: learning rates and loss hyperparameters were tuned "
+                  "(run_preference_methods.py) on the same 200 eval prompts x 5 samples that "
+                  "these rows report, against one draw of SFT answers (seed 1001) shared by "
+                  "every run; no separate test split. Chapter 16's protocol "
+                  "(online_protocol.json) chooses on validation and reports on test.",
+}
 
 EPOCHS = 2
 BATCH = 32
@@ -132,7 +149,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-samples", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "runs" / "side_by_side")
+    parser.add_argument("--record-only", action="store_true",
+                        help="only rewrite the split fields of settings; train nothing")
     args = parser.parse_args(argv)
+    if args.record_only:
+        results = json.loads(args.out.read_text())
+        results["settings"].update(SPLITS, seeds=sorted({r["seed"] for m in results["methods"]
+                                                          .values() for r in m["runs"]}))
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+        return results
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*chosen == rejected.*")
     prompts = [r["prompt"] for r in read_jsonl(args.data / "eval_prompts.jsonl")]
@@ -147,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["settings"] = {
         "epochs": EPOCHS, "batch_size": BATCH, "warmup_steps": WARMUP, "schedule": "cosine",
         "eval_prompts": len(prompts), "eval_samples_per_prompt": args.eval_samples,
+        **SPLITS, "seeds": list(range(args.seeds)),
         "runs": {k: {"recipe": f"recipes/{v[0]}.yaml", "start": v[1], "lr": v[2], **v[3]}
                  for k, v in RUNS.items()},
         "labels": LABELS,

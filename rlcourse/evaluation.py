@@ -14,6 +14,12 @@ comes with its **ceiling**, the win rate of an assistant that always gives the w
 ``best_response`` against the same baseline answers, and the **share of gain**
 (WR − ½)/(ceiling − ½), the part of the achievable improvement over the baseline a model
 realised (:func:`share_of_gain`, :func:`oracle_best_of_n`).
+
+Several training seeds judged against **one** draw of baseline answers are not independent
+evaluations: the baseline's luck is shared by all of them. Their mean gets its error from a
+paired bootstrap over prompts that resamples every seed and the baseline together
+(:func:`seed_mean_paired`); and because the ceiling itself moves with the baseline draw, the
+share of gain is reported over several draws (:func:`spread_over_draws`).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from rlcourse.worlds.assistant import DEFAULT_WORLD, AssistantWorld, tokens
 
 __all__ = [
     "Comparison",
+    "DrawSpread",
     "Evaluation",
     "LengthControlled",
     "SampleStats",
+    "SeedMean",
     "WinRate",
     "ShareOfGain",
     "best_of_n_win_rates",
@@ -47,6 +55,8 @@ __all__ = [
     "kl_to_reference",
     "length_controlled_win_rate",
     "sample_stats",
+    "seed_mean_paired",
+    "spread_over_draws",
     "win_indicators",
     "win_rate",
 ]
@@ -236,6 +246,137 @@ def share_of_gain(
         r = np.concatenate(ratios)
         stderr = float(r.std(ddof=1)) if r.size >= 2 else math.nan
     return ShareOfGain(value=value, stderr=stderr, win_rate=wr, ceiling=ceiling)
+
+
+# --------------------------------------------------------------------------------------------
+# Several training seeds against one baseline draw; several baseline draws
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedMean:
+    """Mean over training seeds judged against the same baseline answers
+    (:func:`seed_mean_paired`): win rate, ceiling and share of gain with paired-bootstrap
+    errors, and for comparison the naive error sd(per-seed win rates)/sqrt(S)."""
+
+    win_rate: float
+    win_rate_stderr: float
+    naive_stderr: float
+    ceiling: float
+    share_of_gain: float
+    share_of_gain_stderr: float
+    per_seed: tuple[float, ...]
+    n_prompts: int
+    n_samples: int
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.per_seed)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "per_seed"}
+        return {**out, "per_seed": list(self.per_seed), "n_seeds": self.n_seeds}
+
+
+def seed_mean_paired(
+    wins: Any,
+    ceiling_wins: Any,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> SeedMean:
+    r"""Mean win rate and share of gain over S training seeds that share one baseline draw.
+
+    ``wins[s, i, k]`` is seed s's win indicator against the baseline's k-th answer to prompt i
+    (shape [S, P] for one answer per prompt, or [S, P, K]); ``ceiling_wins[i, k]`` the perfect
+    assistant's against the *same* baseline answer (:func:`ceiling_indicators`). The estimates
+    are the means over seeds of the per-seed means,
+
+    .. math::  \overline{\mathrm{WR}} = \frac1S\sum_s \bar w_s,\qquad
+               G = \frac{\overline{\mathrm{WR}} - \tfrac12}{\bar c - \tfrac12}.
+
+    Their standard errors come from a **paired bootstrap over prompts across seeds**: each
+    resample draws P prompt indices with replacement *once* and applies them to every seed's
+    indicators and to the ceiling's (the prompt, with all of its answers, is the unit: answers
+    to one prompt are not independent), then recomputes both statistics; the error is the
+    standard deviation over resamples. With m_i the mean of prompt i's indicators over seeds
+    and answers, the resampled win rate is the mean of P draws from the m_i, so its error tends
+    to :math:`\sqrt{\tfrac1P\cdot\tfrac1P\sum_i (m_i - \bar m)^2}` (the ideal bootstrap).
+
+    Why not the spread over seeds? ``naive_stderr`` = sd of the S per-seed win rates / √S sees
+    only the training and model-sampling noise that differs between seeds. The baseline's
+    answers are the same for every seed, so whatever luck they had (a prompt where the baseline
+    happened to answer badly is won by every seed) moves all seeds together and is invisible in
+    their spread; the paired bootstrap resamples it. Resamples whose ceiling is ½ are left out
+    of the share-of-gain error, as in :func:`share_of_gain`.
+    """
+    w = np.asarray(wins, dtype=np.float64)
+    c = np.asarray(ceiling_wins, dtype=np.float64)
+    if w.ndim == 2:
+        w = w[:, :, None]
+    if c.ndim == 1:
+        c = c[:, None]
+    if w.ndim != 3 or w.shape[1:] != c.shape or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"wins must be [seeds, prompts(, answers)] and ceiling_wins "
+                         f"[prompts(, answers)] with matching shapes, got {np.shape(wins)} "
+                         f"and {np.shape(ceiling_wins)}")
+    n_seeds, n_prompts, n_samples = w.shape
+    per_seed = w.mean(axis=(1, 2))
+    m = w.mean(axis=(0, 2))  # per prompt: mean over seeds and answers
+    cp = c.mean(axis=1)
+    wr, ceiling = float(m.mean()), float(cp.mean())
+    gain = (wr - 0.5) / (ceiling - 0.5) if ceiling > 0.5 else math.nan
+    wr_se = gain_se = math.nan
+    if n_prompts >= 2 and n_bootstrap >= 2:
+        rng = np.random.default_rng(seed)
+        wr_b, g_b = [], []
+        chunk = max(1, 2_000_000 // n_prompts)
+        for start in range(0, n_bootstrap, chunk):
+            idx = rng.integers(n_prompts, size=(min(chunk, n_bootstrap - start), n_prompts))
+            num, den = m[idx].mean(axis=1), cp[idx].mean(axis=1) - 0.5
+            wr_b.append(num)
+            ok = den > 0
+            g_b.append((num[ok] - 0.5) / den[ok])
+        wr_se = float(np.concatenate(wr_b).std(ddof=1))
+        g = np.concatenate(g_b)
+        if not math.isnan(gain) and g.size >= 2:
+            gain_se = float(g.std(ddof=1))
+    naive = float(per_seed.std(ddof=1) / math.sqrt(n_seeds)) if n_seeds >= 2 else math.nan
+    return SeedMean(win_rate=wr, win_rate_stderr=wr_se, naive_stderr=naive, ceiling=ceiling,
+                    share_of_gain=gain, share_of_gain_stderr=gain_se,
+                    per_seed=tuple(float(x) for x in per_seed), n_prompts=n_prompts,
+                    n_samples=n_samples)
+
+
+@dataclass(frozen=True)
+class DrawSpread:
+    """A statistic over several baseline draws: mean, sample standard deviation, range."""
+
+    mean: float
+    sd: float
+    min: float
+    max: float
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} (sd {self.sd:.3f}, {self.min:.3f}–{self.max:.3f}, {self.n} draws)"
+
+
+def spread_over_draws(values: Sequence[float]) -> DrawSpread:
+    r"""Mean, standard deviation (n − 1) and range of one statistic computed against each of
+    several independent draws of the baseline's answers.
+
+    A raw win rate and its ceiling C both move with the baseline draw (a draw with more perfect
+    baseline answers leaves less to win); the share of gain (WR − ½)/(C − ½) divides much of
+    that out. Reporting it over several draws shows how much is left.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty 1-d sequence, got shape {v.shape}")
+    return DrawSpread(mean=float(v.mean()), sd=float(v.std(ddof=1)) if v.size > 1 else math.nan,
+                      min=float(v.min()), max=float(v.max()), n=int(v.size))
 
 
 def perfect_assistant_scores(

@@ -292,3 +292,79 @@ def test_pretraining_corpus_uses_grammar_and_only_the_given_prompts():
         assert all(t and s in grammar for s, t in split_sentences(doc)), doc
     assert 0.15 < questions / len(docs) < 0.45
     assert W.pretraining_corpus(5, seed=1) == W.pretraining_corpus(5, seed=1)
+
+
+# ---- fresh prompts: new phrasings, seeded, with disjoint splits ------------------------------
+
+
+def test_original_prompts_and_generators_are_unchanged():
+    """Other chapters' numbers rest on these outputs: the fresh-prompt generator only adds."""
+    import hashlib
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    assert sha("\n".join(W.prompts())) == (
+        "5c84df4110750eb4d53044cf111a90273b0e9f8c0de85d66212d80d2467884f1")
+    train, evaluation = W.split_prompts(25, seed=0)
+    assert sha("\n".join(train) + "|" + "\n".join(evaluation)) == (
+        "7b009b096134f9870a6b60cbeab5f3738c2569d62a9f9d5cd1afb1d2c996f75b")
+    answers = [W.sample_response(p, seed=i) for i, p in enumerate(W.prompts()[::7])]
+    assert sha("\n".join(answers)) == (
+        "3fb7a3128034fa47c189bbe5640e8d92632e2fcc41d134895e904737c37cc7c2")
+
+
+def test_fresh_prompt_splits_never_share_a_prompt_whatever_the_seeds():
+    from rlcourse.worlds.assistant import FRESH_SPLITS, prompt_split
+
+    drawn = {name: set() for name in FRESH_SPLITS}
+    for name in FRESH_SPLITS:
+        for seed in (0, 1, 2):
+            prompts = W.fresh_prompts(name, 300, seed=seed)
+            assert len(set(prompts)) == 300  # distinct within a draw
+            assert all(prompt_split(p) == name for p in prompts)
+            drawn[name] |= set(prompts)
+    names = list(FRESH_SPLITS)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not drawn[a] & drawn[b], (a, b)
+    # none is one of the original 804 prompts the shipped data and checkpoints were built from
+    assert not set().union(*drawn.values()) & set(W.prompts())
+    # the split is a function of the text alone (spacing-insensitive, like topic_of)
+    p = next(iter(drawn["test"]))
+    assert prompt_split(p.replace(" ", "  ")) == "test"
+    with pytest.raises(ValueError, match="split must be"):
+        W.fresh_prompts("dev", 1)
+
+
+def test_fresh_prompts_are_seeded_balanced_and_in_the_vocabulary():
+    a = W.fresh_prompts("validation", 160, seed=7)
+    assert W.fresh_prompts("validation", 160, seed=7) == a
+    assert W.fresh_prompts("validation", 160, seed=8) != a
+    # a longer draw starts with the shorter one: the stream is endless and seeded
+    assert W.fresh_prompts("validation", 400, seed=7)[:160] == a
+    vocab = set(W.vocabulary())
+    for p in a:
+        assert set(tokens(p)) <= vocab, p
+    topics = [W.topic_of(p) for p in a]
+    assert all(topics.count(t.name) == 20 for t in W.topics)  # blocks of all eight topics
+    # new phrasings, not only new combinations of the old pieces
+    old_bodies = {b for t in W.topics for b in W._topic_prompts(t)}
+    assert sum(not any(p.endswith(b) for b in old_bodies) for p in a) > 100
+
+
+def test_fresh_prompt_names_its_topic():
+    rng = np.random.default_rng(0)
+    for topic in W.topics:
+        for _ in range(50):
+            assert W.topic_of(W.fresh_prompt(topic.name, rng, p_two=0.5)) == topic.name
+
+
+def test_one_request_phrasings_per_topic_number_as_the_docstring_says():
+    from rlcourse.worlds.assistant import FRESH_OPENERS, FRESH_TEMPLATES
+
+    rng = np.random.default_rng(0)
+    topic = W.topics[0]
+    k = len(topic.keywords)
+    seen = {W.fresh_prompt(topic.name, rng, p_two=0.0) for _ in range(40_000)}
+    assert len(seen) == len(FRESH_OPENERS) * len(FRESH_TEMPLATES) * (k + k * (k - 1)) == 1728

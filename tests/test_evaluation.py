@@ -205,3 +205,71 @@ def test_lc_win_rate_flags_an_extrapolation_when_one_side_is_always_shorter():
     lb = np.array([2.0, 2.0, 2.0, 4.0])
     got = length_controlled_win_rate([1, 0, 1, 0], [0, 1, 0, 1], la, lb)
     assert got.minority_share == pytest.approx(min(3 / 4, 2 / 4)) and not got.extrapolated
+
+
+# ---- several seeds against one baseline draw: the paired bootstrap over prompts ---------------
+
+
+def test_seed_mean_paired_on_a_hand_computable_case():
+    from rlcourse.evaluation import seed_mean_paired
+
+    # Two seeds, two prompts; both seeds win prompt 0 and lose prompt 1 (the baseline answered
+    # prompt 0 badly and prompt 1 well). The per-prompt means are m = (1, 0), so the ideal
+    # bootstrap of the mean of two draws from {1, 0} has sd sqrt(var(m)/2) = sqrt(1/8).
+    r = seed_mean_paired([[1.0, 0.0], [1.0, 0.0]], [1.0, 0.5], n_bootstrap=40_000, seed=0)
+    assert r.win_rate == 0.5 and r.ceiling == 0.75 and r.share_of_gain == 0.0
+    assert r.per_seed == (0.5, 0.5) and r.n_seeds == 2
+    assert r.naive_stderr == 0.0  # the seeds agree: their spread sees no error at all
+    assert r.win_rate_stderr == pytest.approx(math.sqrt(1 / 8), rel=0.02)
+    # Share of gain: resamples (0,0) -> G = (1 - .5)/(1 - .5) = 1 (prob 1/4); (1,1) has ceiling
+    # 1/2 and is left out (1/4); (0,1), (1,0) -> G = 0 (1/2). Kept: G = 1 w.p. 1/3, 0 w.p. 2/3,
+    # sd sqrt(2/9).
+    assert r.share_of_gain_stderr == pytest.approx(math.sqrt(2 / 9), rel=0.02)
+    # answers per prompt: the prompt is the unit, its answers are averaged first
+    r3 = seed_mean_paired(np.array([[[1, 1], [0, 0]], [[1, 1], [0, 0]]], float),
+                          np.array([[1, 1], [0.5, 0.5]]), n_bootstrap=40_000)
+    assert (r3.n_prompts, r3.n_samples) == (2, 2)
+    assert r3.win_rate_stderr == pytest.approx(math.sqrt(1 / 8), rel=0.02)
+    with pytest.raises(ValueError, match="matching shapes"):
+        seed_mean_paired([[1.0, 0.0]], [1.0, 0.5, 0.5])
+
+
+def test_seed_mean_paired_matches_the_true_error_when_seeds_share_the_baseline():
+    """Monte Carlo oracle: draw the baseline's answers and S seeds' answers again and again,
+    the true standard error of the seed mean is the sd of its values over repetitions. The
+    paired bootstrap (one repetition's data) recovers it; the spread over seeds cannot see the
+    shared baseline and is much smaller."""
+    from rlcourse.evaluation import seed_mean_paired
+
+    rng = np.random.default_rng(0)
+    n_prompts, n_seeds, reps = 300, 3, 2000
+
+    def draw():
+        # per prompt, the baseline answer is perfect (1) with prob 0.45, else a flawed 0;
+        # each seed's answer is perfect with prob 0.8, flawed otherwise
+        base = (rng.random(n_prompts) < 0.45).astype(float)
+        seeds = (rng.random((n_seeds, n_prompts)) < 0.8).astype(float)
+        return np.stack([win_indicators(s, base) for s in seeds]), win_indicators(
+            np.ones(n_prompts), base)
+
+    means = [draw()[0].mean() for _ in range(reps)]
+    true_se = float(np.std(means, ddof=1))
+    w, c = draw()
+    r = seed_mean_paired(w, c, n_bootstrap=4000, seed=1)
+    assert r.win_rate_stderr == pytest.approx(true_se, rel=0.15)
+    assert r.naive_stderr < 0.8 * r.win_rate_stderr
+    # the old rule sqrt(sum of per-seed bootstrap SEs^2)/S also treats seeds as independent
+    independent = math.sqrt(sum(bootstrap_stderr(x, 2000, k) ** 2
+                                for k, x in enumerate(w))) / n_seeds
+    assert independent < 0.8 * r.win_rate_stderr
+
+
+def test_spread_over_draws():
+    from rlcourse.evaluation import spread_over_draws
+
+    s = spread_over_draws([0.9, 0.95, 1.0])
+    assert (s.mean, s.min, s.max, s.n) == (pytest.approx(0.95), 0.9, 1.0, 3)
+    assert s.sd == pytest.approx(0.05)
+    assert math.isnan(spread_over_draws([0.5]).sd)
+    with pytest.raises(ValueError):
+        spread_over_draws([])

@@ -32,9 +32,10 @@ Everything here is pure Python and NumPy; every random choice takes a seed or a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "AssistantWorld",
     "Breakdown",
     "DEFAULT_WORLD",
+    "FRESH_SPLITS",
     "ResponseMix",
     "ScoreWeights",
     "TAXI_TASTE",
@@ -54,6 +56,7 @@ __all__ = [
     "label_agreement",
     "pair_length_balance",
     "preference_pairs",
+    "prompt_split",
     "split_sentences",
     "tokens",
     "true_score",
@@ -236,6 +239,47 @@ RUDE_WORDS: frozenset[str] = frozenset({"stupid", "idiot", "dumb", "lazy", "usel
 #: An annotator's individual taste, after the slides' example: going home by taxi "is better"
 #: than by bus, a preference we do not want the model to learn (both facts are true).
 TAXI_TASTE: dict[str, float] = {"taxi": 0.5, "bus": -0.5}
+
+#: Openers of fresh prompts (:meth:`AssistantWorld.fresh_prompts`): the four of :data:`OPENERS`
+#: and two pairs of them.
+FRESH_OPENERS: tuple[str, ...] = OPENERS + ("hello please", "hey please")
+#: Request templates of fresh prompts: the six of :data:`TEMPLATES` and twelve new phrasings.
+#: They use only words of the world's vocabulary (so a tokenizer built on it knows every word)
+#: and none of a topic's keywords (so :meth:`AssistantWorld.topic_of` finds the topic).
+FRESH_TEMPLATES: tuple[str, ...] = TEMPLATES + (
+    "tell me something about {k}",
+    "can you tell me about {k}?",
+    "what can you tell me about {k}?",
+    "what should i know about {k}?",
+    "what do you think about {k}?",
+    "explain {k} to me",
+    "how can i learn about {k}?",
+    "let me know what is true about {k}",
+    "write something true about {k}",
+    "tell me what is true about {k}",
+    "i have a question about {k}. what is true?",
+    "what is good about {k}?",
+)
+#: The splits of fresh prompts and the share of the prompt space each one owns: a prompt's
+#: split is a function of its text alone (:func:`prompt_split`), so no two splits can ever
+#: share a prompt, whatever seeds draw them.
+FRESH_SPLITS: dict[str, tuple[float, float]] = {
+    "train": (0.0, 0.5), "validation": (0.5, 0.75), "test": (0.75, 1.0)}
+
+
+def prompt_split(prompt: str) -> str:
+    """The split (``"train"``, ``"validation"`` or ``"test"``) a prompt text belongs to.
+
+    u = (first 8 bytes of SHA-256 of the normalised text) / 2^64 ∈ [0, 1), and the split is
+    the one of :data:`FRESH_SPLITS` whose interval holds u. A function of the text alone: the
+    same phrasing lands in the same split on every machine, in every run, for every seed.
+    """
+    text = join_words(tokens(prompt))
+    u = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    for name, (lo, hi) in FRESH_SPLITS.items():
+        if lo <= u < hi:
+            return name
+    raise AssertionError(u)  # pragma: no cover (the intervals cover [0, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,6 +468,68 @@ class AssistantWorld:
             evaluation += [prompts[i] for i in order[:n_eval_per_topic]]
             train += [prompts[i] for i in order[n_eval_per_topic:]]
         return train, evaluation
+
+    # ---- fresh prompts: new phrasings, without end -------------------------------------------
+
+    def _fresh_request(self, rng: np.random.Generator, topic: Topic) -> str:
+        """One request about ``topic``: a template of :data:`FRESH_TEMPLATES` filled with one
+        keyword or with two distinct keywords joined by "and"."""
+        template = _choice(rng, FRESH_TEMPLATES)
+        if rng.random() < 0.5:
+            key = _choice(rng, topic.keywords)
+        else:
+            i, j = rng.choice(len(topic.keywords), size=2, replace=False)
+            key = f"{topic.keywords[int(i)]} and {topic.keywords[int(j)]}"
+        return template.format(k=key)
+
+    def fresh_prompt(self, topic: str, seed: SeedLike = None, p_two: float = 0.2) -> str:
+        """One new phrasing of a question about ``topic``: an opener of :data:`FRESH_OPENERS`,
+        a request (:data:`FRESH_TEMPLATES` with one keyword of the topic, or two joined by
+        "and"), and with probability ``p_two`` a second request about the same topic ("tell me
+        about rain. what is true about snow?"). With 6 openers, 18 templates and 4 + 12 keyword
+        choices that is 6·18·16 = 1,728 one-request and 6·(18·16)² ≈ 5·10^5 two-request
+        phrasings per topic (about 4·10^6 in all): an endless supply for this world's purposes."""
+        rng = _rng(seed)
+        t = self.topic_by_name[topic]
+        text = self._fresh_request(rng, t)
+        if rng.random() < p_two:
+            second = self._fresh_request(rng, t)
+            text = f"{text}{'' if text.endswith('?') else '.'} {second}"
+        opener = _choice(rng, FRESH_OPENERS)
+        return f"{opener} {text}".strip()
+
+    def iter_fresh_prompts(self, split: str, seed: SeedLike = 0, p_two: float = 0.2
+                           ) -> Iterator[str]:
+        """An endless, seeded stream of distinct fresh prompts of one split.
+
+        Topics come in shuffled blocks of all eight (every topic equally often); each prompt is
+        drawn by :meth:`fresh_prompt` and kept only when it belongs to ``split``
+        (:func:`prompt_split`), is not one of the world's original prompts (:meth:`prompts`, the
+        ones the shipped data and checkpoints were built from) and was not yielded before. The
+        split is a function of the text, so streams of different splits never share a prompt,
+        whatever their seeds; the same seed gives the same stream.
+        """
+        if split not in FRESH_SPLITS:
+            raise ValueError(f"split must be one of {list(FRESH_SPLITS)}, got {split!r}")
+        rng = _rng(seed)
+        seen = set(self._prompt_topic)
+        while True:
+            for i in rng.permutation(len(self.topics)):
+                topic = self.topics[int(i)].name
+                while True:
+                    prompt = self.fresh_prompt(topic, rng, p_two)
+                    if prompt not in seen and prompt_split(prompt) == split:
+                        break
+                seen.add(prompt)
+                yield prompt
+
+    def fresh_prompts(self, split: str, n: int, seed: SeedLike = 0, p_two: float = 0.2
+                      ) -> list[str]:
+        """The first ``n`` prompts of :meth:`iter_fresh_prompts` (distinct, of ``split`` only,
+        none of the original prompts), e.g. a validation set for every choice and a test set
+        that plays no part in choosing."""
+        stream = self.iter_fresh_prompts(split, seed, p_two)
+        return [next(stream) for _ in range(n)]
 
     # ---- vocabulary ------------------------------------------------------------------------
 
