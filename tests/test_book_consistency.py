@@ -54,16 +54,9 @@ PYTHON_SOURCES = sorted([*(REPO_ROOT / "rlcourse").rglob("*.py"),
                          *(REPO_ROOT / "benchmarks").glob("*.py"),
                          *(REPO_ROOT / "data").glob("*.py"), *(REPO_ROOT / "tests").glob("*.py")])
 
-OWNED_BY_PROTOCOL_BRANCH = "owned by the protocol branch"
-
-#: Chapters whose results digests are not recorded yet, with the reason.
-RESULTS_DIGEST_PENDING = {
-    # owned by the protocol branch: no digest recorded until it re-executes the chapter; its
-    # committed run (2026-12-04 18:00) is older than side_by_side.json's last change (18:06)
-    "13_side_by_side": OWNED_BY_PROTOCOL_BRANCH,
-    # owned by the protocol branch: no digest recorded until it re-executes the chapter
-    "16_learning_from_own_samples": OWNED_BY_PROTOCOL_BRANCH,
-}
+#: Chapters whose results digests are not recorded yet, with the reason (none now: every
+#: chapter that reads a results file was re-executed with the digests).
+RESULTS_DIGEST_PENDING: dict[str, str] = {}
 
 #: ``{chapter stem: {markdown cell id: reason, or {number as written: reason}}}``: quoted
 #: numbers that are not results of the chapter (see the module docstring, check 3).
@@ -95,7 +88,8 @@ PROSE_NUMBERS_ALLOWED: dict[str, dict[str, str | dict[str, str]]] = {
     },
     "13_side_by_side": {
         # owned by the protocol branch: chapter 7's label agreement (0.873), not shown in 13
-        "e3cd7b8d": {"87": OWNED_BY_PROTOCOL_BRANCH},
+        "e3cd7b8d": {"87": "chapter 7's measured label agreement (07_reward_models prints "
+                            "0.873)"},
     },
     "14_real_model": {
         "442ca125": {"896": "Qwen2.5-0.5B's config (rlcourse.memory.QWEN25_05B)",
@@ -105,11 +99,6 @@ PROSE_NUMBERS_ALLOWED: dict[str, dict[str, str | dict[str, str]]] = {
         "8cb54531": {"74.5": "unit conversion: 80 GB = 80e9 / 2^30 GiB"},
         "5530776a": {"151,936": "Qwen2.5's vocabulary size (rlcourse.memory.QWEN25_05B)"},
         "32dde8ff": {"150,000": "a round vocabulary size in an illustration"},
-    },
-    "16_learning_from_own_samples": {
-        # owned by the protocol branch: the number of shipped pairs, printed in chapter 7
-        "6611d4c7": {"2,559": OWNED_BY_PROTOCOL_BRANCH},
-        "d33b4260": {"2,559": OWNED_BY_PROTOCOL_BRANCH},
     },
 }
 
