@@ -87,7 +87,7 @@ PROSE_NUMBERS_ALLOWED: dict[str, dict[str, str | dict[str, str]]] = {
         "a91aa20f": {"805": "AlpacaEval 2's size, a property of the benchmark"},
     },
     "13_side_by_side": {
-        # owned by the protocol branch: chapter 7's label agreement (0.873), not shown in 13
+        # chapter 7 measures it; 13 cites it
         "e3cd7b8d": {"87": "chapter 7's measured label agreement (07_reward_models prints "
                             "0.873)"},
     },
