@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlcourse.losses import OBJECTIVES
+
 BYTES_TRAINABLE_MIXED_ADAM = 16
 BYTES_FROZEN_HALF = 2
 GIB = 2**30
@@ -46,9 +48,11 @@ def model_roles(method: str, n_params: int, precompute_reference: bool = False) 
     """The models ``method`` holds at once, all assumed to have ``n_params`` parameters.
 
     * ``ppo``: actor and critic trained, reward model and reference frozen (the four models);
-    * ``dpo``, ``ipo``, ``rdpo``, ``kto``: policy trained and a frozen reference, unless the
-      reference log-probs are precomputed once before training (then the reference is released);
-    * ``orpo``, ``simpo``, ``sft``: the policy alone.
+    * ``sft`` and every preference loss of :data:`rlcourse.losses.OBJECTIVES` without a
+      reference (``orpo``, ``simpo``, ...): the policy alone;
+    * the losses with a reference (``dpo``, ``ipo``, ``rdpo``, ``kto``, ...): the policy and a
+      frozen reference, unless the reference log-probs are precomputed once before training
+      (then the reference is released).
     """
     method = method.lower()
     policy = ModelRole("policy", True, n_params)
@@ -59,13 +63,12 @@ def model_roles(method: str, n_params: int, precompute_reference: bool = False) 
             ModelRole("reward model", False, n_params),
             ModelRole("reference", False, n_params),
         ]
-    if method in {"dpo", "ipo", "rdpo", "kto"}:
-        if precompute_reference:
-            return [policy]
-        return [policy, ModelRole("reference", False, n_params)]
-    if method in {"orpo", "simpo", "sft"}:
+    objective = OBJECTIVES.get(method) if method != "bt" else None  # bt: the reward model's
+    if method == "sft" or objective is not None:
+        if objective is not None and objective.needs_reference and not precompute_reference:
+            return [policy, ModelRole("reference", False, n_params)]
         return [policy]
-    known = "ppo, dpo, ipo, rdpo, kto, orpo, simpo, sft"
+    known = ", ".join(["ppo", "sft", *(m for m in OBJECTIVES if m != "bt")])
     raise ValueError(f"unknown method {method!r}; expected one of {known}")
 
 

@@ -144,3 +144,17 @@ def test_seven_billion_on_80_gb():
                               activation_bytes=2, checkpointing=True)
     assert full.weights + full.gradients + full.optimizer == 16 * QWEN25_7B.n_params
     assert full.peak / GIB > 80 and gc.peak / GIB < 80 and gc.peak < lora.peak < full.peak
+
+
+def test_model_roles_follow_the_objectives_table():
+    """Every preference loss in OBJECTIVES has roles, read from its row (before, a list kept
+    beside it: hinge and robust DPO raised 'unknown method')."""
+    from rlcourse.losses import OBJECTIVES
+    from rlcourse.memory import model_roles
+
+    for name, objective in OBJECTIVES.items():
+        if name == "bt":
+            continue
+        roles = [r.name for r in model_roles(name, 10)]
+        assert roles == (["policy", "reference"] if objective.needs_reference else ["policy"])
+        assert [r.name for r in model_roles(name, 10, precompute_reference=True)] == ["policy"]
