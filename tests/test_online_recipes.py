@@ -86,6 +86,11 @@ def _mean_yes(model_dir: Path) -> float:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
+    adapter = path / "adapter_model.safetensors"  # a LoRA run saves its adapters
+    if adapter.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(adapter))
     return dict(load_model(path, device="cpu")[0].state_dict())
 
 
@@ -139,16 +144,20 @@ def test_rsft_targets_are_exactly_the_best_of_n_samples(workdir, verifier, tmp_p
     assert _mean_yes(tmp_path / "o" / "model") > _mean_yes(workdir / "model")
 
 
-@pytest.mark.parametrize("method, crash_at", [
-    ("online_dpo", 3),  # round 2's labels (calls 3, 4: answers a and b) are killed
-    ("rsft", 2),        # round 2's scoring is killed
+@pytest.mark.parametrize("method, crash_at, lora", [
+    ("online_dpo", 3, False),  # round 2's labels (calls 3, 4: answers a and b) are killed
+    ("rsft", 2, False),        # round 2's scoring is killed
+    ("online_dpo", 3, True),   # with LoRA: the checkpoints hold adapters, the reference is
+    ("rsft", 2, True),         # the model with its adapters off
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_path,
-                                                        monkeypatch, method, crash_at):
+                                                        monkeypatch, method, crash_at, lora):
     # prompts_per_round < 4 prompts: the resumed run must replay the skipped rounds' draws;
     # reference sft: it must use the starting model, not the checkpoint, as reference
     extra = (("online.rounds=3", "online.prompts_per_round=3", "online.reference=sft")
              if method == "online_dpo" else ("rsft.rounds=2",))
+    if lora:
+        extra = (*extra, "lora.r=4", "lora.target_modules=[q_proj, v_proj]")
     assert _run(workdir, method, tmp_path / "whole", *extra) == 0
     calls_whole = verifier.calls
     monkeypatch.setattr(verifier, "calls", 0)
@@ -164,6 +173,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_p
     assert _run(workdir, method, out, *extra) == 0  # the same command again
     per_round = 2 if method == "online_dpo" else 1
     assert verifier.calls == calls_whole - per_round * done  # round 1 was not redone
+    for run in (tmp_path / "whole", out):  # LoRA: the adapters were trained and saved
+        assert (run / "model" / "adapter_model.safetensors").is_file() == lora
     whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(out / "model")
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)

@@ -134,8 +134,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         takes = ", ".join(r.name for r in registry.methods().values() if r.lora)
         raise RecipeError(
             f"{where(source, lines, 'lora')}: {row.name} does not train adapters (PPO's critic "
-            "copies the policy, and the rounds of online DPO and RSFT resume from full models); "
-            f"a lora section is taken by: {takes}")
+            f"is a copy of the policy's network); a lora section is taken by: {takes}")
     check_keys(raw, sorted(known), "", source, lines, f"a {row.name} recipe")
     for key in ("model", "output", *row.required):
         if not raw.get(key):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from rlcourse import online
+from rlcourse.adapters import is_lora
 from rlcourse.engine import RunLog
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.models import load_model, save_model
@@ -51,10 +52,17 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
         done, rows = int(state["rounds_done"]), list(state["history"])
         if getattr(config, "reference", None) == "sft":  # online DPO's reference: the start
             start_model = copy.deepcopy(model).eval()  # the starting model, as in a fresh run
-        saved, _ = load_model(latest / "model", device=device, dtype=recipe.dtype,
-                              trust_remote_code=recipe.trust_remote_code)
-        model.load_state_dict(saved.state_dict())
-        del saved
+        if is_lora(model):  # the checkpoint holds the adapters (base weights never change)
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(
+                str(latest / "model" / "adapter_model.safetensors"), device=device))
+        else:
+            saved, _ = load_model(latest / "model", device=device, dtype=recipe.dtype,
+                                  trust_remote_code=recipe.trust_remote_code)
+            model.load_state_dict(saved.state_dict())
+            del saved
         if progress:
             print(f"resuming {recipe.method} after round {done} of {config.rounds} "
                   f"({latest})", file=sys.stderr)
@@ -129,7 +137,7 @@ def _row(name: str, section: str, cls: type, summary: str) -> Method:
                           note="In a recipe ``device`` defaults to ``auto``."),),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",),
         check_raw=_checks(section), length_key=f"{section}.max_length",
-        device_section=section, single_process=True, summary=summary)
+        device_section=section, single_process=True, lora=True, summary=summary)
 
 
 ROWS = (
