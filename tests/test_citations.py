@@ -179,3 +179,12 @@ def test_every_glossary_link_of_the_chapters_becomes_a_role():
     # The chapters as converted (issue 21): 53 citations and 47 glossary links.
     assert cited >= 53 and linked >= 47
     assert (BOOK_DIR / "glossary.md").is_file()
+
+
+def test_page_check_reports_a_role_left_as_text_but_not_tex():
+    from rlcourse.book.checks import _problems_from_facts
+
+    seen = _problems_from_facts({"text": "DPO (DPO, {cite:t} ) was"}, False, False)
+    assert seen == ["raw MyST role left in the text: ...DPO (DPO, {cite:t} ) was..."]
+    tex = r"a typeset formula leaves \pi_{\mathrm{ref}}(a \mid s) and {\rm x} in the text"
+    assert _problems_from_facts({"text": tex}, False, False) == []

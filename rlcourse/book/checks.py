@@ -84,8 +84,9 @@ _RAW_TEX = re.compile(
     r"\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{|\$[^$\n]{0,80}\\[A-Za-z]+[^$\n]{0,80}\$"
 )
 
-# A MyST role left as text: Jupyter Book did not parse it (or Jupyter Lab shows the source).
-_RAW_ROLE = re.compile(r"\{(?:cite(?::[a-z]+)?|term|doc|ref|numref|eq)\}`?")
+# A MyST role left as text: Jupyter Book did not parse it (or Jupyter Lab shows the source; its
+# `key` part is then a code element, which the text skips). Not TeX such as \mathrm{ref}.
+_RAW_ROLE = re.compile(r"(?<![A-Za-z\\])\{(?:cite(?::[a-z]+)?|term|doc|ref|numref|eq)\}")
 
 
 @dataclass
