@@ -157,11 +157,16 @@ def test_convert_notebook_rewrites_markdown_cells_only(tmp_path):
 # --------------------------------------------------------------------------- the chapters
 
 
-@pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.stem)
-def test_chapter_markdown_has_no_raw_role_and_its_links_agree(notebook):
-    """Jupyter Lab shows a MyST role as source: chapters cite and link with plain Markdown."""
+@pytest.fixture(scope="module")
+def book_references():
     pytest.importorskip("pybtex")
-    assert notebook_problems(notebook) == []
+    return load_bibliography(), glossary_terms()
+
+
+@pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.stem)
+def test_chapter_markdown_has_no_raw_role_and_its_links_agree(notebook, book_references):
+    """Jupyter Lab shows a MyST role as source: chapters cite and link with plain Markdown."""
+    assert notebook_problems(notebook, *book_references) == []
 
 
 def test_every_glossary_link_of_the_chapters_becomes_a_role():
