@@ -150,6 +150,12 @@ def test_convert_notebook_rewrites_markdown_cells_only(tmp_path):
     assert after.cells[0].metadata == {"tags": ["keep"]}
     assert after.cells[1] == notebook.cells[1]
     assert convert_notebook(path, BIB) == 0
+    assert notebook_problems(path, BIB, TERMS) == []
+    shown = new_output("display_data", data={"text/markdown": "see {term}`kl`"})
+    after.cells[1].outputs.append(shown)
+    nbformat.write(after, path)
+    assert notebook_problems(path, BIB, TERMS) == [
+        "09_demo.ipynb cell 1 output: raw MyST role {term}`kl`"]
     restored = json.loads(notebook_json_with_roles(path.read_text(encoding="utf-8"), TERMS))
     assert "".join(restored["cells"][0]["source"]) == ROLES.replace(", bradley", ",bradley")
 

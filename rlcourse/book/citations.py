@@ -230,15 +230,24 @@ def notebook_problems(
     bibliography: dict[str, Reference] | None = None,
     terms: Iterable[str] | None = None,
 ) -> list[str]:
-    """:func:`markdown_problems` of every markdown cell of a notebook, as ``name cell N: ...``."""
+    """:func:`markdown_problems` of every markdown cell of a notebook, and the raw roles of the
+    Markdown its code cells display (``text/markdown`` outputs, which Jupyter Lab renders too),
+    as ``name cell N: ...``."""
     bibliography = bibliography if bibliography is not None else load_bibliography()
     terms = list(terms) if terms is not None else glossary_terms()
     cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
-    return [
-        f"{Path(path).name} cell {index}: {problem}"
-        for index, cell in enumerate(cells) if cell["cell_type"] == "markdown"
-        for problem in markdown_problems("".join(cell["source"]), bibliography, terms)
-    ]
+    problems = []
+    for index, cell in enumerate(cells):
+        where = f"{Path(path).name} cell {index}"
+        if cell["cell_type"] == "markdown":
+            found = markdown_problems("".join(cell["source"]), bibliography, terms)
+            problems += [f"{where}: {problem}" for problem in found]
+        for output in cell.get("outputs", []):
+            shown = output.get("data", {}).get("text/markdown")
+            if shown is not None:
+                text = "".join(shown) if isinstance(shown, list) else shown
+                problems += [f"{where} output: raw MyST role {r}" for r in raw_roles(text)]
+    return problems
 
 
 def notebook_json_with_roles(text: str, terms: Iterable[str]) -> str:
