@@ -287,3 +287,36 @@ def test_build_reports_no_offline_toc_or_citation_warning(built_book):
     serious = [w for w in built_book.warnings
                if re.search(r"rlcourse_offline|toctree|toc\.|bibtex|citation|not found", w)]
     assert not serious, "\n".join(serious)
+
+
+@pytest.mark.slow
+def test_chapters_citations_and_glossary_links_render_as_roles(built_book):
+    """The chapters' Markdown links (what Jupyter Lab shows) are roles in the HTML book: every
+    cited key is a sphinxcontrib-bibtex link into the bibliography page, every glossary link a
+    term reference to an anchor the glossary page has, and no Markdown link or role is left."""
+    from rlcourse.book.citations import glossary_terms, notebook_json_with_roles
+
+    terms = glossary_terms()
+    glossary = (built_book.html / "glossary.html").read_text(encoding="utf-8")
+    anchors = set(re.findall(r'id="(term-[^"]+)"', glossary))
+    bibliography = (built_book.html / "bibliography.html").read_text(encoding="utf-8")
+    total = {"cite": 0, "term": 0}
+    for page in built_book.pages:
+        notebook = BOOK_DIR / f"{page}.ipynb"
+        if not notebook.is_file():
+            continue
+        cells = json.loads(notebook_json_with_roles(notebook.read_text("utf-8"), terms))["cells"]
+        markdown = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        keys = sum(len(k.split(",")) for k in re.findall(r"\{cite:[tp]\}`([^`]*)`", markdown))
+        html = (built_book.html / f"{page}.html").read_text(encoding="utf-8")
+        cited = re.findall(r'href="bibliography\.html#(id\d+)"', html)
+        linked = re.findall(r'href="glossary\.html#(term-[^"]+)"', html)
+        assert len(cited) == keys, page
+        assert len(linked) == markdown.count("{term}"), page
+        assert all(f'id="{i}"' in bibliography for i in cited), page
+        assert set(linked) <= anchors, page
+        assert "bibliography.md" not in html and "glossary.md" not in html, page
+        assert not re.search(r"\{(cite:[tp]|term)\}", html), page
+        total["cite"] += keys
+        total["term"] += len(linked)
+    assert total["cite"] >= 53 and total["term"] >= 47, total

@@ -3,7 +3,9 @@
 - :mod:`rlcourse.book.build`: the HTML book (table of contents, vendored JavaScript,
   ``jupyter-book build``, one shared build for parallel tests);
 - :mod:`rlcourse.book.browser`: a local HTTP server and a headless Chromium (DevTools protocol);
-- :mod:`rlcourse.book.checks`: what each page should show and the problems a browser sees.
+- :mod:`rlcourse.book.checks`: what each page should show and the problems a browser sees;
+- :mod:`rlcourse.book.citations`: the chapters' citations and glossary links as Markdown links
+  Jupyter Lab renders, converted from and back to MyST roles (the HTML build uses the roles).
 
 ``python -m rlcourse.site build|check`` is the command line (:mod:`rlcourse.site`).
 """

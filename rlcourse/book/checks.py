@@ -84,6 +84,10 @@ _RAW_TEX = re.compile(
     r"\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{|\$[^$\n]{0,80}\\[A-Za-z]+[^$\n]{0,80}\$"
 )
 
+# A MyST role left as text: Jupyter Book did not parse it (or Jupyter Lab shows the source; its
+# `key` part is then a code element, which the text skips). Not TeX such as \mathrm{ref}.
+_RAW_ROLE = re.compile(r"(?<![A-Za-z\\])\{(?:cite(?::[a-z]+)?|term|doc|ref|numref|eq)\}")
+
 
 @dataclass
 class PageReport:
@@ -109,7 +113,8 @@ def inspect_page(
     A problem is: a navigation error or an HTTP status >= 400; a console error, an uncaught
     exception or a failed resource; a request to anything but the serving host; a formula
     MathJax did not typeset (a ``.math`` element with no ``mjx-container``, an ``mjx-merror``,
-    raw TeX delimiters left in the text); a widget view that did not render, or no rendered
+    raw TeX delimiters left in the text); a MyST role left as text (``{cite:t}``, ``{term}``);
+    a widget view that did not render, or no rendered
     widget where ``expect_widgets``; an image with ``naturalWidth == 0``; no typeset formula at
     all where ``expect_math``. ``screenshot`` (a ``.png`` path) saves the top of the page and,
     when there are widgets, ``<stem>-widget.png`` scrolled to the first one.
@@ -220,6 +225,11 @@ def _problems_from_facts(
         text = facts["text"]
         snippet = text[max(0, match.start() - 40) : match.end() + 40].replace("\n", " ")
         problems.append(f"raw TeX left in the text: ...{' '.join(snippet.split())}...")
+        break
+    for match in _RAW_ROLE.finditer(facts.get("text", "")):
+        text = facts["text"]
+        snippet = text[max(0, match.start() - 40) : match.end() + 40]
+        problems.append(f"raw MyST role left in the text: ...{' '.join(snippet.split())}...")
         break
     views, rendered = facts.get("widgetViews", 0), facts.get("widgetsRendered", 0)
     if rendered < views:

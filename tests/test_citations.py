@@ -1,0 +1,201 @@
+"""Citations and glossary links that Jupyter Lab renders and the HTML build turns into roles.
+
+The chapters hold plain Markdown links (``rlcourse.book.citations``); ``book/_ext/rlcourse_links``
+turns them back into ``{cite:t}``/``{cite:p}``/``{term}`` roles when the HTML book is built. The
+built pages' citations and term links are checked in ``test_site.py`` and, in a browser, by
+``test_browser.py``; Jupyter Lab's rendering of a chapter in ``test_browser.py`` too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlcourse.book.build import chapter_notebooks
+from rlcourse.book.citations import (
+    BOOK_DIR,
+    Reference,
+    convert_notebook,
+    glossary_terms,
+    links_to_roles,
+    load_bibliography,
+    markdown_problems,
+    notebook_json_with_roles,
+    notebook_problems,
+    raw_roles,
+    roles_to_links,
+    term_anchor,
+)
+
+BIB = {
+    "rafailov2023direct": Reference("Rafailov et al.", "2023"),
+    "hong2024orpo": Reference("Hong et al.", "2024"),
+    "bradley1952rank": Reference("Bradley and Terry", "1952"),
+}
+TERMS = ["win rate", "rewards/chosen", "KL to reference", "kl"]
+
+ROLES = (
+    "DPO ({cite:t}`rafailov2023direct`) and ORPO {cite:p}`hong2024orpo` differ;\n"
+    "both {cite:p}`rafailov2023direct, bradley1952rank` log {term}`rewards/chosen` and the\n"
+    "{term}`win rate`, with {term}`the KL <KL to reference>`. {cite:t}`bradley1952rank`."
+)
+LINKS = (
+    "DPO ([Rafailov et al. (2023)](bibliography.md#rafailov2023direct)) and ORPO "
+    "([Hong et al., 2024](bibliography.md#hong2024orpo)) differ;\n"
+    "both ([Rafailov et al., 2023](bibliography.md#rafailov2023direct); "
+    "[Bradley and Terry, 1952](bibliography.md#bradley1952rank)) log "
+    "[rewards/chosen](glossary.md#term-rewards-chosen) and the\n"
+    "[win rate](glossary.md#term-win-rate), with "
+    "[the KL](glossary.md#term-kl-to-reference). "
+    "[Bradley and Terry (1952)](bibliography.md#bradley1952rank)."
+)
+
+
+def test_roles_become_links_lab_renders():
+    assert roles_to_links(ROLES, BIB) == LINKS
+    assert raw_roles(LINKS) == []
+    assert markdown_problems(LINKS, BIB, TERMS) == []
+
+
+def test_links_become_roles_again_for_the_html_build():
+    # Keys of a several-key citation come back without the space the author typed.
+    assert links_to_roles(LINKS, TERMS) == ROLES.replace(", bradley", ",bradley")
+    assert links_to_roles("no link, [a page](notation.md) and `{x}`", TERMS) == (
+        "no link, [a page](notation.md) and `{x}`")
+
+
+def test_a_textual_citation_in_parentheses_stays_textual():
+    cell = "(see {cite:t}`hong2024orpo`)"
+    links = roles_to_links(cell, BIB)
+    assert links == "(see [Hong et al. (2024)](bibliography.md#hong2024orpo))"
+    assert links_to_roles(links, TERMS) == cell
+    alone = "({cite:t}`hong2024orpo`)"
+    assert links_to_roles(roles_to_links(alone, BIB), TERMS) == alone
+
+
+def test_glossary_anchors_are_sphinx_ids():
+    assert term_anchor("win rate") == "term-win-rate"
+    assert term_anchor("rewards/chosen") == "term-rewards-chosen"
+    assert term_anchor("LC win rate") == "term-lc-win-rate"
+    assert term_anchor("tokens/s") == "term-tokens-s"
+
+
+def test_unknown_keys_terms_and_forms_are_errors():
+    with pytest.raises(KeyError, match="nobody2020"):
+        roles_to_links("{cite:t}`nobody2020`", BIB)
+    with pytest.raises(ValueError, match="no plain-Markdown form"):
+        roles_to_links("{cite:t}`hong2024orpo,bradley1952rank`", BIB)
+    with pytest.raises(KeyError, match="term-no-such-metric"):
+        links_to_roles("[x](glossary.md#term-no-such-metric)", TERMS)
+
+
+def test_problems_name_raw_roles_wrong_text_and_unknown_anchors():
+    cell = ("{cite:t}`hong2024orpo` and {term}`kl`; [Hong (2024)](bibliography.md#hong2024orpo), "
+            "([Hong et al. (2024)](bibliography.md#hong2024orpo)), "
+            "([Hong et al., 2025](bibliography.md#hong2024orpo)), "
+            "[X (1)](bibliography.md#x1), [y](glossary.md#term-y)")
+    assert markdown_problems(cell, BIB, TERMS) == [
+        "raw MyST role {cite:t}`hong2024orpo`",
+        "raw MyST role {term}`kl`",
+        "citation [Hong et al., 2025](bibliography.md#hong2024orpo): the text should be "
+        "'Hong et al., 2024'",
+        "citation [Hong (2024)](bibliography.md#hong2024orpo): the text should be "
+        "'Hong et al. (2024)'",
+        "citation [X (1)](bibliography.md#x1): 'x1' is not in the bibliography",
+        "glossary link [y](glossary.md#term-y): no term has this anchor",
+    ]
+
+
+def test_author_year_text_comes_from_the_bib_file(tmp_path):
+    pytest.importorskip("pybtex")
+    bib = tmp_path / "refs.bib"
+    bib.write_text(
+        "@article{one2001, author = {M{\\\"a}chler, Martin}, title = {T}, year = {2001}}\n"
+        "@article{two2002, author = {Kahneman, Daniel and Tversky, Amos}, title = {T},"
+        " year = {2002}}\n"
+        "@article{three2003, author = {Kool, Wouter and van Hoof, Herke and Welling, Max},"
+        " title = {T}, year = {2003}}\n"
+        "@article{etal2004, author = {Guo, Shangmin and Zhang, Biao and others}, title = {T},"
+        " year = {2004}}\n"
+        "@article{von2005, author = {van Hoof, Herke and Welling, Max}, title = {T},"
+        " year = {2005}}\n",
+        encoding="utf-8",
+    )
+    found = load_bibliography(bib)
+    assert {k: r.textual() for k, r in found.items()} == {
+        "one2001": "Mächler (2001)",
+        "two2002": "Kahneman and Tversky (2002)",
+        "three2003": "Kool et al. (2003)",
+        "etal2004": "Guo et al. (2004)",
+        "von2005": "van Hoof and Welling (2005)",
+    }
+    assert found["two2002"].parenthetical() == "Kahneman and Tversky, 2002"
+
+
+def test_convert_notebook_rewrites_markdown_cells_only(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    code = new_code_cell("print('{cite:t}`rafailov2023direct`')", execution_count=1,
+                         outputs=[new_output("stream", name="stdout", text="{term}`kl`\n")])
+    notebook = new_notebook(cells=[new_markdown_cell(ROLES), code])
+    notebook.cells[0].metadata["tags"] = ["keep"]
+    path = tmp_path / "09_demo.ipynb"
+    nbformat.write(notebook, path)
+    assert convert_notebook(path, BIB) == 7
+    after = nbformat.read(path, as_version=4)
+    assert after.cells[0].source == LINKS
+    assert after.cells[0].id == notebook.cells[0].id
+    assert after.cells[0].metadata == {"tags": ["keep"]}
+    assert after.cells[1] == notebook.cells[1]
+    assert convert_notebook(path, BIB) == 0
+    assert notebook_problems(path, BIB, TERMS) == []
+    shown = new_output("display_data", data={"text/markdown": "see {term}`kl`"})
+    after.cells[1].outputs.append(shown)
+    nbformat.write(after, path)
+    assert notebook_problems(path, BIB, TERMS) == [
+        "09_demo.ipynb cell 1 output: raw MyST role {term}`kl`"]
+    restored = json.loads(notebook_json_with_roles(path.read_text(encoding="utf-8"), TERMS))
+    assert "".join(restored["cells"][0]["source"]) == ROLES.replace(", bradley", ",bradley")
+
+
+# --------------------------------------------------------------------------- the chapters
+
+
+@pytest.fixture(scope="module")
+def book_references():
+    pytest.importorskip("pybtex")
+    return load_bibliography(), glossary_terms()
+
+
+@pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.stem)
+def test_chapter_markdown_has_no_raw_role_and_its_links_agree(notebook, book_references):
+    """Jupyter Lab shows a MyST role as source: chapters cite and link with plain Markdown."""
+    assert notebook_problems(notebook, *book_references) == []
+
+
+def test_every_glossary_link_of_the_chapters_becomes_a_role():
+    terms = glossary_terms()
+    assert len({term_anchor(t) for t in terms}) == len(terms), "two terms share an anchor"
+    cited = linked = 0
+    for notebook in chapter_notebooks():
+        text = notebook.read_text(encoding="utf-8")
+        restored = json.loads(notebook_json_with_roles(text, terms))
+        markdown = "".join("".join(c["source"]) for c in restored["cells"]
+                           if c["cell_type"] == "markdown")
+        assert "bibliography.md#" not in markdown and "glossary.md#" not in markdown, notebook
+        cited += markdown.count("{cite:")
+        linked += markdown.count("{term}")
+    # The chapters as converted (issue 21): 53 citations and 47 glossary links.
+    assert cited >= 53 and linked >= 47
+    assert (BOOK_DIR / "glossary.md").is_file()
+
+
+def test_page_check_reports_a_role_left_as_text_but_not_tex():
+    from rlcourse.book.checks import _problems_from_facts
+
+    seen = _problems_from_facts({"text": "DPO (DPO, {cite:t} ) was"}, False, False)
+    assert seen == ["raw MyST role left in the text: ...DPO (DPO, {cite:t} ) was..."]
+    tex = r"a typeset formula leaves \pi_{\mathrm{ref}}(a \mid s) and {\rm x} in the text"
+    assert _problems_from_facts({"text": tex}, False, False) == []
