@@ -136,7 +136,10 @@ def test_kto_two_processes_equal_one(workdir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert recipes.main([*args(one), "train.batch_size=8"]) == 0
     _two_processes([*args(two), "train.batch_size=4"])
-    _assert_same_run(one, two)
+    # Weights to 5e-5: Adam at lr 1e-2 amplifies float noise, measured 2.8e-6 on AVX-512
+    # kernels and 1.5e-5 with ATEN_CPU_CAPABILITY=default (a reader's CPU); a wrong reduction
+    # moves them by the learning rate's order. The logged loss and metrics stay at 1e-5.
+    _assert_same_run(one, two, atol=5e-5)
 
 
 @pytest.mark.slow
