@@ -359,6 +359,25 @@ def train_group(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Calla
 TextRewardFn = Callable[[list[str], list[str]], Any]
 
 
+def evaluate_prompts(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any],
+                     reward_fn: TextRewardFn, max_new_tokens: int, temperature: float = 1.0,
+                     seed: int = 0) -> dict[str, float]:
+    """One answer per held-out prompt, sampled with a seed fixed for the whole run (so that
+    successive evaluations differ only by the policy), scored by ``reward_fn``:
+    ``{"eval/reward": mean reward, "eval/response_length": mean answer tokens}``. Every process
+    computes the same numbers (same prompts, same seed)."""
+    prompts = list(prompts)
+    was = policy.training
+    policy.eval()
+    gen = generate(language_model(policy), tokenizer, prompts, max_new_tokens=max_new_tokens,
+                   temperature=temperature, seed=_step_seed(seed, 0) + 3)
+    policy.train(was)
+    scores = checked_rewards(reward_fn([prompt_text(p) for p in prompts], list(gen.texts)),
+                             len(prompts), reward_fn, gen.texts)
+    return {"eval/reward": float(scores.mean()),
+            "eval/response_length": float(gen.completion_mask.sum(-1).float().mean())}
+
+
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
@@ -371,7 +390,9 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    mixed_precision: str = "no", weight_decay: float = 0.0,
                    progress: bool = True,
                    callback: Callable[[int, dict[str, float]], Any] | None = None,
-                   logging_dir: str | Path | None = None) -> list[dict[str, float]]:
+                   logging_dir: str | Path | None = None,
+                   eval_prompts: Sequence[Any] | None = None, eval_every: int = 0
+                   ) -> list[dict[str, float]]:
     """GRPO / RLOO / Dr. GRPO of a transformers language model, on one or several processes,
     with checkpoints and resume: what ``recipes/grpo.yaml`` and ``recipes/rloo.yaml`` run.
 
@@ -390,7 +411,9 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     the newest and ends where an uninterrupted run would (sampling depends only on the seed
     and the step). Returns the history: one row per step, metrics averaged over processes.
     ``logging_dir``: each row is appended to ``logging_dir/history.jsonl`` as the run goes
-    (:class:`rlcourse.engine.RunLog`).
+    (:class:`rlcourse.engine.RunLog`). ``eval_prompts``: held-out prompts, each answered once
+    with a fixed seed every ``eval_every`` steps and at the end; the row gains ``eval/reward``
+    (the mean reward) and ``eval/response_length`` (:func:`evaluate_prompts`).
     """
     prompts = list(prompts)
     if not prompts:
@@ -458,6 +481,10 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         metrics["response_length"] = float(batch["completion_mask"].sum(-1).float().mean())
         metrics = mean_over_processes(accelerator, metrics)
         metrics["step"] = step
+        if eval_prompts and ((eval_every and step % eval_every == 0) or step == n_steps):
+            metrics.update(evaluate_prompts(accelerator.unwrap_model(model), tokenizer,
+                                            eval_prompts, reward_fn, max_new_tokens,
+                                            config.temperature, seed))
         history.append(metrics)
         runlog.flush(history)
         if ckpt_dir and (step == n_steps or (checkpoint_every and step % checkpoint_every == 0)):

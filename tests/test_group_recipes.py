@@ -293,3 +293,36 @@ def test_rl_recipes_refuse_length_keys_they_would_ignore(method, key, value):
                                                   "samples its answers"):
         recipes.load_recipe(text=f"method: {method}\nmodel: m\nprompts: p\noutput: o\n"
                                  f"reward_model: r\n{key}: {value}\n")
+
+
+EVAL_PROMPTS = ["what is ice ?", "tell me about the sun and the moon"]
+
+
+def test_group_recipe_evaluates_its_eval_data(workdir, tmp_path, monkeypatch):
+    """eval_data for GRPO: every rollout.eval_every steps and at the end, one answer per
+    held-out prompt is scored. The reward here is the prompt's length in words, so the logged
+    eval/reward must be the mean over the EVAL prompts (4 and 8 words: 6.0), whatever the
+    answers, while the training rows score the training prompts."""
+    (tmp_path / "rlc_prompt_len.py").write_text(
+        "def words(prompts, completions):\n"
+        "    return [float(len(p.split())) for p in prompts]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_jsonl(tmp_path / "eval.jsonl", [{"prompt": p} for p in EVAL_PROMPTS])
+    out = tmp_path / "o"
+    code = recipes.main([str(REPO_ROOT / "recipes" / "grpo.yaml"),
+                         "--model", str(workdir / "model"),
+                         "--data", str(workdir / "prompts.jsonl"), "--output", str(out),
+                         "reward_model=null", "reward_fn=rlc_prompt_len:words",
+                         f"eval_data={tmp_path / 'eval.jsonl'}", *TINY, "rollout.steps=3",
+                         "rollout.eval_every=2"])
+    assert code == 0
+    rows = json.loads((out / "history.json").read_text())
+    assert [r["step"] for r in rows if "eval/reward" in r] == [2, 3]
+    assert all(r["eval/reward"] == 6.0 for r in rows if "eval/reward" in r)
+    assert all(r["score"] == 4.25 for r in rows)  # the 4 training prompts: 4, 4, 4, 5 words
+
+
+def test_eval_every_without_eval_data_is_refused():
+    with pytest.raises(recipes.RecipeError, match="rollout.eval_every: evaluates the eval_data"):
+        recipes.load_recipe(text="method: grpo\nmodel: m\nprompts: p\noutput: o\n"
+                                 "reward_model: r\nrollout:\n  eval_every: 5\n")

@@ -99,13 +99,17 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
         checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
         keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
         weight_decay=r.weight_decay, progress=progress,
-        logging_dir=Path(recipe.output) if save else None)
+        logging_dir=Path(recipe.output) if save else None,
+        eval_prompts=eval_rows, eval_every=r.eval_every)
     return model, history, {"n_prompts_in_file": len(prompts)}
 
 
 def _group_checks(recipe: Any, raw: Any) -> None:
     check_reward(recipe)
     _no_train("'group' and 'rollout'")(recipe, raw)
+    if (raw.get("rollout") or {}).get("eval_every") and not raw.get("eval_data"):
+        raise RecipeError(f"{recipe.where('rollout.eval_every')}: evaluates the eval_data "
+                          "prompts, and the recipe gives none (add eval_data: FILE)")
 
 
 def _advantage(allowed: tuple[str, ...]):
@@ -118,7 +122,8 @@ def _advantage(allowed: tuple[str, ...]):
     return defaults
 
 
-_ROLLOUT_NOT_IDENTITY = frozenset({"checkpoint_every", "keep_checkpoints", "device"})
+_ROLLOUT_NOT_IDENTITY = frozenset({"checkpoint_every", "keep_checkpoints", "device",
+                                   "eval_every"})
 
 
 def _group_row(name: str, allowed: tuple[str, ...], summary: str) -> Method:
@@ -127,7 +132,7 @@ def _group_row(name: str, allowed: tuple[str, ...], summary: str) -> Method:
         sections=(Section("group", GroupConfig, _advantage(allowed)),
                   Section("rollout", GroupRollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",), reference=True,
-        lora=True, check_raw=_group_checks, length_key="rollout.max_new_tokens",
+        lora=True, eval_data=True, check_raw=_group_checks, length_key="rollout.max_new_tokens",
         device_section="rollout",
         split_key="group.n_prompts", summary=summary)
 

@@ -87,12 +87,17 @@ class GroupRollout:
     """Steps between checkpoints in ``OUTPUT/checkpoints``; 0: only at the end."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints are kept."""
+    eval_every: int = 0
+    """Steps between evaluations on the recipe's ``eval_data`` prompts (one answer sampled per
+    prompt with a fixed seed, scored by the reward: ``eval/reward`` in the history); with
+    ``eval_data``, also at the end. 0: only at the end."""
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
         "device": DEVICE,
         "mixed_precision": (one_of("no", "bf16", "fp16", "auto"), "one of no, bf16, fp16, auto"),
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT,
+        "eval_every": _CHECKPOINTS,
     }
 
     def __post_init__(self) -> None:
