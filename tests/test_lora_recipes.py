@@ -156,11 +156,11 @@ def test_ppo_and_simpo_sections():
     with pytest.raises(recipes.RecipeError, match="reference_batch_size"):  # no reference
         recipes.load_recipe(text="method: simpo\nmodel: m\ndata: d\noutput: o\n"
                                  "reference_batch_size: 8\n")
-    for method in ("ppo",):
-        with pytest.raises(recipes.RecipeError, match=rf"<recipe>:6: lora: {method} does not "
-                                                      r"train adapters.*taken by: sft, "):
-            recipes.load_recipe(text=f"method: {method}\nmodel: m\nprompts: p\n"
-                                     "reward_model: r\noutput: o\nlora: {r: 4}\n")
+    ppo_text = "method: ppo\nmodel: m\nprompts: p\nreward_model: r\noutput: o\nlora: {r: 4}\n"
+    with pytest.raises(recipes.RecipeError, match=r"rollout.separate_critic: with lora the "
+                                                  "critic is a value head on the adapted policy"):
+        recipes.load_recipe(text=ppo_text)
+    assert recipes.load_recipe(text=ppo_text + "rollout: {separate_critic: false}\n").lora.r == 4
     r = recipes.load_recipe(text="method: dpo\nmodel: m\ndata: d\noutput: o\nlora: {}\n")
     assert r.lora is not None and r.lora.target_modules == "all-linear"
 

@@ -331,6 +331,37 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ppo_recipe_with_lora_trains_adapters_against_the_adapters_off_reference(workdir,
+                                                                                  tmp_path):
+    """PPO under LoRA (before: refused): the critic is a value head on the adapted policy, the
+    reference is the policy with its adapters off (so the first step's KL is exactly 0: B = 0),
+    only adapters and the value head train, OUTPUT/model is the adapter."""
+    from rlcourse.adapters import load_lora
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    out = tmp_path / "o"
+    code = recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+                         "--reward-model", str(tmp_path / "rm"),
+                         "--data", str(tmp_path / "prompts.jsonl"), "--output", str(out),
+                         "rollout.steps=2", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+                         "rollout.lr=1e-2", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
+                         "rollout.separate_critic=false", "lora.r=4",
+                         "lora.target_modules=[q_proj, v_proj]"])
+    assert code == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history[0]["kl"] == 0.0 and history[1]["kl"] != 0.0
+    assert (out / "model" / "adapter_config.json").is_file()
+    adapted, _ = load_lora(out / "model", device="cpu")
+    base, _ = load_model(workdir / "model", device="cpu")
+    merged = adapted.merge_and_unload()
+    changed = [k for k, v in merged.state_dict().items()
+               if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
 def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, monkeypatch):
     """PPO on the engine's checkpoints: killed during step 3 of 4 and rerun, it must end with
     the actor and history of the run that was never stopped (adaptive KL, so the coefficient

@@ -54,9 +54,11 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
             gradient_checkpointing: false, ...}
     lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, merge: false}
 
-``lora`` (every method but PPO; :mod:`rlcourse.adapters`): train low-rank adapters of the
-frozen model; the reference of DPO/IPO/R-DPO/KTO, of online DPO's ``reference: sft`` and of
-GRPO's and RLOO's KL penalty is then the model with its adapters disabled (no second copy).
+``lora`` (every method; :mod:`rlcourse.adapters`): train low-rank adapters of the frozen
+model; the reference of DPO/IPO/R-DPO/KTO, of online DPO's ``reference: sft``, of GRPO's and
+RLOO's KL penalty and of PPO's KL-shaped reward is then the model with its adapters disabled (no
+second copy); PPO's critic is then a value head on the adapted policy
+(``rollout.separate_critic: false``).
 ``OUTPUT/model`` holds the adapter and the tokenizer; ``merge: true`` also writes
 ``OUTPUT/merged``, a full model for ``AutoModelForCausalLM.from_pretrained``.
 

@@ -133,8 +133,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     if "lora" in raw and not row.lora:
         takes = ", ".join(r.name for r in registry.methods().values() if r.lora)
         raise RecipeError(
-            f"{where(source, lines, 'lora')}: {row.name} does not train adapters (PPO's critic "
-            f"is a copy of the policy's network); a lora section is taken by: {takes}")
+            f"{where(source, lines, 'lora')}: {row.name} does not train adapters; a lora "
+            f"section is taken by: {takes}")
     check_keys(raw, sorted(known), "", source, lines, f"a {row.name} recipe")
     for key in ("model", "output", *row.required):
         if not raw.get(key):

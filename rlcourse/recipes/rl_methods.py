@@ -53,9 +53,11 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
     device = str(next(model.parameters()).device)
     reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                          trust_remote_code=recipe.trust_remote_code)
-    reference = ppo.freeze(model)
+    # Under LoRA the reference is the policy with its adapters switched off (no copy), and the
+    # critic is a value head on the same adapted backbone (a copy would duplicate the base).
+    reference = None if is_lora(model) else ppo.freeze(model)
     r = recipe.rollout
-    if r.separate_critic:
+    if r.separate_critic:  # (refused with lora by _ppo_checks)
         critic = ValueHeadModel(copy.deepcopy(model), seed=recipe.seed)
         freeze_untied_lm_head(critic.model)  # the critic's logits are never used
         policy = ppo.ActorCritic(model, critic)
@@ -73,6 +75,15 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             keep_checkpoints=r.keep_checkpoints, accelerator=accelerator,
                             logging_dir=Path(recipe.output) if save else None)
     return ppo.language_model(policy), history, {}
+
+
+def _ppo_checks(recipe: Any, raw: Any) -> None:
+    _no_train("'ppo' and 'rollout'", upper=True)(recipe, raw)
+    if "lora" in raw and (raw.get("rollout") or {}).get("separate_critic", True):
+        raise RecipeError(
+            f"{recipe.where('rollout.separate_critic')}: with lora the critic is a value head on "
+            "the adapted policy (a separate critic would copy the frozen base weights): set "
+            "rollout.separate_critic: false")
 
 
 # ---- GRPO and RLOO ----------------------------------------------------------------------------
@@ -142,7 +153,7 @@ ROWS = (
            sections=(Section("ppo", PPOConfig),
                      Section("rollout", PPORollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
            keys=frozenset({"reward_model"}), required=("prompts", "reward_model"),
-           check_raw=_no_train("'ppo' and 'rollout'", upper=True),
+           check_raw=_ppo_checks, lora=True,
            length_key="rollout.max_new_tokens", device_section="rollout",
            split_key="rollout.batch_size",
            summary="PPO with a critic, a reward model and a KL-shaped reward"),
