@@ -107,6 +107,7 @@ def optional(test):
 MIN_TEMPERATURE = 1e-3
 
 #: Common rules, ``(test, what the value must be)``.
+FINITE = (_finite, "a finite number")
 POSITIVE = (positive, "a finite number > 0")
 NON_NEGATIVE = (non_negative, "a finite number >= 0")
 COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")

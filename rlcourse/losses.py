@@ -161,6 +161,14 @@ def dpo_loss(
     )
 
 
+def _margin(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+            reference_chosen_logps: Tensor, reference_rejected_logps: Tensor) -> Tensor:
+    """DPO's log-ratio margin ``h`` (:func:`dpo_loss` writes it out, as chapter 9 shows it);
+    the losses of the DPO family added later read it from here."""
+    return (policy_chosen_logps - reference_chosen_logps) - (
+        policy_rejected_logps - reference_rejected_logps)
+
+
 def hinge_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -183,9 +191,8 @@ def hinge_loss(
     gradient at all (DPO keeps pushing, with weight ``σ(-βh)``). At ``πθ = πref`` the loss is 1.
     Inputs: summed log-probs, shape ``[batch]``.
     """
-    h = (policy_chosen_logps - reference_chosen_logps) - (
-        policy_rejected_logps - reference_rejected_logps
-    )
+    h = _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                reference_rejected_logps)
     return torch.relu(1.0 - beta * h)
 
 
@@ -216,10 +223,8 @@ def robust_dpo_loss(
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    h = (policy_chosen_logps - reference_chosen_logps) - (
-        policy_rejected_logps - reference_rejected_logps
-    )
-    logits = beta * h
+    logits = beta * _margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                            reference_rejected_logps)
     eps = label_smoothing
     return ((1.0 - eps) * -F.logsigmoid(logits) - eps * -F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
 

@@ -412,17 +412,26 @@ def rdpo_loss_fn(
     return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
 
 
+def _reference_pair_loss(model: Any, batch: Mapping[str, Tensor], loss: Any, scale: float,
+                         **hyperparameters: Any) -> tuple[Tensor, dict[str, float]]:
+    """A loss of the DPO family on a paired batch: the policy's summed log-probs, the
+    precomputed reference's, ``loss(pc, pr, rc, rr, **hyperparameters).mean()`` and the DPO
+    metrics with implicit rewards scaled by ``scale`` (what :func:`dpo_loss_fn` writes out, as
+    chapter 9 shows it; a loss added to the table needs only this line)."""
+    pc, pr, _, _ = policy_logps(model, batch)
+    rc = _reference(batch, "reference_chosen_logps", pc.device)
+    rr = _reference(batch, "reference_rejected_logps", pc.device)
+    value = loss(pc, pr, rc, rr, **hyperparameters).mean()
+    return value, {"loss": value.item(), **preference_metrics(pc, pr, rc, rr, scale=scale)}
+
+
 def hinge_loss_fn(
     model: Any,
     batch: Mapping[str, Tensor],
     beta: float = DEFAULTS["hinge"]["beta"],
 ) -> tuple[Tensor, dict[str, float]]:
     """SLiC-HF's hinge on a paired batch (TRL's ``loss_type="hinge"``): :func:`hinge_loss`."""
-    pc, pr, _, _ = policy_logps(model, batch)
-    rc = _reference(batch, "reference_chosen_logps", pc.device)
-    rr = _reference(batch, "reference_rejected_logps", pc.device)
-    loss = hinge_loss(pc, pr, rc, rr, beta=beta).mean()
-    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
+    return _reference_pair_loss(model, batch, hinge_loss, beta, beta=beta)
 
 
 def robust_loss_fn(
@@ -432,11 +441,8 @@ def robust_loss_fn(
     label_smoothing: float = DEFAULTS["robust"]["label_smoothing"],
 ) -> tuple[Tensor, dict[str, float]]:
     """Robust DPO on a paired batch (TRL's ``loss_type="robust"``): :func:`robust_dpo_loss`."""
-    pc, pr, _, _ = policy_logps(model, batch)
-    rc = _reference(batch, "reference_chosen_logps", pc.device)
-    rr = _reference(batch, "reference_rejected_logps", pc.device)
-    loss = robust_dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing).mean()
-    return loss, {"loss": loss.item(), **preference_metrics(pc, pr, rc, rr, scale=beta)}
+    return _reference_pair_loss(model, batch, robust_dpo_loss, beta, beta=beta,
+                                label_smoothing=label_smoothing)
 
 
 def _gathered(t: Tensor) -> Tensor:

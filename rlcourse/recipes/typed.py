@@ -10,14 +10,22 @@ dataclasses declare theirs beside their fields, ``RANGES`` checked in ``__post_i
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from rlcourse.config import FieldRangeError
+from rlcourse.config import (
+    COUNT,
+    FINITE,
+    NON_NEGATIVE,
+    POSITIVE,
+    FieldRangeError,
+    at_least,
+    one_of,
+    optional,
+)
 
 __all__ = ["RANGES", "RecipeError", "check_keys", "check_range", "dataclass_section",
            "number_or", "section", "typed", "where"]
@@ -105,10 +113,6 @@ def typed(value: Any, hint: Any, at: str) -> Any:
     return value
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
 #: Weight dtypes a recipe may name (``rlcourse.models.load_model``); fp8 training is not
 #: supported by the trainers.
 DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -117,19 +121,19 @@ DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 #: (TrainConfig, PPOConfig, PPORollout, GroupRollout, GroupConfig, OnlineDPOConfig, RSFTConfig)
 #: declare theirs in ``RANGES`` beside their fields.
 RANGES: dict[str, tuple[Any, str]] = {
-    "max_length": (lambda v: v >= 2, "an integer >= 2"),
-    "reference_batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "truncation": (lambda v: v in ("error", "left", "right"), "one of error, left, right"),
-    "dtype": (lambda v: v is None or v in DTYPES, f"null or one of {', '.join(DTYPES)}"),
-    "loss.beta": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "loss.tau": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "loss.lam": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "loss.gamma": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "loss.alpha": (lambda v: _finite(v), "a finite number"),
+    "max_length": (at_least(2), "an integer >= 2"),
+    "reference_batch_size": COUNT,
+    "truncation": (one_of("error", "left", "right"), "one of error, left, right"),
+    "dtype": (optional(one_of(*DTYPES)), f"null or one of {', '.join(DTYPES)}"),
+    "loss.beta": POSITIVE,
+    "loss.tau": POSITIVE,
+    "loss.lam": NON_NEGATIVE,
+    "loss.gamma": NON_NEGATIVE,
+    "loss.alpha": FINITE,
     "loss.label_smoothing": (lambda v: 0 <= v < 0.5, "a number in [0, 0.5)"),
-    "loss.desirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "loss.undesirable_weight": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "loss.reduction": (lambda v: v in ("token", "sequence"), "one of token, sequence"),
+    "loss.desirable_weight": POSITIVE,
+    "loss.undesirable_weight": POSITIVE,
+    "loss.reduction": (one_of("token", "sequence"), "one of token, sequence"),
 }
 
 
