@@ -629,6 +629,17 @@ class RunLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.written = len(rows)
 
+    @classmethod
+    def to_folder(cls, logging_dir: str | os.PathLike | None, rows: list[dict[str, Any]],
+                  accelerator: Any = None) -> RunLog:
+        """A run log writing only ``logging_dir/history.jsonl`` (nothing when ``None``), for a
+        loop without a :class:`TrainConfig`; without an ``accelerator`` the process is the main
+        one."""
+        from types import SimpleNamespace
+
+        main = accelerator or SimpleNamespace(is_main_process=True)
+        return cls(main, SimpleNamespace(logging_dir=logging_dir, report_to="none"), rows)
+
     def close(self) -> None:
         """Flush and close the TensorBoard writer, if any."""
         if self.tensorboard:

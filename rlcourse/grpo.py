@@ -34,7 +34,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -445,7 +444,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         history, start = state["history"], state["step"]
         accelerator.print(f"resuming from {found[-1]} (step {start})")
 
-    runlog = RunLog(accelerator, SimpleNamespace(logging_dir=logging_dir), history)
+    runlog = RunLog.to_folder(logging_dir, history, accelerator)
     steps: Any = range(start, n_steps)
     if progress and accelerator.is_local_main_process:
         from tqdm.auto import tqdm

@@ -133,6 +133,10 @@ def checked_rewards(values: Any, n: int, reward_fn: Any, texts: Sequence[str] | 
     if isinstance(values, (str, bytes)):
         raise RewardError(f"{who} returned a string ({values[:40]!r}); it must return {n} "
                           "numbers, one per completion")
+    if isinstance(values, torch.Tensor) and not values.is_complex() \
+            and values.numel() == n and bool(torch.isfinite(values).all()):
+        # the common case (a reward model's scores): one vectorised check, no Python loop
+        return values.detach().reshape(-1).to(dtype)
     if isinstance(values, torch.Tensor):
         flat = values.detach().cpu().reshape(-1)
         items: list[Any] = list(flat) if flat.numel() != 0 else []

@@ -28,7 +28,6 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -626,8 +625,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
             kl_ctl.value = state["kl_coef"]
             history, start = state["history"], state["step"]
             print(f"resuming from {found[-1]} (step {start})")
-    runlog = RunLog(accelerator or SimpleNamespace(is_main_process=True),
-                    SimpleNamespace(logging_dir=logging_dir), history)
+    runlog = RunLog.to_folder(logging_dir, history, accelerator)
     steps: Any = range(start, n_steps)
     if progress and main:
         from tqdm.auto import tqdm

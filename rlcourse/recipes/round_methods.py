@@ -10,7 +10,6 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from rlcourse import online
@@ -69,8 +68,7 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
 
     # OUTPUT/history.jsonl grows a row per finished round (rewritten from the checkpoint's
     # rows on a resume), as the other methods' grows per logged step
-    runlog = RunLog(SimpleNamespace(is_main_process=True),
-                    SimpleNamespace(logging_dir=recipe.output if save else None), rows)
+    runlog = RunLog.to_folder(recipe.output if save else None, rows)
 
     def after_round(k: int, row: dict[str, Any], policy: Any) -> None:
         rows.append(row)
