@@ -152,6 +152,10 @@ def test_model_roles_follow_the_objectives_table():
     from rlcourse.losses import OBJECTIVES
     from rlcourse.memory import model_roles
 
+    # written out for the rows added with the registry (hinge and robust DPO keep a reference)
+    assert [r.name for r in model_roles("hinge", 10)] == ["policy", "reference"]
+    assert [r.name for r in model_roles("robust", 10)] == ["policy", "reference"]
+    assert [r.name for r in model_roles("simpo", 10)] == ["policy"]
     for name, objective in OBJECTIVES.items():
         if name == "bt":
             continue
