@@ -111,6 +111,8 @@ FINITE = (_finite, "a finite number")
 POSITIVE = (positive, "a finite number > 0")
 NON_NEGATIVE = (non_negative, "a finite number >= 0")
 COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+COUNT_OR_ZERO = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 "an integer >= 0")
 OPTIONAL_POSITIVE = (optional(positive), "null or a finite number > 0")
 OPTIONAL_COUNT = (optional(COUNT[0]), "null or an integer >= 1")
 PROBABILITY = (within(0.0, 1.0), "a number in [0, 1]")

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +39,7 @@ from rlcourse import grpo, ppo
 from rlcourse.adapters import is_lora
 from rlcourse.config import (
     COUNT,
+    COUNT_OR_ZERO,
     DEVICE,
     OPTIONAL_COUNT,
     POSITIVE,
@@ -196,10 +199,14 @@ class OnlineDPOConfig:
     missing ones take :data:`rlcourse.losses.DEFAULTS`."""
     device: str = "cpu"
     """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints inside a round (under ``round_checkpoints``, see
+    :func:`online_dpo`); 0: none inside a round (a recipe still saves one per finished round)."""
 
     #: Each field's range, checked when the config is built (a recipe names file and line).
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "rounds": COUNT,
+        "checkpoint_every": COUNT_OR_ZERO,
         "prompts_per_round": OPTIONAL_COUNT,
         "pairs_per_prompt": COUNT,
         "beta": POSITIVE,
@@ -251,8 +258,8 @@ PAIRED_LOSSES = _PairedLosses()
 def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_fn: LabelFn,
                config: OnlineDPOConfig, seed: int = 0,
                callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None,
-               start_round: int = 0, reference_model: nn.Module | None = None
-               ) -> list[dict[str, Any]]:
+               start_round: int = 0, reference_model: nn.Module | None = None,
+               round_checkpoints: str | Path | None = None) -> list[dict[str, Any]]:
     r"""Online (iterative) DPO: train ``model`` in place; returns one metrics row per round.
 
     Round k: :math:`y^a, y^b \sim \pi_{\theta_k}(\cdot|x)` for each prompt, a label from
@@ -269,6 +276,12 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
     index alone; the prompt draws of the skipped rounds are replayed), with ``reference_model``
     the starting model for ``reference="sft"`` (default: a copy of ``model`` as given). Only
     the rows of the rounds run are returned.
+
+    Inside a round: with ``round_checkpoints`` and ``config.checkpoint_every``, round k's
+    training checkpoints every ``checkpoint_every`` steps into ``round_checkpoints/round-<k>``
+    and a rerun of that round resumes there (its pairs are sampled again from the weights of
+    the round's start with the round's seed: the same pairs); the folder is removed once the
+    round and its ``callback`` are done.
     """
     if config.reference not in ("sft", "previous"):
         raise ValueError(f"reference must be 'sft' or 'previous', got {config.reference!r}")
@@ -298,9 +311,7 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
                                "share_identical": float(np.mean([x == y for x, y in
                                                                  zip(a, b, strict=True)]))}
         if pairs:
-            cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
-                              schedule="constant", seed=seed * 1000 + k, device=config.device,
-                              log_every=10**9, progress=False)
+            cfg = _round_train_config(config, seed * 1000 + k, round_checkpoints, k)
             # reference="previous": train_preference copies the model as it is now (under
             # LoRA its default would be the adapters switched off: the base, so copy here).
             reference = start if start is not None or not is_lora(model) \
@@ -316,7 +327,31 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
         rows.append(row)
         if callback is not None:
             callback(k, row, model)
+        _round_done(round_checkpoints, k)
     return rows
+
+
+def _round_train_config(config: Any, seed: int, round_checkpoints: str | Path | None,
+                        k: int) -> TrainConfig:
+    """Round ``k``'s training: constant ``config.lr``, checkpoints inside the round when asked."""
+    inside = round_checkpoints is not None and config.checkpoint_every > 0
+    return TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
+                       schedule="constant", seed=seed, device=config.device, log_every=10**9,
+                       progress=False, checkpoint_every=config.checkpoint_every if inside else 0,
+                       checkpoint_dir=str(_round_folder(round_checkpoints, k)) if inside
+                       else None)
+
+
+def _round_folder(round_checkpoints: str | Path | None, k: int) -> Path | None:
+    return None if round_checkpoints is None else Path(round_checkpoints) / f"round-{k:06d}"
+
+
+def _round_done(round_checkpoints: str | Path | None, k: int) -> None:
+    """Round ``k`` and its callback (which saves the round) are done: its checkpoints inside the
+    round are no longer needed."""
+    folder = _round_folder(round_checkpoints, k)
+    if folder is not None and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,10 +421,15 @@ class RSFTConfig:
     """Longest prompt + answer in tokens for training."""
     device: str = "cpu"
     """Device of sampling and training (``"cpu"``, ``"cuda"``, ``"auto"``)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints inside a round (under ``round_checkpoints``, see
+    :func:`rejection_sampling_ft`); 0: none inside a round (a recipe still saves one per
+    finished round)."""
 
     #: Each field's range, checked when the config is built (a recipe names file and line).
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "rounds": COUNT,
+        "checkpoint_every": COUNT_OR_ZERO,
         "n": COUNT,
         "samples_per_prompt": COUNT,
         "lr": POSITIVE,
@@ -407,7 +447,8 @@ class RSFTConfig:
 def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
                           reward_fn: TextRewardFn, config: RSFTConfig, seed: int = 0,
                           callback: Callable[[int, dict[str, Any], nn.Module], Any] | None = None,
-                          start_round: int = 0) -> list[dict[str, Any]]:
+                          start_round: int = 0, round_checkpoints: str | Path | None = None
+                          ) -> list[dict[str, Any]]:
     r"""Rejection-sampling fine-tuning: train ``model`` in place; one metrics row per round.
 
     Round k: for each prompt :math:`y^* = \arg\max_{i \le n} r(x, y_i)`,
@@ -415,7 +456,8 @@ def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[st
     :math:`-\frac{1}{\sum|y^*|}\sum \log \pi_\theta(y^*|x)` (:func:`rlcourse.engine.sft_loss_fn`).
     ``callback(round, row, model)`` after each round; ``start_round``: resume after round
     ``start_round - 1`` (``model`` holding the weights saved then; each round's seeds depend on
-    ``seed`` and its index alone), returning the rows of the rounds run.
+    ``seed`` and its index alone), returning the rows of the rounds run. ``round_checkpoints``
+    and ``config.checkpoint_every``: checkpoints inside a round, as in :func:`online_dpo`.
     """
     prompts = list(prompts) * config.samples_per_prompt
     rows = []
@@ -428,9 +470,7 @@ def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[st
                                                                      bon.best_texts[i])}
                 for i in keep]
         items = tokenize_sft(tokenizer, data, config.max_length, truncation="right")
-        cfg = TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
-                          schedule="constant", seed=seed * 1000 + k, device=config.device,
-                          log_every=10**9, progress=False)
+        cfg = _round_train_config(config, seed * 1000 + k, round_checkpoints, k)
         history = train(model, sft_loss_fn, items, cfg,
                         collate_fn=partial(pad_collate, pad_id=pad_id))
         model.eval()
@@ -442,6 +482,7 @@ def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[st
         rows.append(row)
         if callback is not None:
             callback(k, row, model)
+        _round_done(round_checkpoints, k)
     return rows
 
 

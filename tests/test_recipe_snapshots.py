@@ -19,6 +19,9 @@ from rlcourse.config import REPO_ROOT
 SNAPSHOTS = json.loads((REPO_ROOT / "tests" / "data" / "recipe_snapshots.json").read_text())
 SHIPPED = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
 SECTIONS = ("train", "ppo", "rollout", "group", "online", "rsft", "lora")
+#: Fields added after the snapshot, with the default that keeps a run what it was: a shipped
+#: recipe must resolve to exactly that default (and nothing else may change).
+ADDED_FIELDS = {("online", "checkpoint_every"): 0, ("rsft", "checkpoint_every"): 0}
 
 
 def _resolved(path):
@@ -26,6 +29,9 @@ def _resolved(path):
     config = json.loads(json.dumps(recipe.to_dict()))
     config.pop("source")
     config = {k: v for k, v in config.items() if not (k in SECTIONS and v is None)}
+    for (section, key), default in ADDED_FIELDS.items():
+        if section in config and config[section].get(key, default) == default:
+            config[section].pop(key, None)
     types = {k: type(getattr(recipe, k)).__name__ for k in SECTIONS
              if getattr(recipe, k) is not None}
     return {"config": config, "section_types": types}

@@ -71,7 +71,23 @@ CASES = {
              ["rsft.rounds=4", "rsft.n=2", "rsft.max_new_tokens=4", "rsft.max_length=32",
               "rsft.batch_size=4", "rsft.device=cpu", "reward_model=null",
               "reward_fn=rlc_kill_verifier:count_yes"]),
+    # Killed inside a round: each round trains its pairs (up to 4; tied answers give none)
+    # x 10 epochs, one pair per step, checkpointing every step; the kill comes once the first
+    # checkpoint inside a round exists.
+    "online_dpo mid-round": ("online_dpo", "prompts", "prompts.jsonl",
+                             ["online.rounds=4", "online.max_new_tokens=4", "online.max_length=32",
+                              "online.batch_size=1", "online.epochs=10", "online.device=cpu",
+                              "online.checkpoint_every=1", "reward_model=null",
+                              "reward_fn=rlc_kill_verifier:count_yes"]),
+    "rsft mid-round": ("rsft", "prompts", "prompts.jsonl",
+                       ["rsft.rounds=2", "rsft.n=2", "rsft.max_new_tokens=4",
+                        "rsft.max_length=32", "rsft.batch_size=1", "rsft.epochs=10",
+                        "rsft.device=cpu", "rsft.checkpoint_every=1", "reward_model=null",
+                        "reward_fn=rlc_kill_verifier:count_yes"]),
 }
+#: What must exist before the kill: a finished checkpoint (default), or one inside a round.
+WAIT_FOR = {"online_dpo mid-round": "checkpoints/round-*/step-*",
+            "rsft mid-round": "checkpoints/round-*/step-*"}
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +119,14 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter if adapter.is_file() else out / "model" / "model.safetensors"))
 
 
-def _first_checkpoint_written(out: Path) -> bool:
-    ckpts = out / "checkpoints"
-    return ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
+def _first_checkpoint_written(out: Path, pattern: str) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in out.glob(pattern))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monkeypatch, case):
+def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monkeypatch, capfd,
+                                                        case):
     monkeypatch.syspath_prepend(str(workdir))
     assert recipes.main(_args(workdir, case, tmp_path / "whole")) == 0
 
@@ -121,7 +137,8 @@ def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monke
                               *_args(workdir, case, out)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not _first_checkpoint_written(out) and child.poll() is None:
+    pattern = WAIT_FOR.get(case, "checkpoints/step-*")
+    while not _first_checkpoint_written(out, pattern) and child.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within two minutes"
         time.sleep(0.01)
     finished_first = child.poll() is not None
@@ -129,10 +146,17 @@ def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monke
     child.wait()
     assert not finished_first, "the run finished before it could be killed"
     assert not (out / "model").exists()
+    if case in WAIT_FOR:  # killed inside a round: its checkpoints are there (removed at its end)
+        assert list(out.glob(WAIT_FOR[case])), "the round had finished"
     state = json.loads((out / "run.json").read_text())
     assert state["status"] == "running"
 
+    capfd.readouterr()
     assert recipes.main(_args(workdir, case, out)) == 0  # the same command again
+    if case in WAIT_FOR:  # the work done inside the round was kept, not redone
+        resumed_from = [line for line in capfd.readouterr().out.splitlines()
+                        if line.startswith("resuming from") and "round-" in line]
+        assert resumed_from, "the rerun did not resume inside the round"
     whole, resumed = _weights(tmp_path / "whole"), _weights(out)
     assert whole.keys() == resumed.keys()
     for k in whole:

@@ -127,7 +127,10 @@ each round keeps, per prompt, the answer of highest reward among ``n`` samples
 both run in one process (several are refused). After every round the policy, the round index
 and the rows so far go atomically to ``OUTPUT/checkpoints/step-<rounds done>``; rerunning the
 same command continues after the last finished round and gives the weights of an
-uninterrupted run (a round cut short is redone).
+uninterrupted run (a round cut short is redone, from the same samples). With
+``online.checkpoint_every`` / ``rsft.checkpoint_every`` (optimizer steps), a round's training
+also checkpoints into ``OUTPUT/checkpoints/round-<k>`` and a rerun continues inside the round
+(its samples are drawn again from the saved weights with the round's seed: the same samples).
 
 One run at a time per output folder: the run holds an exclusive lock on ``OUTPUT/.lock``
 (``fcntl.flock``, the holder's pid written in it) from its start to its end; a second run into

@@ -111,7 +111,8 @@ def check_output(recipe: Any, overwrite: bool) -> str:
     train = recipe.sections.get("train")  # the engine's checkpoint_dir; else OUTPUT/checkpoints
     checkpoints = (Path(train.checkpoint_dir) if train.checkpoint_dir else None) \
         if train is not None else out / "checkpoints"
-    if info.get("status") != "finished" and not (checkpoints and any(checkpoints.glob("step-*"))):
+    # a finished round's checkpoint (step-*) or one inside a round (round-*/step-*)
+    if info.get("status") != "finished" and not (checkpoints and any(checkpoints.rglob("step-*"))):
         return "fresh"  # stopped before its first checkpoint: nothing to resume or to protect
     before, now = info.get("identity", {}), identity(recipe)
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)

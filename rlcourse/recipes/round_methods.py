@@ -1,7 +1,7 @@
 """The round-based methods (:mod:`rlcourse.online`): online (iterative) DPO and rejection-
 sampling fine-tuning. Each round samples answers to ``prompts`` from the current policy, scores
 them with the reward, and trains on them; the run is checkpointed and resumed at round
-boundaries, in one process."""
+boundaries and, with ``checkpoint_every``, inside a round; in one process."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
     the policy after k rounds (``model``) and ``state.json`` (``rounds_done``, the rows so far).
     On a rerun the policy is loaded from it and the rounds after k run with the seeds and prompt
     draws they would have had (:func:`rlcourse.online.online_dpo`'s ``start_round``); the
-    reference of ``online.reference: sft`` is the model of the recipe's ``model`` key.
+    reference of ``online.reference: sft`` is the model of the recipe's ``model`` key. With
+    ``<section>.checkpoint_every``, each round's training also checkpoints every that many steps
+    into ``OUTPUT/checkpoints/round-<k>`` and a rerun resumes inside the round (the round's
+    samples are drawn again from the saved weights with the round's seed: the same samples).
     """
     device = str(next(model.parameters()).device)
     fn = reward_function(recipe, tokenizer, device)
@@ -92,20 +95,24 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
                 shutil.rmtree(old, ignore_errors=True)
 
     _TRAINERS[recipe.method](model, tokenizer, prompts, fn, config, recipe.seed, after_round,
-                             done, start_model)
+                             done, start_model, ckpt_dir if save else None)
     return model, rows, {"n_prompts_in_file": len(prompts), "rounds_resumed_after": done}
 
 
-def _online_dpo(model, tokenizer, prompts, fn, config, seed, callback, done, start_model):
+def _online_dpo(model, tokenizer, prompts, fn, config, seed, callback, done, start_model,
+                round_checkpoints):
     # A resumed run's reference for ``reference: sft`` is the starting model, as in a fresh run.
     reference = start_model if config.reference == "sft" else None
     online.online_dpo(model, tokenizer, prompts, online.reward_labeller(fn), config, seed=seed,
-                      callback=callback, start_round=done, reference_model=reference)
+                      callback=callback, start_round=done, reference_model=reference,
+                      round_checkpoints=round_checkpoints)
 
 
-def _rsft(model, tokenizer, prompts, fn, config, seed, callback, done, start_model):
+def _rsft(model, tokenizer, prompts, fn, config, seed, callback, done, start_model,
+          round_checkpoints):
     online.rejection_sampling_ft(model, tokenizer, prompts, fn, config, seed=seed,
-                                 callback=callback, start_round=done)
+                                 callback=callback, start_round=done,
+                                 round_checkpoints=round_checkpoints)
 
 
 _TRAINERS = {"online_dpo": _online_dpo, "rsft": _rsft}
@@ -131,7 +138,8 @@ def _device_auto(values: dict[str, Any], recipe: Any) -> None:
 def _row(name: str, section: str, cls: type, summary: str) -> Method:
     return Method(
         name, family="rounds", run=run_rounds, read=read_prompts, data_key="prompts",
-        sections=(Section(section, cls, _device_auto, not_identity=frozenset({"device"}),
+        sections=(Section(section, cls, _device_auto,
+                          not_identity=frozenset({"device", "checkpoint_every"}),
                           note="In a recipe ``device`` defaults to ``auto``."),),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",),
         check_raw=_checks(section), length_key=f"{section}.max_length",
