@@ -569,8 +569,9 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               callback: Callable[[int, dict[str, float], Rollout], None] | None = None,
               progress: bool = True, checkpoint_dir: str | Path | None = None,
               checkpoint_every: int = 0, keep_checkpoints: int = 2,
-              accelerator: Any = None, logging_dir: str | Path | None = None
-              ) -> list[dict[str, float]]:
+              accelerator: Any = None, logging_dir: str | Path | None = None,
+              eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+              eval_every: int = 0) -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
@@ -591,6 +592,10 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
 
     ``logging_dir``: each step's metrics are appended to ``logging_dir/history.jsonl`` as the
     run goes (:class:`rlcourse.engine.RunLog`; a resumed run rewrites it from its checkpoint).
+
+    ``eval_fn(policy) -> metrics`` (e.g. :func:`rlcourse.grpo.evaluate_prompts` on held-out
+    prompts) runs every ``eval_every`` steps and after the last, its metrics joining that step's
+    row; it must not touch the sampling generator (a resumed run would diverge).
     """
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -638,10 +643,12 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
             # every step (one isfinite pass, small beside sampling): never sample from, save
             # or return a NaN model
             check_finite_weights(bare, accelerator)
+        done = step + 1
+        if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == n_steps):
+            metrics.update(eval_fn(bare))
         metrics["step"] = step
         history.append(metrics)
         runlog.flush(history)
-        done = step + 1
         if ckpt_dir is not None and (done == n_steps or (checkpoint_every
                                                          and done % checkpoint_every == 0)):
             state = {"step": done, "history": history, "kl_coef": float(kl_ctl.value),

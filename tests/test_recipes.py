@@ -331,6 +331,40 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_ppo_recipe_evaluates_its_eval_data(workdir, tmp_path, monkeypatch):
+    """eval_data for PPO, as for GRPO: every rollout.eval_every steps and after the last, one
+    answer per held-out prompt is scored by the run's reward model. The scorer is replaced by
+    the prompt's length in words, so eval/reward must be the mean over the EVAL prompts (4 and
+    5 words: 4.5) whatever the answers; training still scores with the reward model."""
+    from rlcourse import online
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "what is rain ?"},
+                                          {"prompt": "tell me about rain ."}])
+    words = lambda prompts, completions: [float(len(p.split())) for p in prompts]  # noqa: E731
+    monkeypatch.setattr(online, "reward_model_scorer", lambda rm, tokenizer: words)
+    code = recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+                         "--reward-model", str(tmp_path / "rm"),
+                         "--data", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "o"),
+                         f"eval_data={tmp_path / 'eval.jsonl'}", "rollout.eval_every=2",
+                         "rollout.steps=3", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+                         "rollout.lr=1e-2", "ppo.minibatch_size=2", "ppo.ppo_epochs=1"])
+    assert code == 0
+    history = json.loads((tmp_path / "o" / "history.json").read_text())
+    assert [r["step"] for r in history if "eval/reward" in r] == [1, 2]  # steps 2 and 3 of 3
+    assert all(r["eval/reward"] == 4.5 for r in history if "eval/reward" in r)
+    assert all(r["score"] != 4.5 for r in history)  # training: the reward model's scores
+
+
+def test_ppo_eval_every_without_eval_data_is_refused():
+    with pytest.raises(recipes.RecipeError, match="rollout.eval_every: evaluates the eval_data"):
+        recipes.load_recipe(text="method: ppo\nmodel: m\nprompts: p\noutput: o\n"
+                                 "reward_model: r\nrollout:\n  eval_every: 5\n")
+
+
 def test_ppo_recipe_with_lora_trains_adapters_against_the_adapters_off_reference(workdir,
                                                                                   tmp_path):
     """PPO under LoRA (before: refused): the critic is a value head on the adapted policy, the

@@ -83,7 +83,10 @@ PPO reads ``prompts`` (JSONL of ``{"prompt"}``) instead of ``data``, a trained
 ``reward_model`` directory, a ``ppo`` section (:class:`rlcourse.ppo.PPOConfig` fields) and a
 ``rollout`` section (:class:`PPORollout`); it resumes from ``OUTPUT/checkpoints`` like the
 other recipes, and on N processes each answers ``rollout.batch_size / N`` prompts per step
-(advantages whitened and losses averaged over every process's tokens).
+(advantages whitened and losses averaged over every process's tokens). PPO, GRPO and RLOO
+take ``eval_data`` prompts too: every ``rollout.eval_every`` steps and after the last, one answer
+per held-out prompt, sampled with a seed fixed for the run, is scored by the run's reward
+(``eval/reward``, ``eval/response_length`` in the history).
 
 GRPO and RLOO (``method: grpo`` / ``rloo``; :func:`rlcourse.grpo.train_group_lm`) read
 ``prompts`` too, and no ``train`` section::

@@ -5,10 +5,11 @@ them with a reward and updates the policy; none has a ``train`` section."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlcourse import grpo, ppo
+from rlcourse import grpo, online, ppo
 from rlcourse.adapters import is_lora
 from rlcourse.data import TEXT, DataError, read_jsonl
 from rlcourse.engine import TrainConfig, make_accelerator
@@ -73,12 +74,33 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             checkpoint_dir=Path(recipe.output) / "checkpoints",
                             checkpoint_every=r.checkpoint_every,
                             keep_checkpoints=r.keep_checkpoints, accelerator=accelerator,
-                            logging_dir=Path(recipe.output) if save else None)
+                            logging_dir=Path(recipe.output) if save else None,
+                            eval_fn=_prompt_eval(recipe, tokenizer, reward, eval_rows),
+                            eval_every=r.eval_every)
     return ppo.language_model(policy), history, {}
+
+
+def _prompt_eval(recipe: Any, tokenizer: Any, reward: Any, eval_rows: Any):
+    """``policy -> {"eval/reward", "eval/response_length"}`` on the ``eval_data`` prompts, scored
+    by the run's reward model (:func:`rlcourse.grpo.evaluate_prompts`, as GRPO's); None
+    without ``eval_data``."""
+    if not eval_rows:
+        return None
+    return partial(grpo.evaluate_prompts, tokenizer=tokenizer, prompts=eval_rows,
+                   reward_fn=online.reward_model_scorer(reward, tokenizer),
+                   max_new_tokens=recipe.rollout.max_new_tokens,
+                   temperature=recipe.ppo.temperature, seed=recipe.seed)
+
+
+def _eval_needs_data(recipe: Any, raw: Any) -> None:
+    if (raw.get("rollout") or {}).get("eval_every") and not raw.get("eval_data"):
+        raise RecipeError(f"{recipe.where('rollout.eval_every')}: evaluates the eval_data "
+                          "prompts, and the recipe gives none (add eval_data: FILE)")
 
 
 def _ppo_checks(recipe: Any, raw: Any) -> None:
     _no_train("'ppo' and 'rollout'", upper=True)(recipe, raw)
+    _eval_needs_data(recipe, raw)
     if "lora" in raw and (raw.get("rollout") or {}).get("separate_critic", True):
         raise RecipeError(
             f"{recipe.where('rollout.separate_critic')}: with lora the critic is a value head on "
@@ -118,9 +140,7 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
 def _group_checks(recipe: Any, raw: Any) -> None:
     check_reward(recipe)
     _no_train("'group' and 'rollout'")(recipe, raw)
-    if (raw.get("rollout") or {}).get("eval_every") and not raw.get("eval_data"):
-        raise RecipeError(f"{recipe.where('rollout.eval_every')}: evaluates the eval_data "
-                          "prompts, and the recipe gives none (add eval_data: FILE)")
+    _eval_needs_data(recipe, raw)
 
 
 def _advantage(allowed: tuple[str, ...]):
@@ -153,7 +173,7 @@ ROWS = (
            sections=(Section("ppo", PPOConfig),
                      Section("rollout", PPORollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
            keys=frozenset({"reward_model"}), required=("prompts", "reward_model"),
-           check_raw=_ppo_checks, lora=True,
+           check_raw=_ppo_checks, lora=True, eval_data=True,
            length_key="rollout.max_new_tokens", device_section="rollout",
            split_key="rollout.batch_size",
            summary="PPO with a critic, a reward model and a KL-shaped reward"),

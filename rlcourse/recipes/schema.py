@@ -48,10 +48,15 @@ class PPORollout:
     """How many of the newest checkpoints are kept."""
     device: str = "auto"
     """``"auto"`` or ``"cpu"`` (several processes over gloo)."""
+    eval_every: int = 0
+    """Steps between evaluations on the recipe's ``eval_data`` prompts (one answer sampled per
+    prompt with a fixed seed, scored by the reward model: ``eval/reward`` in the history); with
+    ``eval_data``, also at the end. 0: only at the end."""
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "batch_size": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE,
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT, "device": DEVICE,
+        "eval_every": _CHECKPOINTS,
     }
 
     def __post_init__(self) -> None:
