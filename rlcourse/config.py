@@ -118,6 +118,7 @@ OPTIONAL_COUNT = (optional(COUNT[0]), "null or an integer >= 1")
 PROBABILITY = (within(0.0, 1.0), "a number in [0, 1]")
 TEMPERATURE = (at_least(MIN_TEMPERATURE), f"a finite number >= {MIN_TEMPERATURE:g}")
 DEVICE = (one_of("auto", "cpu", "cuda", "mps"), "one of auto, cpu, cuda, mps")
+REPORT_TO = (one_of("none", "tensorboard"), "one of none, tensorboard")
 
 
 def check_ranges(config: object) -> None:

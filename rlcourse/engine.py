@@ -45,6 +45,7 @@ from rlcourse.config import (
     OPTIONAL_COUNT,
     OPTIONAL_POSITIVE,
     POSITIVE,
+    REPORT_TO,
     at_least,
     check_ranges,
     one_of,
@@ -62,6 +63,7 @@ __all__ = [
     "Pooled",
     "RunLog",
     "TrainConfig",
+    "check_report_to",
     "count_tokens",
     "dropout_disabled",
     "list_checkpoints",
@@ -76,7 +78,6 @@ __all__ = [
     "sft_loss_fn",
     "stop_nonfinite",
     "target_tokens",
-    "tracker_settings",
     "train",
 ]
 
@@ -97,7 +98,7 @@ class TrainConfig:
     ``logging_dir``: where the run is watched from: ``history.jsonl`` (one row per log step,
     appended and flushed as training goes; rewritten from the checkpoint on resume, so no row
     appears twice) and, with ``report_to="tensorboard"``, TensorBoard event files under
-    ``logging_dir/tensorboard`` (through ``accelerate``'s trackers).
+    ``logging_dir/tensorboard`` (:class:`RunLog`).
     """
 
     lr: float = 1e-3
@@ -175,7 +176,7 @@ class TrainConfig:
         "checkpoint_every": (at_least(0), "an integer >= 0"),
         "keep_checkpoints": COUNT,
         "device": DEVICE,
-        "report_to": (one_of("none", "tensorboard"), "one of none, tensorboard"),
+        "report_to": REPORT_TO,
     }
 
     def __post_init__(self) -> None:
@@ -605,21 +606,23 @@ def _reduce_metrics(accelerator: Any, sums: Mapping[str, list[torch.Tensor]], to
 class RunLog:
     """Where a run is watched from while it trains (main process only): ``history.jsonl`` in
     ``logging_dir`` (a row per logged step, appended and fsynced as training goes) and, with
-    ``report_to="tensorboard"``, TensorBoard through ``accelerate``'s trackers. Every loop
-    writes one: the engine's, PPO's and the group methods'."""
+    ``report_to="tensorboard"``, TensorBoard event files in ``logging_dir/tensorboard`` (each
+    numeric metric a scalar at the row's step). Every loop writes one: the engine's, PPO's, the
+    group methods' and the rounds of online DPO and RSFT."""
 
     def __init__(self, accelerator: Any, config: Any, rows: list[dict[str, Any]]) -> None:
         """``config``: anything with ``logging_dir`` and ``report_to`` (a :class:`TrainConfig`);
         ``rows``: the history so far (a resumed run starts from the checkpoint's rows)."""
-        self.accelerator, self.path, self.written = accelerator, None, 0
-        self.tensorboard = getattr(config, "report_to", "none") == "tensorboard"
-        if self.tensorboard:  # the accelerator was made with the tracker (make_accelerator)
-            accelerator.init_trackers("tensorboard", config={
-                k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                for k, v in config.to_dict().items()})
-        if not accelerator.is_main_process or not getattr(config, "logging_dir", None):
+        self.accelerator, self.path, self.written, self.writer = accelerator, None, 0, None
+        logging_dir = getattr(config, "logging_dir", None)
+        if not accelerator.is_main_process or not logging_dir:
             return
-        self.path = Path(config.logging_dir) / "history.jsonl"
+        if getattr(config, "report_to", "none") == "tensorboard":
+            check_report_to(config)
+            self.writer = _summary_writer(Path(logging_dir) / "tensorboard")
+            if hasattr(config, "to_dict"):
+                self.writer.add_text("config", json.dumps(config.to_dict(), default=str))
+        self.path = Path(logging_dir) / "history.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rewrite(rows)  # a resumed run starts from the checkpoint's rows: none twice
 
@@ -631,19 +634,19 @@ class RunLog:
 
     @classmethod
     def to_folder(cls, logging_dir: str | os.PathLike | None, rows: list[dict[str, Any]],
-                  accelerator: Any = None) -> RunLog:
-        """A run log writing only ``logging_dir/history.jsonl`` (nothing when ``None``), for a
-        loop without a :class:`TrainConfig`; without an ``accelerator`` the process is the main
-        one."""
+                  accelerator: Any = None, report_to: str = "none") -> RunLog:
+        """A run log for a loop without a :class:`TrainConfig`: ``logging_dir/history.jsonl``
+        (nothing when ``None``) and, with ``report_to="tensorboard"``, event files; without an
+        ``accelerator`` the process is the main one."""
         from types import SimpleNamespace
 
         main = accelerator or SimpleNamespace(is_main_process=True)
-        return cls(main, SimpleNamespace(logging_dir=logging_dir, report_to="none"), rows)
+        return cls(main, SimpleNamespace(logging_dir=logging_dir, report_to=report_to), rows)
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer, if any."""
-        if self.tensorboard:
-            self.accelerator.end_training()
+        if self.writer is not None:
+            self.writer.close()
 
     def flush(self, history: History | list[dict[str, Any]]) -> None:
         """Append the rows not yet written (each complete: training and evaluation metrics)."""
@@ -657,16 +660,31 @@ class RunLog:
                 fh.flush()
                 os.fsync(fh.fileno())  # survives a crash of the machine, not only the process
         self.written = len(rows)
-        if self.tensorboard:
+        if self.writer is not None and new:
             for row in new:
-                self.accelerator.log({k: v for k, v in row.items() if k != "step"},
-                                     step=row["step"])
+                step = row.get("step", row.get("round", 0))
+                for key, value in row.items():
+                    if key not in ("step", "round") and isinstance(value, (int, float)) \
+                            and not isinstance(value, bool):
+                        self.writer.add_scalar(key, value, step)
+            self.writer.flush()
 
 
-def tracker_settings(config: TrainConfig) -> dict[str, Any]:
-    """``Accelerator`` arguments for ``config.report_to`` (TensorBoard needs ``logging_dir``)."""
+def _summary_writer(log_dir: Path) -> Any:
+    """TensorBoard's writer: PyTorch's (needs the ``tensorboard`` package), else tensorboardX."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from tensorboardX import SummaryWriter
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def check_report_to(config: Any, key: str = "report_to") -> None:
+    """A ``ValueError`` unless ``config.report_to`` can be honoured: ``"none"``, or
+    ``"tensorboard"`` with a ``logging_dir`` and the ``tensorboard`` (or ``tensorboardX``)
+    package installed. Checked when a recipe is read, before any model loads."""
     if config.report_to in ("none", None):
-        return {}
+        return
     if config.report_to != "tensorboard":
         raise ValueError(f"report_to must be 'tensorboard' or 'none', got {config.report_to!r}")
     if not config.logging_dir:
@@ -677,7 +695,6 @@ def tracker_settings(config: TrainConfig) -> dict[str, Any]:
             importlib.util.find_spec("tensorboardX") is None:
         raise ValueError("report_to='tensorboard' but neither tensorboard nor tensorboardX is "
                          "installed: pip install tensorboard, or set report_to: none")
-    return {"log_with": "tensorboard", "project_dir": config.logging_dir}
 
 
 def _takes_num_tokens(loss_fn: Any) -> bool:
@@ -699,7 +716,7 @@ def check_device_available(device: str, key: str = "train.device") -> None:
 
 
 def make_accelerator(config: TrainConfig):
-    """The ``accelerate.Accelerator`` for ``config`` (precision, accumulation, CPU, trackers),
+    """The ``accelerate.Accelerator`` for ``config`` (precision, accumulation, CPU),
     with accelerate's process-wide state cleared so that each run gets what it asks for."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -709,6 +726,7 @@ def make_accelerator(config: TrainConfig):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     check_device_available(config.device)
+    check_report_to(config)
     mp = config.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -716,7 +734,6 @@ def make_accelerator(config: TrainConfig):
         mixed_precision=mp,
         gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.device == "cpu",
-        **tracker_settings(config),
     )
 
 

@@ -390,8 +390,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    progress: bool = True,
                    callback: Callable[[int, dict[str, float]], Any] | None = None,
                    logging_dir: str | Path | None = None,
-                   eval_prompts: Sequence[Any] | None = None, eval_every: int = 0
-                   ) -> list[dict[str, float]]:
+                   eval_prompts: Sequence[Any] | None = None, eval_every: int = 0,
+                   report_to: str = "none") -> list[dict[str, float]]:
     """GRPO / RLOO / Dr. GRPO of a transformers language model, on one or several processes,
     with checkpoints and resume: what ``recipes/grpo.yaml`` and ``recipes/rloo.yaml`` run.
 
@@ -410,7 +410,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     the newest and ends where an uninterrupted run would (sampling depends only on the seed
     and the step). Returns the history: one row per step, metrics averaged over processes.
     ``logging_dir``: each row is appended to ``logging_dir/history.jsonl`` as the run goes
-    (:class:`rlcourse.engine.RunLog`). ``eval_prompts``: held-out prompts, each answered once
+    (:class:`rlcourse.engine.RunLog`; with ``report_to="tensorboard"`` also as TensorBoard
+    scalars in ``logging_dir/tensorboard``). ``eval_prompts``: held-out prompts, each answered once
     with a fixed seed every ``eval_every`` steps and at the end; the row gains ``eval/reward``
     (the mean reward) and ``eval/response_length`` (:func:`evaluate_prompts`).
     """
@@ -444,7 +445,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         history, start = state["history"], state["step"]
         accelerator.print(f"resuming from {found[-1]} (step {start})")
 
-    runlog = RunLog.to_folder(logging_dir, history, accelerator)
+    runlog = RunLog.to_folder(logging_dir, history, accelerator, report_to)
     steps: Any = range(start, n_steps)
     if progress and accelerator.is_local_main_process:
         from tqdm.auto import tqdm
@@ -495,6 +496,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
             accelerator.wait_for_everyone()
         if callback is not None:
             callback(step, metrics)
+    runlog.close()
     model.eval()
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history

@@ -43,6 +43,7 @@ from rlcourse.config import (
     DEVICE,
     OPTIONAL_COUNT,
     POSITIVE,
+    REPORT_TO,
     FieldRangeError,
     check_ranges,
 )
@@ -202,11 +203,15 @@ class OnlineDPOConfig:
     checkpoint_every: int = 0
     """Optimizer steps between checkpoints inside a round (under ``round_checkpoints``, see
     :func:`online_dpo`); 0: none inside a round (a recipe still saves one per finished round)."""
+    report_to: str = "none"
+    """``"none"`` or ``"tensorboard"``: in a recipe, each round's row also as TensorBoard
+    scalars in ``OUTPUT/tensorboard``."""
 
     #: Each field's range, checked when the config is built (a recipe names file and line).
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "rounds": COUNT,
         "checkpoint_every": COUNT_OR_ZERO,
+        "report_to": REPORT_TO,
         "prompts_per_round": OPTIONAL_COUNT,
         "pairs_per_prompt": COUNT,
         "beta": POSITIVE,
@@ -425,11 +430,15 @@ class RSFTConfig:
     """Optimizer steps between checkpoints inside a round (under ``round_checkpoints``, see
     :func:`rejection_sampling_ft`); 0: none inside a round (a recipe still saves one per
     finished round)."""
+    report_to: str = "none"
+    """``"none"`` or ``"tensorboard"``: in a recipe, each round's row also as TensorBoard
+    scalars in ``OUTPUT/tensorboard``."""
 
     #: Each field's range, checked when the config is built (a recipe names file and line).
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "rounds": COUNT,
         "checkpoint_every": COUNT_OR_ZERO,
+        "report_to": REPORT_TO,
         "n": COUNT,
         "samples_per_prompt": COUNT,
         "lr": POSITIVE,

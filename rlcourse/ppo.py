@@ -571,7 +571,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               checkpoint_every: int = 0, keep_checkpoints: int = 2,
               accelerator: Any = None, logging_dir: str | Path | None = None,
               eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-              eval_every: int = 0) -> list[dict[str, float]]:
+              eval_every: int = 0, report_to: str = "none") -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
@@ -591,7 +591,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     the caller rebuilds it from the initial model.
 
     ``logging_dir``: each step's metrics are appended to ``logging_dir/history.jsonl`` as the
-    run goes (:class:`rlcourse.engine.RunLog`; a resumed run rewrites it from its checkpoint).
+    run goes (:class:`rlcourse.engine.RunLog`; a resumed run rewrites it from its checkpoint);
+    with ``report_to="tensorboard"`` also as TensorBoard scalars in ``logging_dir/tensorboard``.
 
     ``eval_fn(policy) -> metrics`` (e.g. :func:`rlcourse.grpo.evaluate_prompts` on held-out
     prompts) runs every ``eval_every`` steps and after the last, its metrics joining that step's
@@ -630,7 +631,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
             kl_ctl.value = state["kl_coef"]
             history, start = state["history"], state["step"]
             print(f"resuming from {found[-1]} (step {start})")
-    runlog = RunLog.to_folder(logging_dir, history, accelerator)
+    runlog = RunLog.to_folder(logging_dir, history, accelerator, report_to)
     steps: Any = range(start, n_steps)
     if progress and main:
         from tqdm.auto import tqdm
@@ -663,6 +664,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
                 accelerator.wait_for_everyone()
         if callback is not None:
             callback(step, metrics, rollout)
+    runlog.close()
     if accelerator is not None:
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return history

@@ -22,7 +22,8 @@ SECTIONS = ("train", "ppo", "rollout", "group", "online", "rsft", "lora")
 #: Fields added after the snapshot, with the default that keeps a run what it was: a shipped
 #: recipe must resolve to exactly that default (and nothing else may change).
 ADDED_FIELDS = {("online", "checkpoint_every"): 0, ("rsft", "checkpoint_every"): 0,
-                ("rollout", "eval_every"): 0}
+                ("rollout", "eval_every"): 0, ("rollout", "report_to"): "none",
+                ("online", "report_to"): "none", ("rsft", "report_to"): "none"}
 
 
 def _resolved(path):

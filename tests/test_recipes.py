@@ -814,6 +814,62 @@ def test_report_to_tensorboard_writes_event_files_into_the_output(workdir, tmp_p
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+RL_TENSORBOARD = {
+    "ppo": ["rollout.steps=2", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+            "rollout.lr=1e-2", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
+            "rollout.report_to=tensorboard"],
+    "grpo": ["rollout.steps=2", "rollout.max_new_tokens=4", "group.group_size=2",
+             "group.n_prompts=2", "rollout.device=cpu", "rollout.report_to=tensorboard"],
+    "online_dpo": ["online.rounds=2", "online.max_new_tokens=4", "online.max_length=32",
+                   "online.batch_size=4", "online.device=cpu", "online.report_to=tensorboard"],
+    "rsft": ["rsft.rounds=2", "rsft.n=2", "rsft.max_new_tokens=4", "rsft.max_length=32",
+             "rsft.batch_size=4", "rsft.device=cpu", "rsft.report_to=tensorboard"],
+}
+
+
+@pytest.mark.parametrize("method", list(RL_TENSORBOARD))
+def test_rl_and_round_methods_write_their_rows_to_tensorboard(workdir, tmp_path, method):
+    """Every loop's rows reach TensorBoard, not only the engine's: each numeric metric of
+    history.json is a scalar at the row's step (or round) in OUTPUT/tensorboard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlcourse.models import RewardModel
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    out = tmp_path / "o"
+    assert recipes.main([str(REPO_ROOT / "recipes" / f"{method}.yaml"), "--model",
+                         str(workdir / "model"), "--reward-model", str(tmp_path / "rm"),
+                         "--data", str(tmp_path / "prompts.jsonl"), "--output", str(out),
+                         *RL_TENSORBOARD[method]]) == 0
+    history = json.loads((out / "history.json").read_text())
+    files = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    events = EventAccumulator(str(files[0].parent))
+    events.Reload()
+    key = next(k for k in ("score", "loss", "mean_reward", "n_pairs") if k in history[-1])
+    at = "round" if "round" in history[-1] else "step"
+    assert [(e.step, e.value) for e in events.Scalars(key)] == \
+        [(r[at], pytest.approx(r[key], rel=1e-6)) for r in history if key in r]
+
+
+def test_rl_report_to_tensorboard_without_the_package_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
+        "tensorboard", "tensorboardX") else real(name, *a))
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "grpo.yaml", {
+        "model": str(tmp_path / "never-read"), "prompts": str(tmp_path / "p.jsonl"),
+        "output": str(tmp_path / "o"), "rollout.report_to": "tensorboard",
+        "rollout.device": "cpu"})
+    with pytest.raises(recipes.RecipeError, match=r"rollout.report_to: report_to='tensorboard' "
+                                                  "but neither tensorboard nor tensorboardX"):
+        recipes.run_recipe(recipe)
+
+
 # ---- the output folder: one run at a time, and a model fingerprint of the model's own files ----
 def test_a_second_run_into_a_locked_output_stops_at_once(workdir, tmp_path, capsys):
     """A run holds ``OUTPUT/.lock`` (flock) from start to end; another run into the same folder

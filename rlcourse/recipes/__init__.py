@@ -75,7 +75,9 @@ Watching a run: ``OUTPUT/history.jsonl`` gets one row per log step as training g
 rewritten from the checkpoint when a run resumes, so no step appears twice); with ``eval_data``
 the rows of every ``train.eval_every``-th step and of the last step also hold ``eval_loss`` and
 the method's metrics on it (``eval_rewards/accuracies``, ...); ``train.report_to: tensorboard``
-writes them to ``OUTPUT/tensorboard`` too (``train.logging_dir`` defaults to OUTPUT).
+writes them to ``OUTPUT/tensorboard`` too (``train.logging_dir`` defaults to OUTPUT); PPO,
+GRPO and RLOO take ``rollout.report_to``, online DPO and RSFT ``online.report_to`` /
+``rsft.report_to`` (one row per round).
 ``tokens_per_s`` (rows) and ``tokens_per_second`` (``recipe.json``'s summary) count non-padding
 tokens over the wall time of the training steps only (see the book's glossary).
 

@@ -5,9 +5,10 @@ the model's positions. Each failure is a :class:`RecipeError` saying what to do 
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
-from rlcourse.engine import check_device_available, tracker_settings
+from rlcourse.engine import check_device_available, check_report_to
 from rlcourse.models import max_positions
 from rlcourse.recipes.registry import method
 from rlcourse.recipes.typed import RecipeError
@@ -47,12 +48,13 @@ def launch_device(recipe: Any) -> str:
         check_device_available(device, key)
     except ValueError as err:
         raise RecipeError(f"{recipe.where(key)}: {err}") from None
-    train = recipe.sections.get("train")
-    if train is not None and train.report_to == "tensorboard":
-        try:
-            tracker_settings(train)
-        except ValueError as err:
-            raise RecipeError(f"{recipe.where('train.report_to')}: {err}") from None
+    for name, section in recipe.sections.items():  # train, rollout, online or rsft
+        if getattr(section, "report_to", "none") == "tensorboard":
+            logging_dir = getattr(section, "logging_dir", recipe.output)  # RL: OUTPUT itself
+            try:
+                check_report_to(SimpleNamespace(report_to="tensorboard", logging_dir=logging_dir))
+            except ValueError as err:
+                raise RecipeError(f"{recipe.where(f'{name}.report_to')}: {err}") from None
     return device
 
 

@@ -76,7 +76,7 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             keep_checkpoints=r.keep_checkpoints, accelerator=accelerator,
                             logging_dir=Path(recipe.output) if save else None,
                             eval_fn=_prompt_eval(recipe, tokenizer, reward, eval_rows),
-                            eval_every=r.eval_every)
+                            eval_every=r.eval_every, report_to=r.report_to)
     return ppo.language_model(policy), history, {}
 
 
@@ -133,7 +133,7 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
         keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
         weight_decay=r.weight_decay, progress=progress,
         logging_dir=Path(recipe.output) if save else None,
-        eval_prompts=eval_rows, eval_every=r.eval_every)
+        eval_prompts=eval_rows, eval_every=r.eval_every, report_to=r.report_to)
     return model, history, {"n_prompts_in_file": len(prompts)}
 
 
@@ -154,7 +154,7 @@ def _advantage(allowed: tuple[str, ...]):
 
 
 _ROLLOUT_NOT_IDENTITY = frozenset({"checkpoint_every", "keep_checkpoints", "device",
-                                   "eval_every"})
+                                   "eval_every", "report_to"})
 
 
 def _group_row(name: str, allowed: tuple[str, ...], summary: str) -> Method:

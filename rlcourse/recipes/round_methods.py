@@ -71,7 +71,8 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
 
     # OUTPUT/history.jsonl grows a row per finished round (rewritten from the checkpoint's
     # rows on a resume), as the other methods' grows per logged step
-    runlog = RunLog.to_folder(recipe.output if save else None, rows)
+    runlog = RunLog.to_folder(recipe.output if save else None, rows,
+                              report_to=config.report_to)
 
     def after_round(k: int, row: dict[str, Any], policy: Any) -> None:
         rows.append(row)
@@ -96,6 +97,7 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
 
     _TRAINERS[recipe.method](model, tokenizer, prompts, fn, config, recipe.seed, after_round,
                              done, start_model, ckpt_dir if save else None)
+    runlog.close()
     return model, rows, {"n_prompts_in_file": len(prompts), "rounds_resumed_after": done}
 
 
@@ -139,7 +141,7 @@ def _row(name: str, section: str, cls: type, summary: str) -> Method:
     return Method(
         name, family="rounds", run=run_rounds, read=read_prompts, data_key="prompts",
         sections=(Section(section, cls, _device_auto,
-                          not_identity=frozenset({"device", "checkpoint_every"}),
+                          not_identity=frozenset({"device", "checkpoint_every", "report_to"}),
                           note="In a recipe ``device`` defaults to ``auto``."),),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",),
         check_raw=_checks(section), length_key=f"{section}.max_length",

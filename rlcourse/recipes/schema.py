@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from rlcourse.config import COUNT, DEVICE, NON_NEGATIVE, POSITIVE, check_ranges, one_of
+from rlcourse.config import (
+    COUNT,
+    DEVICE,
+    NON_NEGATIVE,
+    POSITIVE,
+    REPORT_TO,
+    check_ranges,
+    one_of,
+)
 from rlcourse.recipes.typed import where
 
 __all__ = ["GroupRollout", "PPORollout", "Recipe"]
@@ -52,11 +60,14 @@ class PPORollout:
     """Steps between evaluations on the recipe's ``eval_data`` prompts (one answer sampled per
     prompt with a fixed seed, scored by the reward model: ``eval/reward`` in the history); with
     ``eval_data``, also at the end. 0: only at the end."""
+    report_to: str = "none"
+    """``"none"`` or ``"tensorboard"``: each history row also as TensorBoard scalars in
+    ``OUTPUT/tensorboard``."""
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "batch_size": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE,
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT, "device": DEVICE,
-        "eval_every": _CHECKPOINTS,
+        "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
     }
 
     def __post_init__(self) -> None:
@@ -96,13 +107,16 @@ class GroupRollout:
     """Steps between evaluations on the recipe's ``eval_data`` prompts (one answer sampled per
     prompt with a fixed seed, scored by the reward: ``eval/reward`` in the history); with
     ``eval_data``, also at the end. 0: only at the end."""
+    report_to: str = "none"
+    """``"none"`` or ``"tensorboard"``: each history row also as TensorBoard scalars in
+    ``OUTPUT/tensorboard``."""
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
         "device": DEVICE,
         "mixed_precision": (one_of("no", "bf16", "fp16", "auto"), "one of no, bf16, fp16, auto"),
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT,
-        "eval_every": _CHECKPOINTS,
+        "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
     }
 
     def __post_init__(self) -> None:
