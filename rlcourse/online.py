@@ -64,12 +64,14 @@ __all__ = [
     "best_of_n_kl",
     "fit_bon",
     "fit_rl",
+    "gathered",
     "label_pairs",
     "labeller",
     "lm_group_sampler",
     "online_dpo",
     "peak_bon",
     "peak_rl",
+    "process_share",
     "rejection_sampling_ft",
     "reward_labeller",
     "reward_model_scorer",
@@ -132,12 +134,40 @@ def reward_labeller(reward_fn: TextRewardFn) -> LabelFn:
 
 def sample_pairs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], seed: int,
                  max_new_tokens: int = 48, temperature: float = 1.0) -> tuple[list, list]:
-    """Two independent answers per prompt from ``model``: ``(answers_a, answers_b)``."""
-    a = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                 temperature=temperature, seed=seed).texts
-    b = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                 temperature=temperature, seed=seed + 1).texts
-    return list(a), list(b)
+    """Two independent answers per prompt from ``model``: ``(answers_a, answers_b)``.
+
+    Under several processes each samples its share of the prompts (rows ``lo..hi`` drawn as
+    one process would draw them: :func:`rlcourse.models.generate`'s ``first_row``) and every
+    process gets all the answers back, in order: the same answers as one process."""
+    prompts = list(prompts)
+    lo, hi = process_share(len(prompts))
+    a = generate(model, tokenizer, prompts[lo:hi], max_new_tokens=max_new_tokens,
+                 temperature=temperature, seed=seed, first_row=lo).texts
+    b = generate(model, tokenizer, prompts[lo:hi], max_new_tokens=max_new_tokens,
+                 temperature=temperature, seed=seed + 1, first_row=lo).texts
+    return gathered(list(a)), gathered(list(b))
+
+
+def process_share(n: int) -> tuple[int, int]:
+    """This process's rows ``[lo, hi)`` of ``n``: contiguous, in rank order, sizes differing by
+    at most one (``(0, n)`` in a single process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    world, rank = state.num_processes, state.process_index
+    return n * rank // world, n * (rank + 1) // world
+
+
+def gathered(values: list) -> list:
+    """Every process's ``values`` concatenated in rank order, on every process (the list itself
+    in a single process)."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return values
+    from accelerate.utils import gather_object
+
+    return list(gather_object(values))
 
 
 def label_pairs(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], label_fn: LabelFn
@@ -338,9 +368,16 @@ def online_dpo(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_f
 
 def _round_train_config(config: Any, seed: int, round_checkpoints: str | Path | None,
                         k: int) -> TrainConfig:
-    """Round ``k``'s training: constant ``config.lr``, checkpoints inside the round when asked."""
+    """Round ``k``'s training: constant ``config.lr``, checkpoints inside the round when asked;
+    ``config.batch_size`` is global: each of P processes takes ``batch_size / P`` of a step."""
+    from accelerate import PartialState
+
     inside = round_checkpoints is not None and config.checkpoint_every > 0
-    return TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
+    world = PartialState().num_processes
+    if config.batch_size % world:
+        raise FieldRangeError("batch_size", config.batch_size,
+                              f"a multiple of the number of processes ({world})")
+    return TrainConfig(lr=config.lr, epochs=config.epochs, batch_size=config.batch_size // world,
                        schedule="constant", seed=seed, device=config.device, log_every=10**9,
                        progress=False, checkpoint_every=config.checkpoint_every if inside else 0,
                        checkpoint_dir=str(_round_folder(round_checkpoints, k)) if inside
@@ -354,8 +391,12 @@ def _round_folder(round_checkpoints: str | Path | None, k: int) -> Path | None:
 def _round_done(round_checkpoints: str | Path | None, k: int) -> None:
     """Round ``k`` and its callback (which saves the round) are done: its checkpoints inside the
     round are no longer needed."""
+    from accelerate import PartialState
+
     folder = _round_folder(round_checkpoints, k)
-    if folder is not None and folder.exists():
+    state = PartialState()
+    state.wait_for_everyone()  # every process is past the round before its checkpoints go
+    if folder is not None and folder.exists() and state.is_main_process:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -388,13 +429,18 @@ def best_of_n(model: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int,
     r"""Sample n answers per prompt, keep :math:`\arg\max_i r(x, y_i)` (first one on ties).
 
     Empty answers get reward :math:`-\infty` unless ``allow_empty`` (they cannot be SFT
-    targets); a prompt whose answers are all empty keeps an empty winner."""
+    targets); a prompt whose answers are all empty keeps an empty winner. Under several
+    processes each samples and scores its share (:func:`process_share`): the same answers and
+    rewards as one process."""
     prompts = list(prompts)
     many = [p for p in prompts for _ in range(n)]
-    texts = list(generate(model, tokenizer, many, max_new_tokens=max_new_tokens, seed=seed).texts)
-    r = checked_rewards(reward_fn([prompt_text(p) for p in many], texts), len(many), reward_fn,
-                        texts,
-                        torch.float64).numpy()
+    lo, hi = process_share(len(many))  # several processes: each samples and scores its share
+    mine = many[lo:hi]
+    texts = list(generate(model, tokenizer, mine, max_new_tokens=max_new_tokens, seed=seed,
+                          first_row=lo).texts)
+    r = checked_rewards(reward_fn([prompt_text(p) for p in mine], texts), len(mine), reward_fn,
+                        texts, torch.float64).numpy()
+    texts, r = gathered(texts), np.asarray(gathered(r.tolist()), dtype=np.float64)
     if not allow_empty:
         r = np.where([bool(t.strip()) for t in texts], r, -np.inf)
     r = r.reshape(len(prompts), n)

@@ -194,6 +194,56 @@ def test_ppo_two_processes_equal_one(workdir, tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)  # measured 4.8e-7
 
 
+ROUND_VERIFIER = '''
+def weighted_chars(prompts, completions):  # distinct answers get distinct rewards: no ties
+    return [float(sum((i + 1) * ord(c) for i, c in enumerate(t))) for t in completions]
+'''
+ROUNDS = {
+    "online_dpo": ["online.rounds=2", "online.max_new_tokens=4", "online.max_length=32",
+                   "online.batch_size=4", "online.epochs=2", "online.lr=1e-3",
+                   "online.device=cpu"],
+    "rsft": ["rsft.rounds=2", "rsft.n=2", "rsft.max_new_tokens=4", "rsft.max_length=32",
+             "rsft.batch_size=4", "rsft.epochs=2", "rsft.lr=1e-3", "rsft.device=cpu"],
+}
+
+
+@pytest.mark.slow
+@needs_torchrun
+@pytest.mark.parametrize("method", list(ROUNDS))
+def test_rounds_two_processes_equal_one(workdir, tmp_path, method):
+    """Online DPO and RSFT on 2 processes: each samples and scores half of a round's answers
+    (the rows one process would draw), both get all of them, and the round trains with the
+    global batch of 4 split 2 + 2: the rows and the model of 1 process. The 8 prompts keep all
+    their pairs / winners (asserted), so every round's data fills whole global batches."""
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
+    (tmp_path / "rlc_mp_verifier.py").write_text(ROUND_VERIFIER)
+
+    def args(out: str) -> list[str]:
+        return [str(REPO_ROOT / "recipes" / f"{method}.yaml"), "--model", str(workdir / "model"),
+                "--data", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / out),
+                "reward_model=null", "reward_fn=rlc_mp_verifier:weighted_chars", *ROUNDS[method]]
+
+    env_path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    for out, launcher in (("one", (sys.executable,)),
+                          ("two", (TORCHRUN, "--nproc_per_node", "2"))):
+        proc = subprocess.run([*launcher, "-m", "rlcourse.recipes", *args(out)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1",
+                                   "PYTHONPATH": env_path},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    h1, h2 = (json.loads((tmp_path / p / "history.json").read_text()) for p in ("one", "two"))
+    size = "n_pairs" if method == "online_dpo" else "n_targets"
+    assert [r[size] for r in h1] == [8, 8]  # whole global batches in every round
+    assert len(h1) == len(h2) == 2
+    for r1, r2 in zip(h1, h2, strict=True):
+        for key, value in r1.items():
+            if key != "train_seconds":
+                assert r2[key] == pytest.approx(value, abs=1e-5), key
+    one, two = _state(tmp_path / "one" / "model"), _state(tmp_path / "two" / "model")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
 def test_sharding_asked_for_by_an_accelerate_config_is_refused_not_ignored(workdir, tmp_path,
                                                                            monkeypatch, var):

@@ -97,7 +97,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_both_methods_are_recipes():
     assert {"online_dpo", "rsft"} <= set(recipes.METHODS)
     for name in ("online_dpo", "rsft"):
-        assert recipes.method(name).data_key == "prompts" and recipes.method(name).single_process
+        assert recipes.method(name).data_key == "prompts"
 
 
 def test_online_dpo_recipe_with_a_verifier_raises_its_word(workdir, verifier, tmp_path):
@@ -295,8 +295,10 @@ def test_a_reward_model_directory_labels_and_picks(workdir, tmp_path, monkeypatc
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_several_processes_are_refused_before_anything_is_written(workdir, tmp_path,
-                                                                  monkeypatch):
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(workdir, tmp_path,
+                                                                          monkeypatch):
+    """Several processes are welcome (tests/test_multiprocess.py: 2 give what 1 gives); the
+    round's global batch must split into equal shares, checked before anything is written."""
     import accelerate
 
     class TwoProcesses:  # what accelerate reports inside `torchrun --nproc_per_node 2`
@@ -310,9 +312,12 @@ def test_several_processes_are_refused_before_anything_is_written(workdir, tmp_p
     out = tmp_path / "o"
     recipe = recipes.load_recipe(
         REPO_ROOT / "recipes" / "rsft.yaml",
-        recipes.parse_overrides(RSFT + [f"model={workdir / 'model'}", "reward_model=r",
-                                        f"prompts={workdir / 'prompts.jsonl'}", f"output={out}"]))
-    with pytest.raises(recipes.RecipeError, match=r"rsft.yaml:\d+: method: rsft runs in one "):
+        recipes.parse_overrides(RSFT + ["rsft.batch_size=3", f"model={workdir / 'model'}",
+                                        "reward_model=r", f"prompts={workdir / 'prompts.jsonl'}",
+                                        f"output={out}"]))
+    with pytest.raises(recipes.RecipeError, match=r"rsft.yaml \(command line\): rsft.batch_size: "
+                                                  r"3 per step "
+                                                  "cannot be split over 2 processes"):
         recipes.run_recipe(recipe)
     assert not out.exists()
 

@@ -128,8 +128,11 @@ with the higher reward is ``chosen`` (equal rewards: the pair is dropped;
 starting model (``reference: sft``) or the round's starting policy (``previous``). RSFT:
 each round keeps, per prompt, the answer of highest reward among ``n`` samples
 (:func:`rlcourse.online.best_of_n`) and fine-tunes on those winners. Neither takes ``train``,
-``max_length`` or ``truncation`` at the top (``online.max_length`` / ``rsft.max_length``), and
-both run in one process (several are refused). After every round the policy, the round index
+``max_length`` or ``truncation`` at the top (``online.max_length`` / ``rsft.max_length``).
+Under several processes (``torchrun``, ``accelerate launch``) each samples and scores its share
+of a round's answers (the answers one process would draw), every process gets them all, and the
+round's training splits the global ``batch_size`` over the processes (a multiple of their
+number). After every round the policy, the round index
 and the rows so far go atomically to ``OUTPUT/checkpoints/step-<rounds done>``; rerunning the
 same command continues after the last finished round and gives the weights of an
 uninterrupted run (a round cut short is redone, from the same samples). With

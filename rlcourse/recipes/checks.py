@@ -90,16 +90,12 @@ def check_processes(recipe: Any, state: Any) -> None:
                           f"group of {n} ({state.distributed_type}); each "
                           "process would train alone. Set train.device to match the machine")
     row = method(recipe.method)
-    if row.single_process and n > 1:
-        raise RecipeError(f"{recipe.where('method')}: {recipe.method} runs in one process "
-                          f"(launched as {n}): its rounds sample, label and "
-                          "train on one device. Run it without accelerate launch / torchrun")
     if row.split_key is not None:
         per = recipe.value(row.split_key)
         if per % n:
-            raise RecipeError(f"{recipe.where(row.split_key)}: {per} prompts per step cannot be "
-                              f"split over {n} processes (each answers whole "
-                              "prompts): use a multiple of the number of processes")
+            raise RecipeError(f"{recipe.where(row.split_key)}: {per} per step cannot be "
+                              f"split over {n} processes (each takes an equal share of "
+                              "every step): use a multiple of the number of processes")
 
 
 def check_lengths(recipe: Any, model: Any) -> None:

@@ -54,8 +54,8 @@ class Method:
     (``data_key``: ``data`` or ``prompts``). ``check_raw(recipe, raw)`` runs before the sections
     are parsed (keys it refuses, the reward), ``check(recipe)`` after. ``length_key``: the dotted
     key whose value must fit the model's positions; ``device_section``: the section whose
-    ``device`` the launch reads; ``split_key``: a per-step count each process takes a share of;
-    ``single_process``: refused under several processes. ``lora_backbone``: LoRA adapts the
+    ``device`` the launch reads; ``split_key``: a per-step count each process takes a share of.
+    ``lora_backbone``: LoRA adapts the
     backbone of a model with a head, saved merged; ``saves_lm``: ``OUTPUT/model`` is a causal LM
     (loaded back when a finished run is rerun)."""
 
@@ -76,7 +76,6 @@ class Method:
     length_key: str = "max_length"
     device_section: str | None = None
     split_key: str | None = None
-    single_process: bool = False
     lora_backbone: bool = False
     saves_lm: bool = True
     summary: str = field(default="", compare=False)

@@ -1,7 +1,9 @@
 """The round-based methods (:mod:`rlcourse.online`): online (iterative) DPO and rejection-
 sampling fine-tuning. Each round samples answers to ``prompts`` from the current policy, scores
 them with the reward, and trains on them; the run is checkpointed and resumed at round
-boundaries and, with ``checkpoint_every``, inside a round; in one process."""
+boundaries and, with ``checkpoint_every``, inside a round. Under several processes each samples
+(and scores) its share of a round's answers, every process gets them all, and the round trains
+on the engine with the global ``batch_size`` split over the processes."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from accelerate import PartialState
 
 from rlcourse import online
 from rlcourse.adapters import is_lora
@@ -71,17 +75,21 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
 
     # OUTPUT/history.jsonl grows a row per finished round (rewritten from the checkpoint's
     # rows on a resume), as the other methods' grows per logged step
-    runlog = RunLog.to_folder(recipe.output if save else None, rows,
+    state = PartialState()  # several processes: the main one writes, the others wait
+    runlog = RunLog.to_folder(recipe.output if save else None, rows, state,
                               report_to=config.report_to)
 
     def after_round(k: int, row: dict[str, Any], policy: Any) -> None:
         rows.append(row)
         runlog.flush(rows)
-        if progress:
+        if progress and state.is_main_process:
             shown = ", ".join(f"{key} {v:.4g}" if isinstance(v, float) else f"{key} {v}"
                               for key, v in row.items() if key != "round")
             print(f"{recipe.method} round {k + 1}/{config.rounds}: {shown}", file=sys.stderr)
         if not save:
+            return
+        if not state.is_main_process:  # the main process writes the round's checkpoint
+            state.wait_for_everyone()
             return
         step = f"step-{k + 1:08d}"
 
@@ -94,6 +102,7 @@ def run_rounds(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval
         for old in ckpt_dir.glob("step-*"):  # the new one is in place: the older are not needed
             if old.name != step:
                 shutil.rmtree(old, ignore_errors=True)
+        state.wait_for_everyone()
 
     _TRAINERS[recipe.method](model, tokenizer, prompts, fn, config, recipe.seed, after_round,
                              done, start_model, ckpt_dir if save else None)
@@ -145,7 +154,8 @@ def _row(name: str, section: str, cls: type, summary: str) -> Method:
                           note="In a recipe ``device`` defaults to ``auto``."),),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",),
         check_raw=_checks(section), length_key=f"{section}.max_length",
-        device_section=section, single_process=True, lora=True, summary=summary)
+        device_section=section, split_key=f"{section}.batch_size", lora=True,
+        summary=summary)
 
 
 ROWS = (
