@@ -298,6 +298,90 @@ def compare_dpo(method: str = "dpo", beta: float = 0.1, label_smoothing: float |
                same_token_ids=same_ids, hyperparameters=hyper)
 
 
+def experimental(module: str, *names: str) -> tuple[Any, ...]:
+    """``names`` from ``trl.experimental.<module>``, without its import warning."""
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = importlib.import_module(f"trl.experimental.{module}")
+    return tuple(getattr(found, n) for n in names)
+
+
+def compare_simpo(beta: float = 2.0, gamma: float = 1.0) -> dict[str, Any]:
+    """SimPO: rlcourse's ``simpo_loss_fn`` against TRL's experimental ``CPOTrainer`` with
+    ``loss_type="simpo"`` and no behaviour-cloning term (``cpo_alpha=0``): both take the mean
+    token log-probs of the completions and an absolute margin ``γ`` (TRL's ``simpo_gamma``)."""
+    from datasets import Dataset
+
+    config_cls, trainer_cls = experimental("cpo", "CPOConfig", "CPOTrainer")
+    tok = tokenizer()
+    policy = policy_model(tok)
+    items = tokenize_pairs(tok, PAIRS, 64)
+    ours = copy.deepcopy(policy)
+    loss, _ = make_loss_fn("simpo", beta=beta, gamma=gamma)(
+        ours, pad_collate(items, pad_id=tok.pad_token_id))
+    loss_ours = loss.item()
+    sgd_step(ours, loss)
+    with quiet(), tempfile.TemporaryDirectory() as out:
+        args = trl_args(config_cls, out, len(PAIRS), loss_type="simpo", cpo_alpha=0.0, beta=beta,
+                        simpo_gamma=gamma, max_length=64)
+        trainer = trainer_cls(model=copy.deepcopy(policy), args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list(trl_rows_pairs(tok)))
+        same_ids = trainer.train_dataset[0]["chosen_input_ids"] == items[0][
+            "chosen_input_ids"].tolist()
+        loss_trl = trl_first_step(trainer)
+    return row("SimPO", "experimental.cpo.CPOTrainer(loss_type='simpo', cpo_alpha=0)", loss_ours,
+               loss_trl, max_param_diff(ours, trainer.model), same_token_ids=same_ids,
+               note="TRL's trainer is experimental")
+
+
+def orpo_trl_form_loss(model, batch: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """ORPO as TRL computes it, from rlcourse's pieces: the odds-ratio term of
+    :func:`rlcourse.losses.orpo_loss` (mean completion log-probs), but the NLL of the chosen
+    answer over every token of prompt AND completion, averaged over all of the batch's tokens
+    (rlcourse: over completion tokens only, each sequence's mean, then the mean)."""
+    import torch.nn.functional as F
+
+    from rlcourse.losses import orpo_log_odds
+    from rlcourse.models import sequence_logprobs
+    from rlcourse.preference import policy_logps
+
+    pc, pr, lc, lr = policy_logps(model, batch)
+    odds = -lam * F.logsigmoid(orpo_log_odds(pc / lc) - orpo_log_odds(pr / lr)).mean()
+    ids, att = batch["chosen_input_ids"], batch["chosen_attention_mask"]
+    token_logps = sequence_logprobs(model, ids, att, att, reduce="none")
+    return -token_logps.sum() / att[:, 1:].sum() + odds
+
+
+def compare_orpo(lam: float = 0.1, trl_form: bool = False) -> dict[str, Any]:
+    """ORPO: rlcourse's ``orpo_loss_fn`` (``trl_form=True``: :func:`orpo_trl_form_loss`)
+    against TRL's experimental ``ORPOTrainer`` (``beta`` is ORPO's λ). The odds-ratio terms are
+    the same; the NLL terms differ by design (see :func:`orpo_trl_form_loss`)."""
+    from datasets import Dataset
+
+    config_cls, trainer_cls = experimental("orpo", "ORPOConfig", "ORPOTrainer")
+    tok = tokenizer()
+    policy = policy_model(tok)
+    items = tokenize_pairs(tok, PAIRS, 64)
+    batch = pad_collate(items, pad_id=tok.pad_token_id)
+    ours = copy.deepcopy(policy)
+    loss = (orpo_trl_form_loss(ours, batch, lam) if trl_form
+            else make_loss_fn("orpo", lam=lam)(ours, batch)[0])
+    loss_ours = loss.item()
+    sgd_step(ours, loss)
+    with quiet(), tempfile.TemporaryDirectory() as out:
+        args = trl_args(config_cls, out, len(PAIRS), beta=lam, max_length=64)
+        trainer = trainer_cls(model=copy.deepcopy(policy), args=args, processing_class=tok,
+                              train_dataset=Dataset.from_list(trl_rows_pairs(tok)))
+        same_ids = trainer.train_dataset[0]["chosen_input_ids"] == items[0][
+            "chosen_input_ids"].tolist()
+        loss_trl = trl_first_step(trainer)
+    return row("ORPO" + (" (the NLL as TRL takes it)" if trl_form else ""),
+               f"experimental.orpo.ORPOTrainer(beta={lam})", loss_ours, loss_trl,
+               max_param_diff(ours, trainer.model), same_token_ids=same_ids, lam=lam)
+
+
 # --------------------------------------------------------------------------------------------
 # KTO
 # --------------------------------------------------------------------------------------------
@@ -656,6 +740,7 @@ PARITY: dict[str, Callable[[], dict[str, Any]]] = {
     "ipo": lambda: compare_dpo("ipo"),
     "hinge": lambda: compare_dpo("hinge"),
     "robust": lambda: compare_dpo("robust", label_smoothing=0.1),
+    "simpo": compare_simpo,
     "kto": compare_kto,
     "reward_model": compare_reward_model,
     **{f"grpo_{lt}{'_kl' if b else ''}": (lambda lt=lt, b=b: compare_grpo(lt, b))
@@ -680,6 +765,11 @@ CONVENTIONS: dict[str, tuple[Callable[[], dict[str, Any]], str, str, str]] = {
              "TRL's sigmoid loss ignores label_smoothing",
              "TRL 1.16's sigmoid (DPO) loss ignores label_smoothing: rlcourse's "
              "dpo(label_smoothing=0.1) is conservative DPO (cDPO), which TRL no longer has"),
+    "orpo": (compare_orpo, "ORPO", "NLL over prompt + completion, token mean over the batch",
+             "TRL's ORPO NLL covers the prompt and the completion of the chosen answer, averaged "
+             "over all tokens of the batch; rlcourse's covers the completion only, averaged per "
+             "sequence (the odds-ratio terms are the same: equal once the NLL is taken TRL's "
+             "way)"),
     "grpo_dapo_kl_trl_default": (
         lambda: compare_grpo("dapo", 0.04, bias_correction_kl=True),
         "GRPO loss_type='dapo', KL beta=0.04, TRL's default", "TRL's KL ratio correction on",

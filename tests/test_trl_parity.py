@@ -119,6 +119,16 @@ def test_trl_sigmoid_ignores_label_smoothing_cdpo_is_rlcourse_only():
     assert cdpo["loss_diff"] > 1e-4 and cdpo["param_diff"] > 1e-4
 
 
+def test_orpo_differs_only_in_the_nll_term():
+    """TRL's (experimental) ORPO takes the chosen answer's NLL over prompt and completion,
+    averaged over every token of the batch; rlcourse's over the completion only, per sequence.
+    With the NLL taken TRL's way (and rlcourse's odds-ratio term) the two agree."""
+    trl_way = tp.compare_orpo(trl_form=True)
+    assert trl_way["same_token_ids"] and tp.agrees(trl_way), trl_way
+    ours = tp.compare_orpo()
+    assert ours["loss_diff"] > 1e-3 and ours["param_diff"] > 1e-3
+
+
 def test_kto_mismatched_pairs_differ_from_trls_rotation():
     """TRL rotates the completions by one within the batch, so pairs split in two (chosen, then
     rejected, same prompt) give half the examples the other answer to their OWN prompt;
@@ -235,8 +245,8 @@ def test_committed_table_covers_every_comparison():
             method, note, text)
     assert result["versions"]["trl"].split(".")[:2] == trl.__version__.split(".")[:2]
     methods = " ".join(r["method"] for r in result["rows"])
-    for method in ("SFT", "DPO", "IPO", "hinge", "robust", "KTO", "reward model", "GRPO",
-                   "RLOO"):
+    for method in ("SFT", "DPO", "IPO", "hinge", "robust", "SimPO", "ORPO", "KTO",
+                   "reward model", "GRPO", "RLOO"):
         assert method in methods
     for loss_type in ("'grpo'", "'dr_grpo'", "'dapo'"):
         assert sum(loss_type in r["trl"] for r in result["rows"]) >= 2  # with and without KL
