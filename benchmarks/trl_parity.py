@@ -176,6 +176,7 @@ def quiet() -> Iterator[None]:
     """TRL's and datasets' progress bars, warnings, info logs and printed log lines off."""
     import datasets
 
+    bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     levels = {name: logging.getLogger(name).level for name in ("transformers", "trl", "datasets")}
     for name in levels:
@@ -187,6 +188,8 @@ def quiet() -> Iterator[None]:
         finally:
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
+            if bars:
+                datasets.enable_progress_bars()
 
 
 def trl_first_step(trainer) -> float:

@@ -8,8 +8,8 @@ it shows the setting that makes them equal and that the difference is exactly th
 ``benchmarks/results/trl_parity.json`` (the table of chapter 14 and the README) must hold a row
 for every comparison here.
 
-TRL is in the ``dev`` extra (and ``bench``); without it (or with a TRL older than the 1.16 these
-conventions were read from) the module is skipped with that message.
+TRL is in the ``dev`` extra (pinned to 1.16, whose conventions these are) and in ``bench``;
+without it, or with an older TRL, the module is skipped with that message.
 """
 
 import copy
@@ -243,7 +243,10 @@ def test_committed_table_covers_every_comparison():
         assert rows[name]["kind"] == "convention" and not rows[name]["agrees"]
         assert (rows[name]["method"], rows[name]["note"], rows[name]["convention"]) == (
             method, note, text)
-    assert result["versions"]["trl"].split(".")[:2] == trl.__version__.split(".")[:2]
+    measured, installed = result["versions"]["trl"], trl.__version__
+    assert measured.split(".")[:2] == installed.split(".")[:2], (
+        f"trl_parity.json was measured with TRL {measured}, TRL {installed} is installed: rerun "
+        "benchmarks/trl_parity.py and check the conventions")
     methods = " ".join(r["method"] for r in result["rows"])
     for method in ("SFT", "DPO", "IPO", "hinge", "robust", "SimPO", "ORPO", "KTO",
                    "reward model", "GRPO", "RLOO"):
