@@ -190,17 +190,21 @@ class RewardEvaluation:
 def train_reward_model(backbone: Any, tokenizer: Any, pairs: Sequence[Mapping[str, Any]],
                        config: Any, max_length: int = 128, seed: int = 0,
                        eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
-                       disable_dropout: bool = True) -> tuple[Any, Any]:
+                       disable_dropout: bool = True, truncation: str = "right"
+                       ) -> tuple[Any, Any]:
     """Bradley–Terry reward model on preference ``pairs`` with the shared engine.
 
     ``backbone``: a causal LM to start from (usually a copy of the SFT model: it already reads
     the language; InstructGPT starts its reward model from the SFT model too); a fresh scalar
     head is put on top (:class:`rlcourse.models.RewardModel`). ``config``: an
     :class:`rlcourse.engine.TrainConfig`. Returns ``(reward_model, history)``. Dropout is off
-    while training unless ``disable_dropout=False`` (as TRL's ``RewardConfig``).
+    while training unless ``disable_dropout=False`` (as TRL's ``RewardConfig``). Pairs longer
+    than ``max_length`` are cut as ``truncation`` says (``"right"``: the answers' ends;
+    ``"left"``; ``"error"`` refuses them); pairs the cut makes identical are dropped
+    (:func:`rlcourse.data.tokenize_preferences`).
     """
     rm = RewardModel(backbone, seed=seed)
-    data = tokenize_preferences(tokenizer, pairs, max_length, truncation="right")
+    data = tokenize_preferences(tokenizer, pairs, max_length, truncation=truncation)
     with dropout_disabled(rm, disable_dropout):
         history = train(rm, reward_loss_fn, data, config, eval_fn=eval_fn)
     rm.eval()
