@@ -191,9 +191,10 @@ class RewardModel(_HeadModel):
         ``ValueError``."""
         from transformers import AutoModelForSequenceClassification
 
-        if float(self.head.bias.detach().abs().max()) != 0.0:
+        bias = self.head.bias.detach()
+        if float(bias.abs().max()) != 0.0:
             raise ValueError(
-                f"the reward head's bias is {float(self.head.bias):.6g}, which a "
+                f"the reward head's bias is {float(bias[0]):.6g}, which a "
                 "...ForSequenceClassification score layer cannot hold (it has no bias); "
                 "Bradley-Terry training never changes it from 0, so this model's head was set "
                 "by hand: subtract it (rewards shift by a constant) before saving")
