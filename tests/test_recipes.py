@@ -101,9 +101,9 @@ def test_yaml_numbers_without_a_dot_are_floats():
 
 def test_overrides_are_parsed_as_yaml():
     got = recipes.parse_overrides(["train.lr=1e-4", "loss.beta=0.5", "train.betas=[0.9, 0.95]",
-                                   "train.max_grad_norm=null", "reference_model=some/dir"])
+                                   "train.max_grad_norm=null", "reference_model=./some/dir"])
     assert got == {"train.lr": 1e-4, "loss.beta": 0.5, "train.betas": [0.9, 0.95],
-                   "train.max_grad_norm": None, "reference_model": "some/dir"}
+                   "train.max_grad_norm": None, "reference_model": "./some/dir"}
     recipe = recipes.load_recipe(RECIPES[0].parent / "dpo.yaml", got)
     assert recipe.train.lr == 1e-4 and recipe.loss["beta"] == 0.5
     assert recipe.train.betas == (0.9, 0.95) and recipe.train.max_grad_norm is None
