@@ -200,6 +200,30 @@ def test_reward_model_in_the_older_format_still_loads_with_its_bias(tmp_path):
         save_model(rm, tok, tmp_path / "new")
 
 
+def test_a_trained_reward_model_loads_in_transformers_with_the_same_scores(workdir, tmp_path):
+    """Before: the bias, whose true gradient is 0, random-walked under Adam (round-off of
+    +g - g amplified to steps of lr), so no bias-free classifier could give the same scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlcourse.engine import TrainConfig
+    from rlcourse.reward_model import train_reward_model
+
+    model, tok = load_model(workdir / "base", device="cpu")
+    config = TrainConfig(max_steps=4, batch_size=2, lr=1e-2, warmup_steps=0, progress=False,
+                         device="cpu")
+    rm, _ = train_reward_model(model, tok, PAIRS, config, max_length=32)
+    assert float(rm.head.bias.abs().max()) == 0.0
+    save_model(rm, tok, tmp_path / "rm")
+    enc = encode_prompt_completion(tok, [p["prompt"] for p in PAIRS],
+                                   [p["chosen"] for p in PAIRS], 32)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        theirs = classifier(input_ids=enc["input_ids"],
+                            attention_mask=enc["attention_mask"]).logits.squeeze(-1)
+        ours = rm.eval()(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------- a reward model reads its own text
 def _two_vocabularies(tmp_path):
     """A policy tokenizer and a reward model whose tokenizer numbers the same words otherwise

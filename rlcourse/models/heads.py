@@ -156,9 +156,9 @@ class RewardModel(_HeadModel):
     (``LlamaForSequenceClassification``, ...: the decoder's weights, ``score.weight = w``,
     ``num_labels=1``, ``pad_token_id`` set), which
     ``AutoModelForSequenceClassification.from_pretrained`` loads with its trained head, as TRL
-    and other tools do. Its ``score`` has no bias: ``b`` is left out, and it is always 0 after
-    Bradley–Terry training (the loss reads ``r_w - r_l``, so ``b`` gets no gradient from its
-    initial 0). That classifier reads the reward at the rightmost token that is not the pad
+    and other tools do. Its ``score`` has no bias: ``b`` is frozen at 0 (the Bradley–Terry loss
+    reads ``r_w - r_l``, so ``b`` has no gradient, only round-off that Adam would turn into a
+    random walk of about ``lr`` per step). That classifier reads the reward at the rightmost token that is not the pad
     token, the same token as here when the pad token differs from EOS (a tokenizer whose pad
     token IS its EOS makes it read one token earlier, before the final EOS: a warning says so).
     :meth:`from_pretrained` reads that format and the older one (the causal LM plus
@@ -176,6 +176,12 @@ class RewardModel(_HeadModel):
         # changes nothing in one process and lets several processes train without
         # find_unused_parameters (an extra graph traversal every step).
         freeze_untied_lm_head(model)
+        # The bias b is not trained: every loss of a reward model reads differences r_w - r_l,
+        # so its true gradient is 0, and what autograd returns is the round-off of summing
+        # +g and -g over the batch (~1e-9), which Adam divides by its own square root into
+        # steps of size lr: b would random-walk by about lr per step, shifting every reward.
+        # Frozen, b stays 0 and the saved ...ForSequenceClassification (no bias) is exact.
+        self.head.bias.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _, h = self._hidden(input_ids, attention_mask, logits=False)
@@ -196,8 +202,9 @@ class RewardModel(_HeadModel):
             raise ValueError(
                 f"the reward head's bias is {float(bias[0]):.6g}, which a "
                 "...ForSequenceClassification score layer cannot hold (it has no bias); "
-                "Bradley-Terry training never changes it from 0, so this model's head was set "
-                "by hand: subtract it (rewards shift by a constant) before saving")
+                "RewardModel keeps it frozen at 0, so this head was set by hand or loaded from "
+                "the older format: set it to 0 (every reward shifts by that constant, which no "
+                "pairwise loss sees) before saving")
         config = copy.deepcopy(self.model.config)
         config.num_labels = 1
         pad = getattr(tokenizer, "pad_token_id", None)
