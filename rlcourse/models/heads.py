@@ -158,9 +158,10 @@ class RewardModel(_HeadModel):
     ``AutoModelForSequenceClassification.from_pretrained`` loads with its trained head, as TRL
     and other tools do. Its ``score`` has no bias: ``b`` is frozen at 0 (the Bradley–Terry loss
     reads ``r_w - r_l``, so ``b`` has no gradient, only round-off that Adam would turn into a
-    random walk of about ``lr`` per step). That classifier reads the reward at the rightmost token that is not the pad
-    token, the same token as here when the pad token differs from EOS (a tokenizer whose pad
-    token IS its EOS makes it read one token earlier, before the final EOS: a warning says so).
+    random walk of about ``lr`` per step). That classifier reads the reward at the rightmost
+    token that is not the pad token, the same token as here when the pad token differs from EOS
+    (a tokenizer whose pad token IS its EOS makes it read one token earlier, before the final
+    EOS: a warning says so).
     :meth:`from_pretrained` reads that format and the older one (the causal LM plus
     ``reward_head.safetensors``, with its bias).
     """
