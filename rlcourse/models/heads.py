@@ -239,9 +239,7 @@ class RewardModel(_HeadModel):
         """Load a reward model: a ``...ForSequenceClassification`` folder with ``num_labels=1``
         (what :meth:`save_pretrained` writes, and what TRL's ``RewardTrainer`` saves), or the
         older format, a causal LM plus ``reward_head.safetensors``."""
-        from transformers import AutoModelForSequenceClassification
-
-        path = local_model_dir(path, "reward model")
+        path = local_model_dir(path, "reward model")  # before importing transformers (seconds)
         if (path / cls.HEAD_FILE).is_file():
             return super().from_pretrained(path, device=device, dtype=dtype,
                                            trust_remote_code=trust_remote_code)
@@ -251,6 +249,8 @@ class RewardModel(_HeadModel):
                 f"{path}: not a reward model: neither a ...ForSequenceClassification "
                 f"(config.json names {', '.join(kinds) or 'no architecture'}) nor the older "
                 f"format with {cls.HEAD_FILE}")
+        from transformers import AutoModelForSequenceClassification
+
         with _quiet_transformers():
             classifier = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=_as_dtype(dtype) if dtype is not None else torch.float32,

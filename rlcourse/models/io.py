@@ -120,9 +120,9 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     byte-level splitting finds none of the saved words, so every text encodes to special
     tokens only and training sees empty prompts and answers without any error.
     """
+    path = local_model_dir(path, "tokenizer")  # before importing transformers (seconds)
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = local_model_dir(path, "tokenizer")
     spec = path / "tokenizer.json"
     if spec.is_file():
         try:
@@ -164,9 +164,7 @@ def load_causal_lm(path: str | os.PathLike, dtype: Any = None, trust_remote_code
     new ``lora:`` section) needs the adapted model as ITS starting point, and with the SFT
     adapter merged a new adapter switched off gives exactly that model back.
     """
-    from transformers import AutoModelForCausalLM
-
-    path = local_model_dir(path)
+    path = local_model_dir(path)  # before importing transformers (seconds)
     if is_adapter_dir(path):
         return _merged_adapter(path, dtype, trust_remote_code)
     if any(a.endswith("ForSequenceClassification") for a in _architectures(path)):
@@ -174,6 +172,8 @@ def load_causal_lm(path: str | os.PathLike, dtype: Any = None, trust_remote_code
                          "), e.g. a reward model, not a causal LM; load a reward model with "
                          "rlcourse.models.RewardModel.from_pretrained")
     _check_weight_files(path)
+    from transformers import AutoModelForCausalLM
+
     with _quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(
             path,
