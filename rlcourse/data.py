@@ -13,6 +13,20 @@ the same form). Such rows are rendered with the tokenizer's chat template
 (:func:`render_conversation`): the prompt with ``add_generation_prompt=True``, the completion as
 the rendered whole conversation minus the rendered prompt (which must be a prefix of it).
 
+Two more of TRL's forms are read and turned into the above (:func:`trl_row`):
+
+- SFT as ``{"messages": [...]}``, a whole conversation: the last message (the assistant's) is
+  the completion, the messages before it the prompt. Only that last answer is trained on, as
+  the prompt/completion form trains on the completion (TRL trains on every token of
+  ``messages`` unless ``assistant_only_loss``);
+- preferences with an *implicit prompt*, ``{"chosen": [...], "rejected": [...]}`` as two whole
+  conversations (or two texts) sharing their beginning: the shared messages are the prompt,
+  the rest of each the answers, as TRL's ``extract_prompt``. Between two texts the prompt ends
+  at the last whitespace both share (TRL cuts at the first differing character, even inside a
+  word; prompt and answer are tokenised apart here, so the cut stays on a word boundary). A
+  plain-text ``prompt`` beside conversational ``chosen``/``rejected`` is ignored and the
+  prompt extracted, as TRL's ``maybe_extract_prompt`` does.
+
 Every error is a :class:`DataError` naming the file, the line and the field; an empty file (or one
 of blank lines only) is an error too. Rows come back as :class:`Record` objects
 (plain dicts that remember ``source`` and ``line``), so later steps such as tokenisation can
@@ -48,13 +62,16 @@ __all__ = [
     "pairs_to_unpaired",
     "read_jsonl",
     "completion_for",
+    "extract_prompt",
     "prompt_text",
     "render_conversation",
     "render_rows",
+    "split_messages",
     "split_padded",
     "tokenize_preferences",
     "tokenize_sft",
     "tokenize_unpaired",
+    "trl_row",
     "write_jsonl",
 ]
 
@@ -107,16 +124,96 @@ def field_of(record: Any, name: str, where: str = "row") -> Any:
 
 
 def as_rows(records: Iterable[Any], fields: Sequence[str]) -> list[Any]:
-    """Rows as mappings with the canonical keys ``fields`` (:func:`field_of`). Rows that already
-    have them, and :class:`Record` rows (which remember ``file:line`` for error messages), pass
-    through untouched."""
+    """Rows as mappings with the canonical keys ``fields`` (:func:`field_of`), TRL's
+    ``messages`` and implicit-prompt rows turned into prompt and completion (:func:`trl_row`).
+    Rows that already have the fields pass through untouched (a :class:`Record` keeps its
+    ``file:line`` for error messages, also when converted)."""
     rows = []
-    for i, r in enumerate(records):
-        if isinstance(r, Record) or (isinstance(r, Mapping) and all(f in r for f in fields)):
-            rows.append(r)
-        else:
-            rows.append({f: field_of(r, f, f"row {i}") for f in fields})
+    for i, given in enumerate(records):
+        if isinstance(given, Mapping) and all(f in given for f in fields):
+            rows.append(given)
+            continue
+        where = _where(given, i, None)
+        r = trl_row(dict(given), where) if isinstance(given, Mapping) else given
+        row = {f: field_of(r, f, where) for f in fields}
+        if isinstance(r, Mapping):  # keep the other fields (a KTO label, a row's own extras)
+            row = {**{k: v for k, v in r.items() if k not in ALIASES}, **row}
+        if isinstance(given, Record):
+            row = Record(row, source=given.source, line=given.line)
+        rows.append(row)
     return rows
+
+
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def extract_prompt(chosen: Any, rejected: Any, where: str = "row") -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of a preference with an implicit prompt (TRL's
+    ``extract_prompt``): two conversations (lists of messages) that begin with the same
+    messages, or two texts that begin with the same words. The shared messages (the shared text
+    up to its last whitespace) are the prompt, the rest of each the answers. A
+    :class:`DataError` naming ``where`` when nothing is shared or when an answer would be empty
+    (one is a beginning of the other)."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = _common_prefix(chosen, rejected)
+        if n == 0:
+            raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no first "
+                            "message to take as the prompt (TRL's implicit prompt is the "
+                            "messages both conversations begin with)")
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        shared = _common_prefix(chosen, rejected)
+        n = max((i for i in range(shared) if chosen[i].isspace()), default=0)
+        if not chosen[:n].strip():
+            raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no first "
+                            "words to take as the prompt (give the prompt as its own field)")
+    else:
+        raise DataError(f"{where}: 'chosen' and 'rejected' must both be texts or both lists of "
+                        "messages")
+    if n >= min(len(chosen), len(rejected)):
+        raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' leave no answer "
+                        "once their shared beginning is taken as the prompt (one is the "
+                        "beginning of the other, or they are the same)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def split_messages(messages: Any, where: str = "row") -> tuple[list, list]:
+    """``(prompt, completion)`` of TRL's SFT row ``{"messages": [...]}``: the last message,
+    which must be the assistant's, is the completion, the messages before it (at least one)
+    the prompt."""
+    problem = _messages_problem(messages) if isinstance(messages, list) else \
+        f"must be a list of messages, got {type(messages).__name__}"
+    if problem:
+        raise DataError(f"{where}: field 'messages' {problem}")
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise DataError(f"{where}: field 'messages' must end with the assistant's answer "
+                        "after at least one message (the prompt); it ends with a "
+                        f"{messages[-1]['role']!r} message of {len(messages)}")
+    return list(messages[:-1]), [messages[-1]]
+
+
+def trl_row(obj: dict[str, Any], where: str = "row") -> dict[str, Any]:
+    """TRL's other row forms as the ones read here (in place, returned): ``{"messages"}``
+    (no prompt and completion) -> ``prompt``, ``completion`` (:func:`split_messages`);
+    ``chosen``/``rejected`` without a ``prompt``, or with a plain-text prompt beside
+    conversations -> the extracted ``prompt`` (:func:`extract_prompt`). Other rows unchanged."""
+    if "messages" in obj and "prompt" not in obj and "completion" not in obj:
+        obj["prompt"], obj["completion"] = split_messages(obj.pop("messages"), where)
+    rejected = next((k for k in ("rejected", *(a for a, c in ALIASES.items() if c ==
+                                               "rejected")) if k in obj), None)
+    if "chosen" in obj and rejected is not None:
+        prompt = obj.get("prompt")
+        implicit = prompt is None or (isinstance(obj["chosen"], list)
+                                      and isinstance(prompt, str))
+        if implicit:
+            obj["prompt"], obj["chosen"], obj[rejected] = extract_prompt(
+                obj["chosen"], obj[rejected], where)
+    return obj
 
 
 def pairs_to_unpaired(records: Iterable[Any]) -> list[dict]:
@@ -181,6 +278,7 @@ def read_jsonl(
     required: Sequence[str] | Mapping[str, type] = (),
     nonempty: Sequence[str] = (),
     aliases: Mapping[str, str] | None = None,
+    convert: Any = None,
 ) -> list[Record]:
     """Read a JSON-lines file into a list of :class:`Record` (blank lines are skipped).
 
@@ -191,7 +289,8 @@ def read_jsonl(
     ``nonempty`` keys must not be empty or whitespace-only. ``aliases`` maps an accepted
     spelling to the canonical key (``{"reject": "rejected"}``); the row is stored under the
     canonical key. Every error is a :class:`DataError` (a ``ValueError``) that names the file,
-    the line and the field.
+    the line and the field. ``convert(row, "file:line")``, if given, rewrites each row (after
+    the aliases, before the checks), e.g. :func:`trl_row`.
     """
     path = Path(path)
     types = dict(required) if isinstance(required, Mapping) else {k: str for k in required}
@@ -214,6 +313,8 @@ def read_jsonl(
                     if key in obj:
                         raise DataError(f"{where}: both '{key}' and its alias '{alias}' given")
                     obj[key] = obj.pop(alias)
+            if convert is not None:
+                obj = convert(obj, where)
             for key, typ in types.items():
                 if key not in obj:
                     have = ", ".join(sorted(obj)) or "none"
@@ -253,14 +354,16 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def load_preferences(path: str | os.PathLike) -> list[Record]:
-    """Pairwise preferences: rows ``{"prompt", "chosen", "rejected"}`` (``"reject"`` accepted).
+    """Pairwise preferences: rows ``{"prompt", "chosen", "rejected"}`` (``"reject"`` accepted),
+    or TRL's implicit prompt, ``{"chosen", "rejected"}`` sharing their beginning
+    (:func:`extract_prompt`).
 
     ``chosen`` and ``rejected`` must be non-empty strings; the prompt may be empty. Pairs whose
     chosen and rejected texts are equal are kept, with one warning that counts them.
     """
     rows = _some(read_jsonl(
         path, {"prompt": TEXT, "chosen": TEXT, "rejected": TEXT},
-        nonempty=("chosen", "rejected"), aliases=ALIASES,
+        nonempty=("chosen", "rejected"), aliases=ALIASES, convert=trl_row,
     ), path)
     same = [r.where for r in rows if _same(r["chosen"], r["rejected"])]
     if same:  # such a pair carries no preference: every pairwise loss has zero gradient on it
@@ -279,9 +382,11 @@ def load_unpaired(path: str | os.PathLike) -> list[Record]:
 
 
 def load_sft(path: str | os.PathLike) -> list[Record]:
-    """Supervised fine-tuning pairs: rows ``{"prompt", "completion"}``."""
+    """Supervised fine-tuning pairs: rows ``{"prompt", "completion"}``, or TRL's
+    ``{"messages": [...]}`` (:func:`split_messages`: the last, assistant message is the
+    completion)."""
     return _some(read_jsonl(path, {"prompt": TEXT, "completion": TEXT},
-                            nonempty=("completion",)), path)
+                            nonempty=("completion",), convert=trl_row), path)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -406,6 +511,7 @@ def tokenize_sft(
     (see :func:`rlcourse.models.encode_prompt_completion`). Over-long rows raise an error naming
     ``file:line``, or with ``truncation="left"``/``"right"`` are cut with one counted warning.
     Batch them with :func:`pad_collate`."""
+    rows = as_rows(rows, ("prompt", "completion"))
     names = [_where(r, i, source) for i, r in enumerate(rows)]
     batch = _encode(tokenizer, rows, "completion", max_length, truncation, names)
     return split_padded(batch)
@@ -436,16 +542,36 @@ def tokenize_preferences(
     ``chosen_attention_mask``, ``chosen_completion_mask`` and the same for ``rejected_``.
 
     Each of prompt+chosen and prompt+rejected must fit in ``max_length`` tokens; otherwise an
-    error naming ``file:line (chosen|rejected)``, or a counted truncation warning.
+    error naming ``file:line (chosen|rejected)``, or a counted truncation warning. A pair that
+    truncation makes identical (the two answers differed only in what was cut) is dropped,
+    with one warning naming the file, how many and which lines (a ``DataError`` if that is every
+    pair): it would train nothing and count as a wrong answer in the accuracy.
     """
+    rows = as_rows(rows, ("prompt", "chosen", "rejected"))
     names = [_where(r, i, source) for i, r in enumerate(rows)]
     chosen = _encode(tokenizer, rows, "chosen", max_length, truncation, names, " (chosen)")
     rejected = _encode(tokenizer, rows, "rejected", max_length, truncation, names, " (rejected)")
-    return [
+    items = [
         {**c, **r}
         for c, r in zip(split_padded(chosen, "chosen_"), split_padded(rejected, "rejected_"),
                       strict=True)
     ]
+    cut = (chosen["truncated"] | rejected["truncated"]).tolist()
+    same = [i for i, it in enumerate(items) if cut[i] and torch.equal(
+        it["chosen_input_ids"], it["rejected_input_ids"])]
+    if same:  # e.g. answers that differ only in their last words, cut before them
+        files = sorted({n.rsplit(":", 1)[0] for n in names if ":" in n}) or ["the data"]
+        shown = ", ".join(names[i] for i in same[:5]) + (" ..." if len(same) > 5 else "")
+        message = (f"{', '.join(files)}: {len(same)} of {len(items)} pairs have chosen == "
+                   f"rejected after truncation to max_length={max_length} ({shown}); such a "
+                   "pair carries no preference (loss ln 2, no gradient, accuracy 0)")
+        if len(same) == len(items):
+            raise DataError(f"{message}; every pair is such a pair: raise max_length or "
+                            "truncate the other side")
+        warnings.warn(f"{message}: dropped", stacklevel=2)
+        dropped = set(same)
+        items = [it for i, it in enumerate(items) if i not in dropped]
+    return items
 
 
 def pad_collate(

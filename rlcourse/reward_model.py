@@ -25,7 +25,7 @@ from torch import Tensor
 from rlcourse.data import tokenize_preferences
 from rlcourse.engine import dropout_disabled, train
 from rlcourse.losses import bradley_terry_loss
-from rlcourse.models import RewardModel, encode_prompt_completion
+from rlcourse.models import RewardModel, encode_prompt_completion, max_positions
 
 __all__ = [
     "RewardEvaluation",
@@ -65,10 +65,15 @@ def reward_loss_fn(model: Any, batch: Mapping[str, Tensor]) -> tuple[Tensor, dic
 
 @torch.no_grad()
 def score_texts(reward_model: Any, tokenizer: Any, prompts: Sequence[str],
-                responses: Sequence[str], batch_size: int = 256, max_length: int = 128
+                responses: Sequence[str], batch_size: int = 256, max_length: int | None = None
                 ) -> Tensor:
     """``r(x, y)`` for every (prompt, response): formatted and tokenised exactly as in training
-    (:func:`rlcourse.models.encode_prompt_completion`, response + EOS), in batches. (N,) float."""
+    (:func:`rlcourse.models.encode_prompt_completion`, response + EOS), in batches. (N,) float.
+    ``tokenizer`` is the reward model's own. Texts longer than ``max_length`` tokens (default:
+    the reward model's positions, ``max_position_embeddings``; 1024 if it names none) are cut
+    at the end, with a counted warning."""
+    if max_length is None:
+        max_length = max_positions(getattr(reward_model, "model", reward_model)) or 1024
     was = reward_model.training
     reward_model.eval()
     device = next(reward_model.parameters()).device
@@ -190,17 +195,21 @@ class RewardEvaluation:
 def train_reward_model(backbone: Any, tokenizer: Any, pairs: Sequence[Mapping[str, Any]],
                        config: Any, max_length: int = 128, seed: int = 0,
                        eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
-                       disable_dropout: bool = True) -> tuple[Any, Any]:
+                       disable_dropout: bool = True, truncation: str = "right"
+                       ) -> tuple[Any, Any]:
     """Bradley–Terry reward model on preference ``pairs`` with the shared engine.
 
     ``backbone``: a causal LM to start from (usually a copy of the SFT model: it already reads
     the language; InstructGPT starts its reward model from the SFT model too); a fresh scalar
     head is put on top (:class:`rlcourse.models.RewardModel`). ``config``: an
     :class:`rlcourse.engine.TrainConfig`. Returns ``(reward_model, history)``. Dropout is off
-    while training unless ``disable_dropout=False`` (as TRL's ``RewardConfig``).
+    while training unless ``disable_dropout=False`` (as TRL's ``RewardConfig``). Pairs longer
+    than ``max_length`` are cut as ``truncation`` says (``"right"``: the answers' ends;
+    ``"left"``; ``"error"`` refuses them); pairs the cut makes identical are dropped
+    (:func:`rlcourse.data.tokenize_preferences`).
     """
     rm = RewardModel(backbone, seed=seed)
-    data = tokenize_preferences(tokenizer, pairs, max_length, truncation="right")
+    data = tokenize_preferences(tokenizer, pairs, max_length, truncation=truncation)
     with dropout_disabled(rm, disable_dropout):
         history = train(rm, reward_loss_fn, data, config, eval_fn=eval_fn)
     rm.eval()

@@ -34,7 +34,14 @@ from rlcourse.models.generation import (
     max_positions,
 )
 from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
-from rlcourse.models.io import load_causal_lm, load_model, load_tokenizer, save_model
+from rlcourse.models.io import (
+    is_adapter_dir,
+    load_causal_lm,
+    load_model,
+    load_tokenizer,
+    local_model_dir,
+    save_model,
+)
 from rlcourse.models.logprobs import logprobs_from_logits, position_ids_from_mask
 from rlcourse.models.scoring import (
     ScoredSequences,
@@ -53,8 +60,10 @@ from rlcourse.models.tokenizer import (
     SPECIAL_TOKENS,
     build_tokenizer,
     encode_prompt_completion,
+    encode_prompts,
     format_completion,
     format_prompt,
+    uses_book_format,
 )
 
 # One implementation of the last-real-token index (layer 1), re-exported here for the heads.
@@ -73,8 +82,10 @@ __all__ = [
     "build_tokenizer",
     "call_model",
     "encode_prompt_completion",
+    "encode_prompts",
     "format_completion",
     "format_prompt",
+    "is_adapter_dir",
     "freeze_untied_lm_head",
     "generate",
     "max_positions",
@@ -82,11 +93,13 @@ __all__ = [
     "load_causal_lm",
     "load_model",
     "load_tokenizer",
+    "local_model_dir",
     "logprobs_from_logits",
     "output_logits",
     "output_values",
     "position_ids_from_mask",
     "save_model",
+    "uses_book_format",
     "score_sequences",
     "sequence_logprobs",
     "shifted_logprobs",

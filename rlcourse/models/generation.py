@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rlcourse.models.logprobs import position_ids_from_mask
-from rlcourse.models.tokenizer import _pad_id, format_prompt
+from rlcourse.models.tokenizer import _pad_id, encode_prompts
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +135,8 @@ def _generate_batch(
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     eos_id = tokenizer.eos_token_id
-    texts = [format_prompt(p, tokenizer) for p in prompts] if chat else prompts
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    enc = encode_prompts(tokenizer, prompts) if chat else [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
     if min(len(e) for e in enc) == 0:
         raise ValueError("a prompt encodes to zero tokens; with chat=False start it with <bos>")
     P = max(len(e) for e in enc)
@@ -232,7 +232,7 @@ def generate(
     chat: bool = True,
     first_row: int = 0,
 ) -> Generation:
-    """Sample a completion for every prompt (chat-formatted by :func:`format_prompt`).
+    """Sample a completion for every prompt (in the tokenizer's format: :func:`encode_prompts`).
 
     Token by token with a KV cache: ``a_t ~ softmax(filter(z_t / temperature))`` where ``filter``
     keeps the ``top_k`` largest logits and the smallest set of tokens with mass >= ``top_p``;

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,14 @@ from torch import nn
 
 from rlcourse.config import resolve_device
 from rlcourse.models.construction import build_model
-from rlcourse.models.io import load_causal_lm, save_model
+from rlcourse.models.io import (
+    _architectures,
+    _as_dtype,
+    _quiet_transformers,
+    load_causal_lm,
+    local_model_dir,
+    save_model,
+)
 from rlcourse.models.scoring import call_model
 from rlcourse.rl import last_token_index
 
@@ -68,7 +77,7 @@ class _HeadModel(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
-    def _write(self, path: Path) -> None:
+    def _write(self, path: Path, tokenizer: Any = None) -> None:
         from safetensors.torch import save_file
 
         self.model.save_pretrained(path, safe_serialization=True)
@@ -90,7 +99,7 @@ class _HeadModel(nn.Module):
         """Load a model saved by :meth:`save_pretrained` (backbone + head)."""
         from safetensors.torch import load_file
 
-        path = Path(path)
+        path = local_model_dir(path, cls.KIND + " model")
         backbone = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
         obj = cls(backbone, seed=None)
         head_file = path / cls.HEAD_FILE
@@ -141,6 +150,20 @@ class RewardModel(_HeadModel):
 
     Wraps any causal LM backbone (only its decoder runs; the LM head is unused).
     ``forward(input_ids, attention_mask) -> rewards [B]``.
+
+    Saved (:meth:`save_pretrained`, :func:`rlcourse.models.save_model`) as the
+    ``transformers`` sequence classifier of the backbone's architecture
+    (``LlamaForSequenceClassification``, ...: the decoder's weights, ``score.weight = w``,
+    ``num_labels=1``, ``pad_token_id`` set), which
+    ``AutoModelForSequenceClassification.from_pretrained`` loads with its trained head, as TRL
+    and other tools do. Its ``score`` has no bias: ``b`` is frozen at 0 (the Bradley–Terry loss
+    reads ``r_w - r_l``, so ``b`` has no gradient, only round-off that Adam would turn into a
+    random walk of about ``lr`` per step). That classifier reads the reward at the rightmost
+    token that is not the pad token, the same token as here when the pad token differs from EOS
+    (a tokenizer whose pad token IS its EOS makes it read one token earlier, before the final
+    EOS: a warning says so).
+    :meth:`from_pretrained` reads that format and the older one (the causal LM plus
+    ``reward_head.safetensors``, with its bias).
     """
 
     HEAD_FILE = "reward_head.safetensors"
@@ -154,9 +177,93 @@ class RewardModel(_HeadModel):
         # changes nothing in one process and lets several processes train without
         # find_unused_parameters (an extra graph traversal every step).
         freeze_untied_lm_head(model)
+        # The bias b is not trained: every loss of a reward model reads differences r_w - r_l,
+        # so its true gradient is 0, and what autograd returns is the round-off of summing
+        # +g and -g over the batch (~1e-9), which Adam divides by its own square root into
+        # steps of size lr: b would random-walk by about lr per step, shifting every reward.
+        # Frozen, b stays 0 and the saved ...ForSequenceClassification (no bias) is exact.
+        self.head.bias.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         _, h = self._hidden(input_ids, attention_mask, logits=False)
         idx = last_token_index(attention_mask)
         h_last = h[torch.arange(h.shape[0], device=h.device), idx]
         return self.head(h_last.to(self.head.weight.dtype)).squeeze(-1)
+
+    def sequence_classifier(self, tokenizer: Any = None) -> Any:
+        """The ``transformers`` ``...ForSequenceClassification`` of the backbone's architecture
+        computing the same rewards: it shares this model's decoder (no copy) and holds
+        ``score.weight = w``; ``num_labels=1``; ``pad_token_id`` from ``tokenizer`` (else the
+        backbone's config). A non-zero bias ``b`` cannot be carried (``score`` has none): a
+        ``ValueError``."""
+        from transformers import AutoModelForSequenceClassification
+
+        bias = self.head.bias.detach()
+        if float(bias.abs().max()) != 0.0:
+            raise ValueError(
+                f"the reward head's bias is {float(bias[0]):.6g}, which a "
+                "...ForSequenceClassification score layer cannot hold (it has no bias); "
+                "RewardModel keeps it frozen at 0, so this head was set by hand or loaded from "
+                "the older format: set it to 0 (every reward shifts by that constant, which no "
+                "pairwise loss sees) before saving")
+        config = copy.deepcopy(self.model.config)
+        config.num_labels = 1
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is not None:
+            config.pad_token_id = pad
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if config.pad_token_id is None or config.pad_token_id == eos:
+            warnings.warn("the reward model is saved with pad_token_id "
+                          f"{config.pad_token_id} (its EOS or none): AutoModelForSequence"
+                          "Classification reads the reward at the last token that is not the "
+                          "pad token, before a final EOS, where RewardModel reads it at the EOS; "
+                          "give the tokenizer a pad token distinct from EOS", stacklevel=3)
+        with torch.device("meta"):  # a shell: its decoder is replaced by this model's below
+            classifier = AutoModelForSequenceClassification.from_config(config)
+        if not isinstance(getattr(classifier, "score", None), nn.Linear):
+            raise ValueError(f"{type(classifier).__name__} has no 'score' layer to hold the "
+                             "reward head; save it with RewardModel's older format instead")
+        setattr(classifier, classifier.base_model_prefix, self.model.base_model)
+        classifier.score = nn.Linear(self.head.in_features, 1, bias=False)
+        classifier.score.weight = nn.Parameter(self.head.weight.detach().clone())
+        return classifier
+
+    def _write(self, path: Path, tokenizer: Any = None) -> None:
+        self.sequence_classifier(tokenizer).save_pretrained(path, safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str = "auto", dtype: Any = None,
+        trust_remote_code: bool = False,
+    ):
+        """Load a reward model: a ``...ForSequenceClassification`` folder with ``num_labels=1``
+        (what :meth:`save_pretrained` writes, and what TRL's ``RewardTrainer`` saves), or the
+        older format, a causal LM plus ``reward_head.safetensors``."""
+        path = local_model_dir(path, "reward model")  # before importing transformers (seconds)
+        if (path / cls.HEAD_FILE).is_file():
+            return super().from_pretrained(path, device=device, dtype=dtype,
+                                           trust_remote_code=trust_remote_code)
+        kinds = _architectures(path)
+        if not any(a.endswith("ForSequenceClassification") for a in kinds):
+            raise FileNotFoundError(
+                f"{path}: not a reward model: neither a ...ForSequenceClassification "
+                f"(config.json names {', '.join(kinds) or 'no architecture'}) nor the older "
+                f"format with {cls.HEAD_FILE}")
+        from transformers import AutoModelForSequenceClassification
+
+        with _quiet_transformers():
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=_as_dtype(dtype) if dtype is not None else torch.float32,
+                trust_remote_code=trust_remote_code, use_safetensors=True,
+                local_files_only=True)
+        score = getattr(classifier, "score", None)
+        if not isinstance(score, nn.Linear) or score.out_features != 1:
+            raise ValueError(f"{path}: a reward model has one output (num_labels=1); this "
+                             f"classifier has {classifier.config.num_labels}")
+        obj = cls(getattr(classifier, classifier.base_model_prefix), seed=None)
+        with torch.no_grad():
+            obj.head.weight.copy_(score.weight.float())
+            obj.head.bias.zero_()
+        obj.to(resolve_device(device))
+        obj.eval()
+        return obj

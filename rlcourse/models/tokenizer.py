@@ -82,14 +82,30 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def format_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any = None) -> str:
-    """The chat-style prompt text: ``"<bos> <user> {prompt} <assistant>"``.
+def uses_book_format(tokenizer: Any) -> bool:
+    """True when prompts take the book's markup ``<bos> <user> {prompt} <assistant>``: no
+    tokenizer given, or the word-level tokenizer's own chat template (:data:`CHAT_TEMPLATE`,
+    which :func:`build_tokenizer` sets and ``save_pretrained`` keeps): that template is how the
+    book's tokenizer says the markup is its format."""
+    return tokenizer is None or getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE
 
-    With a ``tokenizer`` that has a chat template (a real model's, or ours), the text comes from
-    ``tokenizer.apply_chat_template`` with ``add_generation_prompt=True`` instead, so the same
-    code formats prompts for any model. The completion that follows ends with the EOS token
-    (see :func:`format_completion`). A ``prompt`` given as a list of ``{role, content}``
-    messages (TRL's conversational form) is rendered by the chat template as it stands.
+
+def format_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any = None) -> str:
+    """The prompt text a model is given, by the tokenizer's own format.
+
+    - the book's tokenizer (or none given, :func:`uses_book_format`):
+      ``"<bos> <user> {prompt} <assistant>"``;
+    - a tokenizer with a chat template (a real chat model's): ``apply_chat_template`` of the
+      user message with ``add_generation_prompt=True``, so the same code formats prompts for any
+      model;
+    - a tokenizer WITHOUT a chat template (a base model): the prompt as given, and the
+      completion follows it directly, as TRL does for plain text (no markup invented for a
+      model that never saw it; :func:`encode_prompts` adds the tokenizer's own leading special
+      tokens, e.g. Llama's BOS, as its ``__call__`` would).
+
+    The completion that follows ends with the EOS token (see :func:`format_completion`). A
+    ``prompt`` given as a list of ``{role, content}`` messages (TRL's conversational form) is
+    rendered by the chat template as it stands.
     """
     if isinstance(prompt, (list, tuple)):  # TRL's conversational form: a list of messages
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -97,13 +113,42 @@ def format_prompt(prompt: str | Sequence[Mapping[str, str]], tokenizer: Any = No
                              "chat template")
         return tokenizer.apply_chat_template(list(prompt), tokenize=False,
                                              add_generation_prompt=True)
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        if tokenizer.chat_template == CHAT_TEMPLATE:
-            return f"<bos> <user> {prompt} <assistant>"
+    if uses_book_format(tokenizer):
+        return f"<bos> <user> {prompt} <assistant>"
+    if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    return f"<bos> <user> {prompt} <assistant>"
+    return prompt
+
+
+def _leading_special_ids(tokenizer: Any) -> list[int]:
+    """The special tokens ``tokenizer(text)`` puts BEFORE any text by itself (Llama's BOS; none
+    for GPT-2 or Qwen), read off one probe: what a plain prompt starts with, as in TRL."""
+    probe = "hello"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return list(full[:start])
+    return []
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Any],
+                   formatted: Sequence[bool] | None = None) -> list[list[int]]:
+    """Token ids of each prompt as a model is given it: ``format_prompt(prompt)`` tokenised
+    without added special tokens (a chat template and the book's markup write their own), and
+    for a tokenizer without a chat template the tokenizer's own leading special tokens first
+    (its BOS: TRL tokenises plain prompts with them). ``formatted[i]``: prompt ``i`` is already
+    rendered text and is only tokenised. Training (:func:`encode_prompt_completion`) and
+    sampling (:func:`rlcourse.models.generate`) read prompts through this one function."""
+    formatted = list(formatted) if formatted is not None else [False] * len(prompts)
+    texts = [p if f else format_prompt(p, tokenizer)
+             for p, f in zip(prompts, formatted, strict=True)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    plain = not uses_book_format(tokenizer) and not getattr(tokenizer, "chat_template", None)
+    lead = _leading_special_ids(tokenizer) if plain and not all(formatted) else []
+    return [list(e) if f else lead + list(e) for e, f in zip(ids, formatted, strict=True)]
 
 
 def format_completion(completion: str, tokenizer: Any = None) -> str:
@@ -133,8 +178,10 @@ def encode_prompt_completion(
 ) -> dict[str, torch.Tensor]:
     """Tokenise prompt/completion pairs into one padded batch.
 
-    Each example is ``ids(format_prompt(prompt)) + ids(completion) + [eos]`` (prompt and
-    completion are tokenised separately and concatenated, so no token straddles the boundary).
+    Each example is ``encode_prompts(prompt) + ids(completion) + [eos]`` (prompt and
+    completion are tokenised separately and concatenated, so no token straddles the boundary;
+    the prompt in the tokenizer's format, :func:`format_prompt`: with no chat template, as
+    given).
     Where ``formatted[i]`` is true, prompt ``i`` was already rendered by a chat template and
     completion ``i`` ends with the template's end of turn: ``ids(prompt) + ids(completion)``
     (see :func:`rlcourse.data.render_conversation`). Returns ``input_ids`` and
@@ -159,9 +206,7 @@ def encode_prompt_completion(
     # formatted[i]: prompt i is already rendered by a chat template (it is used as is) and
     # completion i carries the template's own end of turn (no EOS is appended).
     formatted = list(formatted) if formatted is not None else [False] * len(prompts)
-    p_texts = [p if f else format_prompt(p, tokenizer) for p, f in zip(prompts, formatted,
-                                                                        strict=True)]
-    p_ids = tokenizer(p_texts, add_special_tokens=False)["input_ids"]
+    p_ids = encode_prompts(tokenizer, prompts, formatted)
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"] if prompts else []
     rows: list[tuple[list[int], list[int]]] = []
     truncated: list[bool] = []

@@ -4,6 +4,7 @@
 
     python -m rlcourse.recipes recipes/dpo.yaml --model path/to/sft --data pairs.jsonl \\
         --output runs/dpo train.lr=5e-7 loss.beta=0.1
+    rlcourse-train dpo --model path/to/sft ...    # the same: the shipped recipe of a method
     accelerate launch --num_processes 4 -m rlcourse.recipes recipes/dpo.yaml ...
 
 Every section key with its type, default and meaning: ``recipes/REFERENCE.md``, generated from
@@ -38,7 +39,8 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
     method: dpo                 # sft | reward_model | ppo | grpo | rloo | online_dpo | rsft
                                 # | a loss of rlcourse.losses.OBJECTIVES: dpo | ipo | rdpo
                                 # | kto | orpo | simpo | hinge | robust
-    model: path/to/model        # a local directory holding a causal LM and its tokenizer
+    model: path/to/model        # a local directory holding a causal LM and its tokenizer,
+                                # or a LoRA run's OUTPUT/model (merged into its base first)
     data: path/to/data.jsonl    # plain text or TRL's conversational form (rlcourse.data)
     eval_data: null             # held-out rows: loss and metrics every train.eval_every steps
     output: runs/dpo

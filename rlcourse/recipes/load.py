@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse.adapters import LoraSettings
+from rlcourse.models import local_model_dir
+from rlcourse.models.io import _HUB_ID
 from rlcourse.recipes import registry
 from rlcourse.recipes.schema import Recipe
 from rlcourse.recipes.typed import (
@@ -102,7 +104,9 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     Every key is checked against what the method's registry row and trainer accept: an unknown
     key (a typo such as ``betta``) is a :class:`RecipeError` naming the file, the line and the
     known keys, never silently ignored. Numbers written as ``5e-7`` (a string to YAML 1.1) are
-    read as floats.
+    read as floats. A ``model``, ``reward_model`` or ``reference_model`` shaped like a Hugging
+    Face Hub id (``org/name``) that is no local folder is refused here, offline
+    (:func:`rlcourse.models.local_model_dir`).
     """
     import yaml
 
@@ -140,6 +144,13 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         if not raw.get(key):
             raise RecipeError(f"{source}: {key}: missing (give it in the file or on the "
                               f"command line, e.g. --{key.replace('_', '-')} PATH)")
+    for key in ("model", "reward_model", "reference_model"):
+        value = raw.get(key)
+        if isinstance(value, str) and _HUB_ID.match(value) and not Path(value).exists():
+            try:  # refused now, offline: from_pretrained would try the Hub for a minute
+                local_model_dir(value, key)
+            except FileNotFoundError as err:
+                raise RecipeError(f"{where(source, lines, key)}: {err}") from None
     hints = typing.get_type_hints(Recipe)
     top: dict[str, Any] = {}
     for key in sorted(known - {"method", "loss", "lora", "train"} - registry.section_names()):

@@ -99,11 +99,12 @@ def _train_reward_model(recipe: Any, model: Any, tokenizer: Any, rows: list[Any]
     eval_fn = None
     if eval_rows is not None:
         eval_items = tokenize_preferences(tokenizer, eval_rows, recipe.max_length,
-                                          truncation="right")
+                                          truncation=recipe.truncation)
         eval_fn = loss_eval_fn(reward_loss_fn, eval_items, recipe.train.batch_size)
     rm, history = train_reward_model(model, tokenizer, rows, recipe.train,
                                      max_length=recipe.max_length, seed=recipe.seed,
-                                     eval_fn=eval_fn, disable_dropout=recipe.disable_dropout)
+                                     eval_fn=eval_fn, disable_dropout=recipe.disable_dropout,
+                                     truncation=recipe.truncation)
     return rm, history.to_rows(), {"n_pairs": len(rows), **_throughput(history)}
 
 

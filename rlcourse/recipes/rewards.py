@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from rlcourse import online
+from rlcourse.data import prompt_text
 from rlcourse.files import file_sha256
-from rlcourse.models import RewardModel
+from rlcourse.models import RewardModel, load_tokenizer
 from rlcourse.recipes.typed import RecipeError
 
-__all__ = ["check_reward", "load_reward_fn", "reward_fn_source", "reward_function"]
+__all__ = ["check_reward", "load_reward_fn", "load_reward_model", "reward_fn_source",
+           "reward_function", "text_reward_model_fn"]
 
 
 def load_reward_fn(spec: Any, where: str = "reward_fn") -> Any:
@@ -70,14 +72,57 @@ def check_reward(recipe: Any) -> None:
         load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
 
 
-def reward_function(recipe: Any, tokenizer: Any, device: str) -> Any:
-    """``fn(prompts, completions) -> floats``: the recipe's ``reward_fn``, or its reward model
-    scoring each text as in its training (:func:`rlcourse.online.reward_model_scorer`)."""
-    if recipe.reward_fn:
-        return load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
+def load_reward_model(recipe: Any, device: str) -> tuple[Any, Any]:
+    """``(reward model, its own tokenizer)`` from the recipe's ``reward_model`` folder: a reward
+    model reads text with the tokenizer it was trained with, which need not be the policy's
+    (another vocabulary, another family)."""
     rm = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
                                      trust_remote_code=recipe.trust_remote_code)
-    return online.reward_model_scorer(rm, tokenizer)  # through the module: tests patch it
+    return rm, load_tokenizer(recipe.reward_model, trust_remote_code=recipe.trust_remote_code)
+
+
+def reward_function(recipe: Any, tokenizer: Any, device: str) -> Any:
+    """``fn(prompts, completions) -> floats``: the recipe's ``reward_fn``, or its reward model
+    scoring each prompt and completion TEXT as in its training, tokenised with the reward
+    model's own tokenizer (:func:`load_reward_model`,
+    :func:`rlcourse.online.reward_model_scorer`); ``tokenizer`` (the policy's) is not used."""
+    if recipe.reward_fn:
+        return load_reward_fn(recipe.reward_fn, recipe.where("reward_fn"))
+    rm, rm_tokenizer = load_reward_model(recipe, device)
+    return online.reward_model_scorer(rm, rm_tokenizer)  # through the module: tests patch it
+
+
+def text_reward_model_fn(recipe: Any, device: str, sample_fn: Any) -> tuple[Any, Any]:
+    """PPO's ``(sample_fn, reward_fn)`` with the recipe's reward model reading text.
+
+    PPO calls ``reward_fn(input_ids, attention_mask, action_mask)`` on the batch
+    ``sample_fn`` has just drawn, in the POLICY's token ids. The returned ``sample_fn``
+    remembers that batch's prompts and decoded completions (``prompts``, ``texts``, which
+    :func:`rlcourse.ppo.lm_sampler` returns with the ids), and ``reward_fn`` scores those texts
+    with the reward model's own tokenizer (:func:`reward_function`), never the policy's ids.
+    """
+    import torch
+
+    score = reward_function(recipe, None, device)
+    latest: dict[str, Any] = {}
+
+    def sample(policy: Any, generator: Any) -> dict[str, Any]:
+        batch = sample_fn(policy, generator)
+        latest.clear()
+        latest.update(batch)
+        return batch
+
+    def reward_fn(input_ids: Any, attention_mask: Any, action_mask: Any = None) -> Any:
+        drawn = latest.get("input_ids")
+        if drawn is None or not (input_ids is drawn or (input_ids.shape == drawn.shape and bool(
+                torch.equal(input_ids.cpu(), drawn.cpu())))):
+            raise RuntimeError("the reward model scores the texts of the batch just sampled, "
+                               "and these ids are not that batch")
+        prompts = [prompt_text(p) for p in latest["prompts"]]
+        return torch.as_tensor(score(prompts, list(latest["texts"])), dtype=torch.float32,
+                               device=input_ids.device)
+
+    return sample, reward_fn
 
 
 def reward_fn_source(recipe: Any) -> str | None:

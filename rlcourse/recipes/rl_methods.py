@@ -14,10 +14,10 @@ from rlcourse.adapters import is_lora
 from rlcourse.data import TEXT, DataError, read_jsonl
 from rlcourse.engine import TrainConfig, make_accelerator
 from rlcourse.grpo import GroupConfig
-from rlcourse.models import RewardModel, ValueHeadModel, freeze_untied_lm_head, load_model
+from rlcourse.models import ValueHeadModel, freeze_untied_lm_head, load_model
 from rlcourse.ppo import PPOConfig
 from rlcourse.recipes.registry import Method, Section
-from rlcourse.recipes.rewards import check_reward, reward_function
+from rlcourse.recipes.rewards import check_reward, reward_function, text_reward_model_fn
 from rlcourse.recipes.schema import GroupRollout, PPORollout
 from rlcourse.recipes.typed import RecipeError
 
@@ -52,8 +52,6 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
              progress: bool, save: bool):
     """PPO with the four models of the slides: actor, critic, reward model, reference."""
     device = str(next(model.parameters()).device)
-    reward = RewardModel.from_pretrained(recipe.reward_model, device=device, dtype=recipe.dtype,
-                                         trust_remote_code=recipe.trust_remote_code)
     # Under LoRA the reference is the policy with its adapters switched off (no copy), and the
     # critic is a value head on the same adapted backbone (a copy would duplicate the base).
     reference = None if is_lora(model) else ppo.freeze(model)
@@ -65,11 +63,11 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
     else:
         policy = ValueHeadModel(model, seed=recipe.seed)
     accelerator = make_accelerator(TrainConfig(device=r.device))
-    sampler = ppo.lm_sampler(tokenizer, prompts, r.batch_size, r.max_new_tokens,
-                             temperature=recipe.ppo.temperature,
-                             num_processes=accelerator.num_processes,
-                             process_index=accelerator.process_index)
-    history = ppo.train_ppo(policy, reference, ppo.reward_model_fn(reward), sampler,
+    # The reward model reads the sampled TEXT with its own tokenizer (not the policy's ids).
+    sampler, reward_fn = text_reward_model_fn(recipe, device, ppo.lm_sampler(
+        tokenizer, prompts, r.batch_size, r.max_new_tokens, temperature=recipe.ppo.temperature,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index))
+    history = ppo.train_ppo(policy, reference, reward_fn, sampler,
                             recipe.ppo, r.steps, lr=r.lr, seed=recipe.seed, progress=progress,
                             checkpoint_dir=Path(recipe.output) / "checkpoints",
                             checkpoint_every=r.checkpoint_every,

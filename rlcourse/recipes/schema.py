@@ -139,7 +139,9 @@ class Recipe:
     sft, reward_model, ppo, grpo, rloo, online_dpo, rsft, or a preference loss of
     ``rlcourse.losses.OBJECTIVES`` (dpo, ipo, rdpo, kto, orpo, simpo, hinge, robust)."""
     model: str
-    """A local directory holding a causal LM and its tokenizer (the starting policy)."""
+    """A local directory holding a causal LM and its tokenizer (the starting policy), or a LoRA
+    adapter folder (a LoRA run's ``OUTPUT/model``), merged into its base first; a Hub id
+    ``org/name`` is refused (download it first)."""
     output: str
     """Directory of the run: the trained model, checkpoints, history and ``recipe.json``."""
     data: str | None = None
@@ -150,13 +152,17 @@ class Recipe:
     """JSONL of ``{"prompt"}`` rows (PPO, GRPO, RLOO, online DPO, RSFT)."""
     reward_model: str | None = None
     """Directory of a trained reward model (PPO; GRPO, RLOO, online DPO, RSFT unless
-    ``reward_fn``)."""
+    ``reward_fn``): a ``...ForSequenceClassification`` with ``num_labels=1`` (what the
+    reward_model recipe saves; TRL's too) or the older causal LM + ``reward_head.safetensors``.
+    It scores the prompt and answer TEXT, tokenised with its own tokenizer."""
     reference_model: str | None = None
     """A separate reference model directory; default: a frozen copy of ``model``."""
     max_length: int = 512
     """Longest prompt + completion, in tokens; must fit the model's position embeddings."""
     truncation: str = "error"
-    """What an over-long example does: ``error``, ``left`` or ``right`` (the side cut)."""
+    """What an over-long example does: ``error``, ``left`` or ``right`` (the side cut); pairs the
+    cut makes identical are dropped with a count (every method that reads rows, the reward
+    model included)."""
     dtype: str | None = None
     """Weights' dtype at load: ``null`` (fp32, with ``train.mixed_precision``), ``auto``, ``fp32``,
     ``bf16`` or ``fp16``."""
