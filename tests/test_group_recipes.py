@@ -274,9 +274,11 @@ def test_a_reward_function_returning_nan_stops_the_recipe_with_one_line(workdir,
     assert not (tmp_path / "o" / "model").exists()
 
 
-def test_a_device_the_machine_lacks_is_refused_before_the_model_loads(workdir, tmp_path):
+def test_a_device_the_machine_lacks_is_refused_before_the_model_loads(workdir, tmp_path,
+                                                                      monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    monkeypatch.syspath_prepend(str(workdir))  # the reward_fn is imported when the recipe is read
     with pytest.raises(recipes.RecipeError, match=r"rollout.device: rollout.device=cuda but no "
                                                   "CUDA GPU is visible"):
         recipes.run_recipe(recipes.load_recipe(

@@ -335,9 +335,10 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
 
 def test_ppo_recipe_evaluates_its_eval_data(workdir, tmp_path, monkeypatch):
     """eval_data for PPO, as for GRPO: every rollout.eval_every steps and after the last, one
-    answer per held-out prompt is scored by the run's reward model. The scorer is replaced by
-    the prompt's length in words, so eval/reward must be the mean over the EVAL prompts (4 and
-    5 words: 4.5) whatever the answers; training still scores with the reward model."""
+    answer per held-out prompt is scored by the run's reward model. Its text scorer is replaced
+    by the prompt's length in words, so eval/reward must be the mean over the EVAL prompts (4
+    and 8 words: 6.0) whatever the answers, while training scores the training prompts (4 or 5
+    words each)."""
     from rlcourse import online
     from rlcourse.models import RewardModel
 
@@ -345,7 +346,7 @@ def test_ppo_recipe_evaluates_its_eval_data(workdir, tmp_path, monkeypatch):
     save_model(RewardModel(model, seed=1), tok, tmp_path / "rm")
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
     write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "what is rain ?"},
-                                          {"prompt": "tell me about rain ."}])
+                                          {"prompt": "tell me about the sun and the moon"}])
     words = lambda prompts, completions: [float(len(p.split())) for p in prompts]  # noqa: E731
     monkeypatch.setattr(online, "reward_model_scorer", lambda rm, tokenizer: words)
     code = recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
@@ -357,8 +358,8 @@ def test_ppo_recipe_evaluates_its_eval_data(workdir, tmp_path, monkeypatch):
     assert code == 0
     history = json.loads((tmp_path / "o" / "history.json").read_text())
     assert [r["step"] for r in history if "eval/reward" in r] == [1, 2]  # steps 2 and 3 of 3
-    assert all(r["eval/reward"] == 4.5 for r in history if "eval/reward" in r)
-    assert all(r["score"] != 4.5 for r in history)  # training: the reward model's scores
+    assert all(r["eval/reward"] == 6.0 for r in history if "eval/reward" in r)
+    assert all(4.0 <= r["score"] <= 5.0 for r in history)  # the training prompts' lengths
 
 
 def test_ppo_eval_every_without_eval_data_is_refused():

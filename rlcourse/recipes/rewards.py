@@ -92,8 +92,9 @@ def reward_function(recipe: Any, tokenizer: Any, device: str) -> Any:
     return online.reward_model_scorer(rm, rm_tokenizer)  # through the module: tests patch it
 
 
-def text_reward_model_fn(recipe: Any, device: str, sample_fn: Any) -> tuple[Any, Any]:
-    """PPO's ``(sample_fn, reward_fn)`` with the recipe's reward model reading text.
+def text_reward_model_fn(score: Any, sample_fn: Any) -> tuple[Any, Any]:
+    """PPO's ``(sample_fn, reward_fn)`` with a text scorer ``score(prompts, completions)`` (the
+    recipe's reward model reading text: :func:`reward_function`).
 
     PPO calls ``reward_fn(input_ids, attention_mask, action_mask)`` on the batch
     ``sample_fn`` has just drawn, in the POLICY's token ids. The returned ``sample_fn``
@@ -103,7 +104,6 @@ def text_reward_model_fn(recipe: Any, device: str, sample_fn: Any) -> tuple[Any,
     """
     import torch
 
-    score = reward_function(recipe, None, device)
     latest: dict[str, Any] = {}
 
     def sample(policy: Any, generator: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlcourse import grpo, online, ppo
+from rlcourse import grpo, ppo
 from rlcourse.adapters import is_lora
 from rlcourse.data import TEXT, DataError, read_jsonl
 from rlcourse.engine import TrainConfig, make_accelerator
@@ -64,7 +64,8 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
         policy = ValueHeadModel(model, seed=recipe.seed)
     accelerator = make_accelerator(TrainConfig(device=r.device))
     # The reward model reads the sampled TEXT with its own tokenizer (not the policy's ids).
-    sampler, reward_fn = text_reward_model_fn(recipe, device, ppo.lm_sampler(
+    score = reward_function(recipe, None, device)
+    sampler, reward_fn = text_reward_model_fn(score, ppo.lm_sampler(
         tokenizer, prompts, r.batch_size, r.max_new_tokens, temperature=recipe.ppo.temperature,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index))
     history = ppo.train_ppo(policy, reference, reward_fn, sampler,
@@ -73,19 +74,19 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             checkpoint_every=r.checkpoint_every,
                             keep_checkpoints=r.keep_checkpoints, accelerator=accelerator,
                             logging_dir=Path(recipe.output) if save else None,
-                            eval_fn=_prompt_eval(recipe, tokenizer, reward, eval_rows),
+                            eval_fn=_prompt_eval(recipe, tokenizer, score, eval_rows),
                             eval_every=r.eval_every, report_to=r.report_to)
     return ppo.language_model(policy), history, {}
 
 
-def _prompt_eval(recipe: Any, tokenizer: Any, reward: Any, eval_rows: Any):
+def _prompt_eval(recipe: Any, tokenizer: Any, score: Any, eval_rows: Any):
     """``policy -> {"eval/reward", "eval/response_length"}`` on the ``eval_data`` prompts, scored
-    by the run's reward model (:func:`rlcourse.grpo.evaluate_prompts`, as GRPO's); None
-    without ``eval_data``."""
+    by the run's text scorer ``score`` (:func:`rlcourse.grpo.evaluate_prompts`, as GRPO's);
+    None without ``eval_data``."""
     if not eval_rows:
         return None
     return partial(grpo.evaluate_prompts, tokenizer=tokenizer, prompts=eval_rows,
-                   reward_fn=online.reward_model_scorer(reward, tokenizer),
+                   reward_fn=score,
                    max_new_tokens=recipe.rollout.max_new_tokens,
                    temperature=recipe.ppo.temperature, seed=recipe.seed)
 
