@@ -115,9 +115,10 @@ def _client_class(base):
 
 
 def front_end_replies(notebook: Any, sent: list[tuple[int | None, str]], name: str) -> list[str]:
-    """``"NAME: code cell N sent the kernel K messages of type T while running"`` for each cell
-    during whose run the client sent the kernel something (``sent`` as recorded by
-    :func:`_client_class`: cell index over all cells, message type)."""
+    """``"NAME: code cell N made the client send the kernel K T message(s) while it ran ..."``
+    for each cell and message type the client sent the kernel during the cell's run (``sent``
+    as :func:`_client_class` records it: the index of the cell among all cells, or ``None``
+    between cells, and the message type)."""
     cells = notebook.get("cells", [])
     code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code"]
     numbers = {index: number for number, index in enumerate(code, 1)}
