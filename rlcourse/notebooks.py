@@ -5,9 +5,12 @@
 
     python -m rlcourse.notebooks check              # the output checks over the committed chapters
 
-Uses ``nbclient`` (the engine behind ``jupyter nbconvert --execute``). Widget state is stored
-in the notebook so the HTML book can show widgets without a kernel, and a progress bar's text
-fallback is rewritten to its final state (:func:`settle_progress_bars`).
+Uses ``nbclient`` (the engine behind ``jupyter nbconvert --execute``, papermill and nbmake) as
+it comes: a chapter this runner executes, plain nbconvert executes as fast. A run fails when a
+cell made nbclient send the kernel a widget front end's reply (:func:`front_end_replies`: the
+message that can hang plain nbconvert). Widget state is stored in the notebook so the HTML book
+can show widgets without a kernel, and a progress bar's text fallback is rewritten to its final
+state (:func:`settle_progress_bars`).
 
 The checks a committed chapter must pass (``tests/test_notebook_outputs.py``):
 
@@ -63,49 +66,70 @@ def chapters(book_dir: Path = BOOK_DIR) -> list[Path]:
     return sorted(p for p in book_dir.glob("*.ipynb") if p.name[:2].isdigit())
 
 
-#: Longest single wait on a kernel socket; see :func:`_poll_in_slices`.
-POLL_SLICE_S = 0.5
-
-
-def _poll_in_slices(channel) -> None:
-    """Make ``channel.get_msg(timeout)`` wait in slices of at most :data:`POLL_SLICE_S`.
-
-    Why: jupyter_client waits for a kernel message with one ``socket.poll(timeout)``. Now and
-    then the wake-up for a message that has arrived is lost (a ZeroMQ socket signals readiness
-    edge-triggered), and the poll sleeps until its timeout, then finds the message waiting: a
-    quick chapter took 47 s instead of 7 (cell timeout 40 s) and 608 s instead of 8 (600 s),
-    and a wait with no timeout (the IOPub channel) can hang for good. Polling in short slices
-    bounds each lost wake-up to half a second; the total timeout is unchanged.
-    """
-    from queue import Empty
-    from time import monotonic
-
-    original = channel.get_msg
-
-    async def get_msg(timeout: float | None = None):
-        deadline = None if timeout is None else monotonic() + timeout
-        while True:
-            left = POLL_SLICE_S if deadline is None else max(0.0, deadline - monotonic())
-            try:
-                return await original(timeout=min(POLL_SLICE_S, left))
-            except Empty:
-                if deadline is not None and monotonic() >= deadline:
-                    raise
-
-    channel.get_msg = get_msg
+#: What a client sends the kernel on the shell channel to run a chapter; anything else sent
+#: while a cell runs is a front end's reply (see :func:`_client_class`).
+RUN_MESSAGES = frozenset({"execute_request", "kernel_info_request", "shutdown_request"})
 
 
 def _client_class(base):
-    """``base`` (nbclient's ``NotebookClient``) whose kernel channels poll in slices."""
+    """``base`` (nbclient's ``NotebookClient``) that records every message it sends the kernel
+    on the shell channel other than :data:`RUN_MESSAGES`, with the index of the cell running.
 
-    class SlicedPollClient(base):
+    Why: nbclient plays a widget front end. When a cell prints or plots inside an
+    ``ipywidgets.Output`` (``interact``, ``with out:``), nbclient sends the widget's new state
+    back to the kernel (a ``comm_msg``) on the shell socket it is awaiting the cell's
+    ``execute_reply`` on, and jupyter_client writes it raw on that asyncio socket. A reply that
+    arrives just before such a send loses its edge-triggered wake-up and plain ``jupyter
+    nbconvert --execute``, papermill and nbmake wait forever on a finished cell (nbclient issue
+    312, open upstream; ``rlcourse.teaching.widgets`` explains it). The chapters fill their
+    ``Output`` widgets from the kernel (``interact_or_call``), so nbclient sends nothing back;
+    :func:`execute_notebook` fails a chapter whose run did send something, so that this stays
+    true and the runner needs no workaround of its own.
+    """
+
+    class RecordingClient(base):
+        running_cell: int | None = None
+
+        async def async_execute_cell(self, cell, cell_index, *args, **kwargs):
+            self.running_cell = cell_index
+            try:
+                return await super().async_execute_cell(cell, cell_index, *args, **kwargs)
+            finally:
+                self.running_cell = None
+
         async def async_start_new_kernel_client(self):
             kc = await super().async_start_new_kernel_client()
-            for channel in (kc.shell_channel, kc.iopub_channel):
-                _poll_in_slices(channel)
+            self.sent_to_kernel: list[tuple[int | None, str]] = []
+            send = kc.shell_channel.send
+
+            def recording_send(msg):
+                kind = msg.get("header", {}).get("msg_type", "?")
+                if kind not in RUN_MESSAGES:
+                    self.sent_to_kernel.append((self.running_cell, kind))
+                return send(msg)
+
+            kc.shell_channel.send = recording_send
             return kc
 
-    return SlicedPollClient
+    return RecordingClient
+
+
+def front_end_replies(notebook: Any, sent: list[tuple[int | None, str]], name: str) -> list[str]:
+    """``"NAME: code cell N made the client send the kernel K T message(s) while it ran ..."``
+    for each cell and message type the client sent the kernel during the cell's run (``sent``
+    as :func:`_client_class` records it: the index of the cell among all cells, or ``None``
+    between cells, and the message type)."""
+    cells = notebook.get("cells", [])
+    code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code"]
+    numbers = {index: number for number, index in enumerate(code, 1)}
+    counts: dict[tuple[int | None, str], int] = {}
+    for key in sent:
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{name}: code cell {numbers.get(index, '?')} made the client send the kernel "
+            f"{count} {kind} message(s) while it ran (an ipywidgets Output filled by the front "
+            "end, e.g. interact or `with out:`): plain nbconvert/papermill can hang on this "
+            "(nbclient issue 312); use rlcourse.teaching.widgets.interact_or_call"
+            for (index, kind), count in counts.items()]
 
 
 def execute_notebook(
@@ -145,6 +169,9 @@ def execute_notebook(
     )
     try:
         client.execute()
+        replies = front_end_replies(notebook, getattr(client, "sent_to_kernel", []), path.name)
+        if replies:
+            raise NotebookError("\n".join(replies))
     except (CellExecutionError, CellTimeoutError) as error:
         index, source = _failing_cell(notebook)
         raise NotebookError(

@@ -1,17 +1,20 @@
-"""Citations and glossary links that Jupyter Lab renders and the HTML build turns into roles.
+"""Citations, glossary links and pages that Jupyter Lab renders and the HTML build turns into MyST.
 
-The chapters hold plain Markdown links (``rlcourse.book.citations``); ``book/_ext/rlcourse_links``
-turns them back into ``{cite:t}``/``{cite:p}``/``{term}`` roles when the HTML book is built. The
-built pages' citations and term links are checked in ``test_site.py`` and, in a browser, by
-``test_browser.py``; Jupyter Lab's rendering of a chapter in ``test_browser.py`` too.
+The chapters hold plain Markdown links (``rlcourse.book.citations``) and the pages plain glossary
+entries, a reference list, anchors and page links (``rlcourse.book.pages``);
+``book/_ext/rlcourse_links`` turns them back into roles and directives when the HTML book is
+built. The built pages' citations and term links are checked in ``test_site.py`` and, in a
+browser, by ``test_browser.py``; Jupyter Lab's rendering in ``test_jupyterlab.py``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from rlcourse.book import pages
 from rlcourse.book.build import chapter_notebooks
 from rlcourse.book.citations import (
     BOOK_DIR,
@@ -26,6 +29,14 @@ from rlcourse.book.citations import (
     raw_roles,
     roles_to_links,
     term_anchor,
+)
+from rlcourse.book.pages import (
+    book_pages,
+    glossary_to_myst,
+    page_problems,
+    page_to_myst,
+    raw_myst,
+    reference_list,
 )
 
 BIB = {
@@ -173,6 +184,17 @@ def book_references():
 def test_chapter_markdown_has_no_raw_role_and_its_links_agree(notebook, book_references):
     """Jupyter Lab shows a MyST role as source: chapters cite and link with plain Markdown."""
     assert notebook_problems(notebook, *book_references) == []
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    raw = [(i, p) for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+           for p in raw_myst("".join(c["source"]))]
+    assert raw == [], f"{notebook.name}: MyST Jupyter Lab shows as source (cell, what): {raw}"
+
+
+@pytest.mark.parametrize("page", book_pages(), ids=lambda p: p.name)
+def test_book_page_reads_cleanly_in_jupyter_lab(page, book_references):
+    """``jupyter lab book/`` opens the pages too: no role, directive or label as source, and
+    every citation and glossary link agrees with the bibliography and the glossary."""
+    assert page_problems(page, book_references[1]) == []
 
 
 def test_every_glossary_link_of_the_chapters_becomes_a_role():
@@ -199,3 +221,116 @@ def test_page_check_reports_a_role_left_as_text_but_not_tex():
     assert seen == ["raw MyST role left in the text: ...DPO (DPO, {cite:t} ) was..."]
     tex = r"a typeset formula leaves \pi_{\mathrm{ref}}(a \mid s) and {\rm x} in the text"
     assert _problems_from_facts({"text": tex}, False, False) == []
+
+
+# --------------------------------------------------------------------------- the pages
+
+PLAIN_GLOSSARY = """# Glossary
+
+<a id="term-win-rate"></a>**win rate**\\
+  How often the judge prefers the model,
+  ties counted as one half.
+
+  A second paragraph of the same entry.
+
+<a id="term-kl"></a>**kl**\\
+  See [win rate](glossary.md#term-win-rate).
+
+<a id="concepts"></a>
+## Concepts
+
+<a id="term-policy"></a>**policy**\\
+  A rule for choosing actions ([Hong et al., 2024](bibliography.md#hong2024orpo)).
+"""
+
+MYST_GLOSSARY = """# Glossary
+
+```{glossary}
+win rate
+  How often the judge prefers the model,
+  ties counted as one half.
+
+  A second paragraph of the same entry.
+
+kl
+  See {term}`win rate`.
+```
+
+(concepts)=
+## Concepts
+
+```{glossary}
+policy
+  A rule for choosing actions {cite:p}`hong2024orpo`.
+```
+"""
+
+
+def test_glossary_entries_become_glossary_blocks():
+    assert glossary_to_myst(PLAIN_GLOSSARY).count("```{glossary}") == 2
+    assert page_to_myst(PLAIN_GLOSSARY, ["win rate", "kl", "policy"]) == MYST_GLOSSARY
+    assert raw_myst(PLAIN_GLOSSARY) == []
+    assert raw_myst(MYST_GLOSSARY) == [
+        "role {term}`win rate`", "role {cite:p}`hong2024orpo`", "directive ```{glossary}",
+        "directive ```{glossary}", "target label (concepts)="]
+
+
+def test_a_glossary_entry_the_build_cannot_read_is_an_error():
+    with pytest.raises(ValueError, match="line 1: the anchor of 'win rate' must be "
+                                         "'term-win-rate', not 'term-winrate'"):
+        glossary_to_myst('<a id="term-winrate"></a>**win rate**\\\n  text\n')
+    with pytest.raises(ValueError, match="'kl' needs a definition indented by two spaces"):
+        glossary_to_myst('<a id="term-kl"></a>**kl**\\\ntext\n')
+
+
+def test_page_links_anchors_and_the_table_of_contents_become_myst():
+    page = ("See [the notation](notation.md), [notation](notation.md), chapter "
+            "[9](09_dpo.ipynb) and [below](#more), not [out](https://x.org/a.md) nor "
+            "[elsewhere](#nowhere).\n\n<!-- tableofcontents -->\n\n<a id=\"more\"></a>\n## More\n")
+    assert page_to_myst(page, []) == (
+        "See {doc}`the notation <notation>`, {doc}`notation`, chapter {doc}`9 <09_dpo>` and "
+        "{ref}`below <more>`, not [out](https://x.org/a.md) nor [elsewhere](#nowhere).\n\n"
+        "```{tableofcontents}\n```\n\n(more)=\n## More\n")
+
+
+def test_raw_myst_skips_code_and_maths_but_not_directives():
+    text = ("```python\n{cite:t}`x` inside code\n```\n`{term}` in inline code, $\\{a\\}`$,\n"
+            ":::{note}\nhi\n:::\n% a MyST comment\n+++\n~~~{math}\nx\n~~~\n{doc}`intro`")
+    assert raw_myst(text) == [
+        "role {doc}`intro`", "directive ~~~{math}", "colon fence :::{note}", "colon fence :::",
+        "MyST comment % a MyST comment", "block break +++"]
+
+
+def test_reference_list_is_the_bib_file_with_anchors(tmp_path):
+    pytest.importorskip("pybtex")
+    bib = tmp_path / "refs.bib"
+    bib.write_text("@article{zed2001, author = {Zed, Ann}, title = {Last}, journal = {J},"
+                   " year = {2001}}\n@book{abe1999, author = {Abe, Bo}, title = {First},"
+                   " publisher = {P}, year = {1999}}\n", encoding="utf-8")
+    listed = reference_list(bib).split("\n")
+    assert listed[0].startswith(pages.REFERENCES_BEGIN) and listed[-1] == pages.REFERENCES_END
+    assert [line[:24] for line in listed[1:-1]] == ['- <a id="abe1999"></a>Bo',
+                                                    '- <a id="zed2001"></a>An']
+    page = f"# Bibliography\n\n## References\n\n{reference_list(bib)}\n"
+    assert page_to_myst(page, []) == (
+        "# Bibliography\n\n## References\n\n```{bibliography}\n:all:\n```\n")
+    assert pages.with_reference_list(page.replace("Zed", "Old"), reference_list(bib)) == page
+
+
+def test_committed_pages_become_the_myst_the_html_book_needs(book_references):
+    terms = book_references[1]
+    bibliography = (BOOK_DIR / "bibliography.md").read_text(encoding="utf-8")
+    # the list is refreshed from references.bib: `python -m rlcourse.book.citations --references`
+    assert pages.with_reference_list(bibliography, reference_list()) == bibliography
+    myst = page_to_myst(bibliography, terms)
+    assert myst.count("```{bibliography}\n:all:\n```") == 1 and "<a id=" not in myst
+    assert myst.count("{cite:t}`") >= 30
+    glossary = page_to_myst((BOOK_DIR / "glossary.md").read_text(encoding="utf-8"), terms)
+    blocks = re.findall(r"```\{glossary\}\n(.*?)```", glossary, flags=re.S)
+    defined = [line for b in blocks for line in b.splitlines() if line and not line[0].isspace()]
+    assert defined == terms and len(terms) >= 60 and len(set(terms)) == len(terms)
+    assert "<a id=" not in glossary and "(glossary-concepts)=" in glossary
+    intro = page_to_myst((BOOK_DIR / "intro.md").read_text(encoding="utf-8"), terms)
+    assert "```{tableofcontents}" in intro
+    for chapter in chapter_notebooks():
+        assert f"<{chapter.stem}>`" in intro, chapter.stem

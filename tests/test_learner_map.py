@@ -16,7 +16,7 @@ def test_intro_carries_a_map_of_every_chapter_and_slide():
     # every chapter whose quick time was measured (a new chapter joins the map when
     # benchmarks/chapter_runtimes.py has timed it and --write has run)
     for stem in lm.quick_runtimes()["chapters"]:
-        assert f"<{stem}>`" in block, f"intro.md's map lacks chapter {stem}: refresh it"
+        assert f"]({stem}.ipynb)" in block, f"intro.md's map lacks chapter {stem}: refresh it"
     for slide in lm.SLIDES:
         assert f"| {slide.title} | {slide.topic} |" in block, f"map lacks slide {slide.title}"
     assert block.count("| missing |") == 0

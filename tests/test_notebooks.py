@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from rlcourse.notebooks import chapters, execute_notebook, mode_independent_mismatches
+from rlcourse.notebooks import (
+    NotebookError,
+    chapters,
+    execute_notebook,
+    front_end_replies,
+    mode_independent_mismatches,
+)
 
 CHAPTERS = chapters()
 
@@ -53,35 +59,66 @@ def test_committed_chapter_has_outputs_and_no_errors(path):
     assert "Exercise" in markdown, f"{path.name} has no exercises section"
 
 
-def test_kernel_channels_poll_in_short_slices():
-    """A lost wake-up must cost one slice, not the whole timeout (see ``_poll_in_slices``)."""
-    import asyncio
-    from queue import Empty
+def test_front_end_replies_name_the_cell_and_the_message():
+    notebook = {"cells": [{"cell_type": "markdown"}, {"cell_type": "code"},
+                          {"cell_type": "code"}]}
+    sent = [(2, "comm_msg"), (2, "comm_msg"), (None, "comm_info_request")]
+    problems = front_end_replies(notebook, sent, "13_demo.ipynb")
+    assert [p.split(" (an ipywidgets")[0] for p in problems] == [
+        "13_demo.ipynb: code cell 2 made the client send the kernel 2 comm_msg message(s) while "
+        "it ran",
+        "13_demo.ipynb: code cell ? made the client send the kernel 1 comm_info_request "
+        "message(s) while it ran"]
+    assert front_end_replies(notebook, [], "x") == []
 
-    from rlcourse.notebooks import POLL_SLICE_S, _poll_in_slices
 
-    class FakeChannel:
-        def __init__(self, empty_polls):
-            self.empty_polls, self.asked = empty_polls, []
+@pytest.mark.notebook
+def test_runner_fails_a_cell_whose_output_widget_the_client_fills(tmp_path):
+    """A cell printing inside ``with Output():`` makes nbclient send the widget's state back on
+    the shell channel, the message that can hang plain nbconvert (``rlcourse.teaching.widgets``):
+    the runner refuses it. The same output set from the kernel (``interact_or_call``) passes."""
+    nbformat = pytest.importorskip("nbformat")
+    from nbformat.v4 import new_code_cell, new_notebook
 
-        async def get_msg(self, timeout=None):
-            self.asked.append(timeout)
-            if len(self.asked) <= self.empty_polls:
-                raise Empty
-            return {"msg": "reply"}
+    # the sleep keeps the execute_reply well after nbclient's send: this run cannot hang
+    captured = ("import time\nfrom ipywidgets import Output\nout = Output()\ndisplay(out)\n"
+                "with out:\n    print('inside')\ntime.sleep(1)")
+    path = tmp_path / "widget.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("x = 1"), new_code_cell(captured)]), path)
+    with pytest.raises(NotebookError, match=r"code cell 2 made the client send the kernel \d+ "
+                                             r"comm_msg"):
+        execute_notebook(path, cell_timeout=60, extra_env={"OMP_NUM_THREADS": "1"})
+    kernel_side = ("from ipywidgets import IntSlider\n"
+                   "from rlcourse.teaching.widgets import interact_or_call\n"
+                   "interact_or_call(lambda n: print('n =', n), n=IntSlider(3))")
+    nbformat.write(new_notebook(cells=[new_code_cell(kernel_side)]), path)
+    executed = execute_notebook(path, cell_timeout=60, extra_env={"OMP_NUM_THREADS": "1"})
+    state = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    outputs = [m["state"]["outputs"] for m in state.values() if m["model_name"] == "OutputModel"]
+    assert outputs == [[{"output_type": "stream", "name": "stdout", "text": "n = 3\n"}]]
 
-    # the message turns up on the fourth poll: three empty slices, then the reply
-    channel = FakeChannel(empty_polls=3)
-    _poll_in_slices(channel)
-    assert asyncio.run(channel.get_msg(timeout=600)) == {"msg": "reply"}
-    assert len(channel.asked) == 4 and all(t <= POLL_SLICE_S for t in channel.asked)
-    # no timeout (the IOPub channel): still sliced, never a single unbounded poll
-    channel = FakeChannel(empty_polls=2)
-    _poll_in_slices(channel)
-    assert asyncio.run(channel.get_msg()) == {"msg": "reply"}
-    assert channel.asked == [POLL_SLICE_S] * 3
-    # nothing ever arrives: Empty once the caller's timeout has passed
-    channel = FakeChannel(empty_polls=10**9)
-    _poll_in_slices(channel)
-    with pytest.raises(Empty):
-        asyncio.run(channel.get_msg(timeout=0.0))
+
+@pytest.mark.notebook
+def test_a_chapter_finishes_under_plain_nbconvert(tmp_path):
+    """What a reader runs: ``jupyter nbconvert --execute`` (nbclient without this project's
+    runner) on the chapter with the most sliders, in quick mode. The limit only guards against
+    a hang (the chapter takes about 10 s; it hung before its Output widgets were filled from the
+    kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    chapter = next(p for p in CHAPTERS if p.name.startswith("13_"))
+    out = tmp_path / "executed.ipynb"
+    env = {**os.environ, "RLCOURSE_QUICK": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute",
+             "--output", str(out), str(chapter)],
+            env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"jupyter nbconvert --execute {chapter.name} still running after 240 s")
+    assert run.returncode == 0, run.stderr[-3000:]
+    executed = json.loads(out.read_text(encoding="utf-8"))
+    code = [c for c in executed["cells"] if c["cell_type"] == "code"]
+    assert all(c.get("execution_count") for c in code), "a cell was not executed"

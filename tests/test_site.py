@@ -167,11 +167,10 @@ METRICS = [
 
 
 def _glossary_terms() -> list[str]:
-    text = (BOOK_DIR / "glossary.md").read_text(encoding="utf-8")
-    terms = []
-    for block in re.findall(r"```\{glossary\}\n(.*?)```", text, flags=re.S):
-        terms += [line.strip() for line in block.splitlines() if line and not line[0].isspace()]
-    return terms
+    # the page's entries (plain Markdown that Jupyter Lab renders; rlcourse.book.pages)
+    from rlcourse.book.citations import glossary_terms
+
+    return glossary_terms(BOOK_DIR / "glossary.md")
 
 
 def test_glossary_defines_every_logged_metric_once():

@@ -22,7 +22,8 @@ written with roles (:func:`convert_notebook` rewrites a notebook's markdown cell
 target agree with the bibliography and the glossary.
 
     python -m rlcourse.book.citations book/NN_name.ipynb ...   # convert roles to links
-    python -m rlcourse.book.citations --check book/*.ipynb     # report roles left, bad links
+    python -m rlcourse.book.citations --check                  # raw MyST, bad links (all)
+    python -m rlcourse.book.citations --references             # bibliography.md's list
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlcourse.files import atomic_write_text
 
 BOOK_DIR = Path(__file__).resolve().parents[2] / "book"
 BIBLIOGRAPHY_PAGE = "bibliography.md"
@@ -97,13 +100,19 @@ def load_bibliography(path: Path = BOOK_DIR / "references.bib") -> dict[str, Ref
     return references
 
 
+#: A glossary entry of ``glossary.md``: the term's anchor, the term in bold, a line break
+#: (``rlcourse.book.pages`` describes the format; the HTML build makes it a ``{glossary}`` item).
+GLOSSARY_ENTRY = re.compile(r'^<a id="(term-[\w-]+)"></a>\*\*(.+?)\*\*\\$')
+
+
+def glossary_entries(text: str) -> list[tuple[str, str]]:
+    """``(anchor, term)`` of every glossary entry of a page, in order."""
+    return [m.groups() for m in map(GLOSSARY_ENTRY.match, text.split("\n")) if m]
+
+
 def glossary_terms(path: Path = BOOK_DIR / GLOSSARY_PAGE) -> list[str]:
-    """The terms defined in the ``{glossary}`` blocks of a MyST page (unindented lines)."""
-    text = Path(path).read_text(encoding="utf-8")
-    terms = []
-    for block in re.findall(r"```\{glossary\}\n(.*?)```", text, flags=re.S):
-        terms += [line.strip() for line in block.splitlines() if line and not line[0].isspace()]
-    return terms
+    """The terms the glossary page defines (its entries, :data:`GLOSSARY_ENTRY`)."""
+    return [term for _, term in glossary_entries(Path(path).read_text(encoding="utf-8"))]
 
 
 def term_anchor(term: str) -> str:
@@ -268,13 +277,23 @@ def notebook_json_with_roles(text: str, terms: Iterable[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlcourse.book import pages
+
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--references"]:
+        path = BOOK_DIR / BIBLIOGRAPHY_PAGE
+        text = pages.with_reference_list(path.read_text(encoding="utf-8"), pages.reference_list())
+        atomic_write_text(path, text)
+        print(f"{path}: reference list written from references.bib")
+        return 0
     check = "--check" in args
     paths = [Path(a) for a in args if a != "--check"] or sorted(BOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
     bibliography, terms = load_bibliography(), glossary_terms()
     if check:
         problems = [p for path in paths for p in notebook_problems(path, bibliography, terms)]
-        print("\n".join(problems) or f"{len(paths)} notebooks: no raw role, every link agrees")
+        problems += [p for page in pages.book_pages() for p in pages.page_problems(page, terms)]
+        print("\n".join(problems) or f"{len(paths)} notebooks and the pages: no raw MyST, every "
+              "link agrees")
         return 1 if problems else 0
     for path in paths:
         print(f"{path}: {convert_notebook(path, bibliography)} roles converted")

@@ -205,7 +205,7 @@ def chapter_table(book_dir: Path = BOOK_DIR, runtimes: dict[str, Any] | None = N
         before, bring = PREREQUISITES.get(stem, ((), ""))
         first = ", ".join(str(n) for n in before) or "nothing"
         q = quick.get(stem, {}).get("quick_seconds")
-        rows.append(f"| {int(stem[:2])}. {{doc}}`{_title(nb)} <{stem}>` | {first} | {bring} | "
+        rows.append(f"| {int(stem[:2])}. [{_title(nb)}]({stem}.ipynb) | {first} | {bring} | "
                     f"{reading_minutes(nb)} min | {_minutes(full_run_seconds(nb))} | "
                     f"{_minutes(q)} |")
     return "\n".join(rows)
@@ -220,8 +220,8 @@ def slide_table(book_dir: Path = BOOK_DIR) -> str:
         where = find_section(nb, slide.section) if nb else None
         cell = f"{where[0]} ({where[1]})" if where else "missing"
         heading = slide.section.lstrip("# ").strip()
-        rows.append(f"| {slide.title} | {slide.topic} | {{doc}}`{int(slide.chapter[:2])} "
-                    f"<{slide.chapter}>` | {heading} | {cell} |")
+        rows.append(f"| {slide.title} | {slide.topic} | [{int(slide.chapter[:2])}]"
+                    f"({slide.chapter}.ipynb) | {heading} | {cell} |")
     return "\n".join(rows)
 
 

@@ -2,13 +2,14 @@
 graphical model and a slider that steps through the sweeps of an iterative algorithm.
 
 Everything draws on a Matplotlib ``Axes`` (a new figure when none is given) and returns it, so
-chapters can arrange several panels. Widgets fall back to a static plot when ipywidgets is not
-available (for example when a notebook is executed headless without a kernel that supports it).
+chapters can arrange several panels. The sliders are ``rlcourse.teaching.widgets.interact_or_call``
+(imported here, where the chapters import it from), which fills its output from the kernel so
+that plain ``jupyter nbconvert --execute`` finishes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -16,6 +17,7 @@ import numpy as np
 from matplotlib.patches import Circle, FancyArrowPatch
 
 from rlcourse.mdp import GRID_MOVES, MDP, greedy_policy
+from rlcourse.teaching.widgets import interact_or_call
 
 __all__ = [
     "draw_chain",
@@ -134,20 +136,6 @@ def plot_snapshots(history: Sequence[np.ndarray], shape: tuple[int, int], ks: Se
                         terminal=mdp.terminal)
     fig.tight_layout()
     return fig
-
-
-def interact_or_call(fn: Callable[..., Any], **widgets: Any) -> None:
-    """``ipywidgets.interact(fn, **widgets)`` in a live notebook; without ipywidgets, call ``fn``
-    once with each widget's current value, so headless runs still draw the default view.
-
-    Returns ``None`` so the cell does not echo the decorated function under the slider."""
-    try:
-        from ipywidgets import interact
-    except ImportError:  # pragma: no cover - ipywidgets is a dependency
-        defaults = {k: getattr(w, "value", w) for k, w in widgets.items()}
-        fn(**defaults)
-        return
-    interact(fn, **widgets)
 
 
 def step_through(history: Sequence[np.ndarray], shape: tuple[int, int], mdp: MDP | None = None,
