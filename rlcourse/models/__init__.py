@@ -16,9 +16,11 @@ X`` is the one import the rest of the code base uses:
 - :mod:`rlcourse.models.construction`: the tiny Llama-style config and model;
 - :mod:`rlcourse.models.io`: loading and saving any causal LM and its tokenizer (the one
   ``from_pretrained`` of a backbone: :func:`load_causal_lm`);
-- :mod:`rlcourse.models.logprobs`: per-token log-probabilities from logits, position ids;
+- :mod:`rlcourse.models.logprobs`: per-token log-probabilities from logits, or from hidden
+  states in chunks without the full logits (:func:`chunked_logprobs`), position ids;
 - :mod:`rlcourse.models.scoring`: the one way to score sequences under a model
-  (:func:`call_model`, :func:`score_sequences`, :func:`sequence_logprobs`);
+  (:func:`call_model`, :func:`score_sequences`, :func:`next_token_logprobs`,
+  :func:`sequence_logprobs`);
 - :mod:`rlcourse.models.generation`: sampling with the sampled tokens' log-probabilities;
 - :mod:`rlcourse.models.heads`: the value head, the reward model, freezing an unused LM head.
 """
@@ -35,10 +37,16 @@ from rlcourse.models.generation import (
 )
 from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
 from rlcourse.models.io import load_causal_lm, load_model, load_tokenizer, save_model
-from rlcourse.models.logprobs import logprobs_from_logits, position_ids_from_mask
+from rlcourse.models.logprobs import (
+    chunked_logprobs,
+    logprobs_from_logits,
+    position_ids_from_mask,
+)
 from rlcourse.models.scoring import (
     ScoredSequences,
     call_model,
+    next_token_logprobs,
+    output_layer,
     output_logits,
     output_values,
     score_sequences,
@@ -72,12 +80,15 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "call_model",
+    "chunked_logprobs",
     "encode_prompt_completion",
     "format_completion",
     "format_prompt",
     "freeze_untied_lm_head",
     "generate",
     "max_positions",
+    "next_token_logprobs",
+    "output_layer",
     "last_token_index",
     "load_causal_lm",
     "load_model",

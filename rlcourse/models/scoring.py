@@ -24,12 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlcourse.models.logprobs import logprobs_from_logits, position_ids_from_mask
+from rlcourse.models.logprobs import (
+    chunked_logprobs,
+    logprobs_from_logits,
+    position_ids_from_mask,
+)
 from rlcourse.rl import entropy_from_logits
 
 __all__ = [
     "ScoredSequences",
     "shifted_mask",
+    "next_token_logprobs",
+    "output_layer",
     "call_model",
     "output_logits",
     "output_values",
@@ -158,6 +164,81 @@ def score_sequences(model: Any, input_ids: Tensor, attention_mask: Tensor,
                            values=output_values(out), temperature=temperature)
 
 
+#: Config attributes of models whose logits are more than ``h W^T + b`` (Gemma's soft-capping,
+#: Cohere's and Granite's scales): their logits are taken from the model's own output.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                     "output_multiplier", "lm_head_multiplier")
+
+
+def output_layer(model: Any) -> tuple[Any, torch.nn.Linear] | None:
+    """``(backbone, output layer)`` of a ``transformers`` causal LM whose logits are
+    ``output_layer(backbone(...).last_hidden_state)`` and nothing more, under its DDP,
+    ``torch.compile`` and PEFT wrappers; ``None`` for anything else (a toy policy, a value-head
+    model, a model that scales or caps its logits, an output layer that is not a plain
+    ``nn.Linear``, e.g. one a LoRA adapter wraps). Such a model can be scored from its hidden
+    states in chunks (:func:`next_token_logprobs`)."""
+    bare = unwrap_model(model)
+    if callable(getattr(bare, "get_base_model", None)):  # PEFT: the model its adapters are in
+        bare = bare.get_base_model()
+    config = getattr(bare, "config", None)
+    get_head = getattr(bare, "get_output_embeddings", None)
+    backbone = getattr(bare, "base_model", None)
+    if config is None or not callable(get_head) or not isinstance(backbone, torch.nn.Module) \
+            or backbone is bare:
+        return None
+    head = get_head()
+    if type(head) is not torch.nn.Linear:
+        return None
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    try:
+        params = inspect.signature(bare.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return (backbone, head) if "logits_to_keep" in params else None
+
+
+def next_token_logprobs(model: Any, input_ids: Tensor, attention_mask: Tensor,
+                        temperature: float = 1.0, scored: Tensor | None = None) -> Tensor:
+    """``lp[:, t] = log softmax(z_t / temperature)[input_ids[:, t+1]]``, (B, L) -> (B, L-1),
+    float32, as ``score_sequences(...).logprobs``, without the (B, L, V) logits when the model
+    allows (:func:`output_layer`): the backbone's last hidden states ``h`` are taken as the
+    model computes them (a forward hook; the model asked for the last position's logits only,
+    ``logits_to_keep=1``), and ``log softmax(h W^T + b)`` at the labels is computed a chunk of
+    positions at a time (:func:`rlcourse.models.logprobs.chunked_logprobs`), which is where a
+    large vocabulary's memory went: 4 B L V bytes of float32 logits, their log-softmax as much
+    again, and as much for their gradient.
+
+    ``scored`` (B, L), e.g. a completion mask: only tokens ``t+1`` with ``scored[:, t+1] = 1``
+    are scored; the others are exactly 0. Other models are scored
+    through their logits (:func:`score_sequences`), with the same result.
+    """
+    parts = output_layer(model)
+    if parts is None or not takes_position_ids(model):
+        lp = score_sequences(model, input_ids, attention_mask, temperature).logprobs
+        return lp if scored is None else lp.masked_fill(scored[:, 1:] == 0, 0.0)
+    backbone, head = parts
+    captured: list[Tensor] = []
+
+    def keep_hidden(module: Any, args: Any, out: Any) -> None:
+        captured.append(out if isinstance(out, Tensor) else out[0])
+
+    handle = backbone.register_forward_hook(keep_hidden)
+    try:
+        call_model(model, input_ids, attention_mask, logits_to_keep=1)
+    finally:
+        handle.remove()
+    hidden, labels = captured[-1][:, :-1], input_ids[:, 1:]
+    if scored is None:
+        lp = chunked_logprobs(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
+                              labels.reshape(-1), temperature)
+        return lp.view(labels.shape)
+    keep = scored[:, 1:].bool()
+    lp = chunked_logprobs(hidden[keep], head.weight, head.bias, labels[keep], temperature)
+    # masked_scatter keeps an all-masked batch connected to the model (a zero gradient)
+    return lp.new_zeros(keep.shape).masked_scatter(keep, lp)
+
+
 def sequence_logprobs(
     model: Any,
     input_ids: Tensor,
@@ -176,11 +257,12 @@ def sequence_logprobs(
       probability (SimPO, ORPO); 0 for an empty completion rather than NaN.
 
     Position ids are counted from the attention mask (:func:`call_model`), so left, right (or
-    both-sided) padding gives the same values as each sequence run alone.
+    both-sided) padding gives the same values as each sequence run alone; only the completion
+    tokens are scored, without the full logits where the model allows
+    (:func:`next_token_logprobs`).
     """
-    lp = score_sequences(model, input_ids, attention_mask).logprobs
-    mask = shifted_mask(completion_mask, lp.dtype)
-    lp = lp * mask
+    mask = shifted_mask(completion_mask)
+    lp = next_token_logprobs(model, input_ids, attention_mask, scored=completion_mask) * mask
     if reduce == "none":
         return lp
     if reduce == "sum":
