@@ -66,11 +66,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
-            z = F.linear(hidden[s:s + chunk].to(dtype), w, b).float()
+            rows = slice(s, s + chunk)
+            z = F.linear(hidden[rows].to(dtype), w, b).float()
             if temperature != 1.0:
                 z /= temperature
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            out[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(-1, labels[rows, None]).squeeze(-1) - lse[rows]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
         return out
