@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlcourse.memory import LOGIT_CHUNK_BYTES
+
 
 # --------------------------------------------------------------------------------------------
 # Log-probabilities
@@ -34,9 +36,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # Log-probabilities from hidden states, without the [tokens, vocabulary] logits
 # --------------------------------------------------------------------------------------------
 #: Bytes of float32 logits one chunk may hold (256 MiB): ``chunk = CHUNK_BYTES // (4 V)`` tokens,
-#: 441 for Qwen2.5's 151,936 words, every token at once for the book's 257.
-#: :func:`rlcourse.memory.training_step_memory` counts the same chunk.
-CHUNK_BYTES = 2**28
+#: 441 for Qwen2.5's 151,936 words, every token at once for the book's 257; the number
+#: :func:`rlcourse.memory.training_step_memory` counts.
+CHUNK_BYTES = LOGIT_CHUNK_BYTES
 
 
 def chunk_tokens(vocab: int, chunk_bytes: int | None = None) -> int:
