@@ -57,7 +57,6 @@ from rlcourse.guards import check_finite_loss, check_finite_weights, checked_rew
 from rlcourse.models import (
     call_model,
     generate,
-    next_token_logprobs,
     output_logits,
     score_sequences,
     shifted_mask,
@@ -238,13 +237,13 @@ def reference_logprobs(ref_model: nn.Module | None, input_ids: Tensor, attention
     with no reference would silently be no penalty."""
     with torch.no_grad():
         if ref_model is not None:
-            return next_token_logprobs(ref_model, input_ids, attention_mask, temperature)
+            return score_sequences(ref_model, input_ids, attention_mask, temperature).logprobs
         lm = language_model(unwrap_model(policy)) if policy is not None else None
         if lm is None or not is_lora(lm):
             raise ValueError("a KL penalty needs a reference model (or a LoRA policy, whose "
                              "adapters switched off are the reference); got neither")
         with adapters_disabled(lm):
-            return next_token_logprobs(lm, input_ids, attention_mask, temperature)
+            return score_sequences(lm, input_ids, attention_mask, temperature).logprobs
 
 
 def reward_model_fn(reward_model: nn.Module) -> Callable[..., Tensor]:

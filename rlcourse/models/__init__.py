@@ -36,7 +36,13 @@ from rlcourse.models.generation import (
     max_positions,
 )
 from rlcourse.models.heads import RewardModel, ValueHeadModel, freeze_untied_lm_head
-from rlcourse.models.io import load_causal_lm, load_model, load_tokenizer, save_model
+from rlcourse.models.io import (
+    load_causal_lm,
+    load_model,
+    load_tokenizer,
+    save_model,
+    saved_dtype,
+)
 from rlcourse.models.logprobs import (
     chunked_logprobs,
     logprobs_from_logits,
@@ -98,6 +104,7 @@ __all__ = [
     "output_values",
     "position_ids_from_mask",
     "save_model",
+    "saved_dtype",
     "score_sequences",
     "sequence_logprobs",
     "shifted_logprobs",
