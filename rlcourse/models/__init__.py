@@ -18,6 +18,8 @@ X`` is the one import the rest of the code base uses:
   ``from_pretrained`` of a backbone: :func:`load_causal_lm`);
 - :mod:`rlcourse.models.logprobs`: per-token log-probabilities from logits, or from hidden
   states in chunks without the full logits (:func:`chunked_logprobs`), position ids;
+- :mod:`rlcourse.models.packing`: a padded batch's real tokens packed into rows without padding
+  (:func:`pack_sequences`);
 - :mod:`rlcourse.models.scoring`: the one way to score sequences under a model
   (:func:`call_model`, :func:`score_sequences`, :func:`next_token_logprobs`,
   :func:`sequence_logprobs`);
@@ -48,13 +50,17 @@ from rlcourse.models.logprobs import (
     logprobs_from_logits,
     position_ids_from_mask,
 )
+from rlcourse.models.packing import PackedBatch, pack_rows, pack_sequences
 from rlcourse.models.scoring import (
     ScoredSequences,
     call_model,
+    last_hidden_states,
     next_token_logprobs,
     output_layer,
     output_logits,
     output_values,
+    packed_logprobs,
+    packing_width,
     score_sequences,
     sequence_logprobs,
     shifted_logprobs,
@@ -93,6 +99,7 @@ __all__ = [
     "freeze_untied_lm_head",
     "generate",
     "max_positions",
+    "last_hidden_states",
     "next_token_logprobs",
     "output_layer",
     "last_token_index",
@@ -102,6 +109,11 @@ __all__ = [
     "logprobs_from_logits",
     "output_logits",
     "output_values",
+    "PackedBatch",
+    "pack_rows",
+    "pack_sequences",
+    "packed_logprobs",
+    "packing_width",
     "position_ids_from_mask",
     "save_model",
     "saved_dtype",
