@@ -273,8 +273,8 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
         old = token_logprobs(bare, ids, attn, config.temperature)
         bare.train(was)
         # kl_coef > 0: the reference model, or a LoRA policy with its adapters switched off
-        ref = (reference_logprobs(ref_model, ids, attn, config.temperature, bare)
-               if config.kl_coef else None)
+        ref = (reference_logprobs(ref_model, ids, attn, config.temperature, bare,
+                                  score=token_logprobs) if config.kl_coef else None)
     groups = scores.view(-1, config.group_size)
     adv = group_advantages(groups, config.advantage).reshape(-1, 1).expand_as(mask)
     processes = accelerator.num_processes if accelerator is not None else 1
