@@ -123,10 +123,24 @@ def test_model_logprobs_equal_the_full_logits(arch, left, temperature):
     assert (masked[comp[:, 1:] == 0] == 0).all()
 
 
-def _param_grads(model, fn):
+def param_grads(model, loss_fn):
+    """Every parameter's gradient of ``loss_fn()`` (also used by tests/test_packing.py)."""
     model.zero_grad(set_to_none=True)
-    fn().backward()
+    loss_fn().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def lora_lm(vocab=211, seed=3):
+    """A tiny LM with LoRA r=4 whose ``B`` is moved off 0 (so that the adapters change the
+    outputs) and gradient checkpointing on, in training mode."""
+    model = apply_lora(tiny_lm(vocab=vocab), LoraSettings(r=4), seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    enable_gradient_checkpointing(model)
+    model.train()
+    return model
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -141,7 +155,7 @@ def test_gradients_equal_the_full_logits(tied):
     def chunked():
         return (sequence_logprobs(model, ids, att, comp, reduce="none") * weights).sum()
 
-    want, got = _param_grads(model, full), _param_grads(model, chunked)
+    want, got = param_grads(model, full), param_grads(model, chunked)
     assert set(want) == set(got)
     assert ("lm_head.weight" in got) == (not tied)  # tied: one parameter, embed_tokens.weight
     for name in want:
@@ -149,18 +163,11 @@ def test_gradients_equal_the_full_logits(tied):
 
 
 def test_lora_and_gradient_checkpointing_equal_the_full_logits():
-    model = apply_lora(tiny_lm(), LoraSettings(r=4), seed=3)
-    # B = 0 at initialisation: move it so that the adapters change the outputs
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    enable_gradient_checkpointing(model)
-    model.train()
+    model = lora_lm()
     assert output_layer(model) is not None
     ids, att, comp = batch()
-    want = _param_grads(model, lambda: (full_logprobs(model, ids, att) * comp[:, 1:]).sum())
-    got = _param_grads(model, lambda: sequence_logprobs(model, ids, att, comp).sum())
+    want = param_grads(model, lambda: (full_logprobs(model, ids, att) * comp[:, 1:]).sum())
+    got = param_grads(model, lambda: sequence_logprobs(model, ids, att, comp).sum())
     assert want and set(want) == set(got)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)

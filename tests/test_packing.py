@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_chunked_logprobs import lora_lm, param_grads, tiny_lm
 
-from rlcourse.adapters import LoraSettings, apply_lora, enable_gradient_checkpointing
-from rlcourse.models import (
-    next_token_logprobs,
-    sequence_logprobs,
-    tiny_config,
-)
+from rlcourse.models import next_token_logprobs, sequence_logprobs
 from rlcourse.models.packing import pack_rows, pack_sequences
 from rlcourse.models.scoring import packed_logprobs, packing_width
 
@@ -50,14 +46,6 @@ def test_a_mask_with_a_hole_is_refused():
 # --------------------------------------------------------------------------------------------
 # Scoring packed against padded and against each sequence alone
 # --------------------------------------------------------------------------------------------
-def tiny_lm(arch="llama", vocab=97, seed=0, **kw):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(
-        tiny_config(vocab, n_layers=2, hidden_size=32, n_heads=4, arch=arch, **kw))
-
-
 LENGTHS, COMPLETIONS = [11, 4, 7, 3, 9, 5], [5, 2, 3, 1, 4, 3]
 
 
@@ -89,7 +77,7 @@ def alone(model, ids, att, comp):
 @pytest.mark.parametrize("left", [False, True])
 @pytest.mark.parametrize("width", [11, 16, 22, 39])   # 39: every token in one row
 def test_packed_equals_padded_and_alone(arch, left, width):
-    model = tiny_lm(arch)
+    model = tiny_lm(arch, vocab=97)
     ids, att, comp = padded_batch(left)
     padded = next_token_logprobs(model, ids, att, scored=comp)
     packed = packed_logprobs(model, ids, att, comp, width=width)
@@ -101,35 +89,21 @@ def test_packed_equals_padded_and_alone(arch, left, width):
 
 @pytest.mark.parametrize("temperature", [0.6])
 def test_packed_at_a_temperature(temperature):
-    model = tiny_lm()
+    model = tiny_lm(vocab=97)
     ids, att, comp = padded_batch()
     torch.testing.assert_close(
         packed_logprobs(model, ids, att, comp, temperature, width=22),
         next_token_logprobs(model, ids, att, temperature, scored=comp), atol=3e-6, rtol=1e-6)
 
 
-def _grads(model, loss_fn):
-    model.zero_grad(set_to_none=True)
-    loss_fn().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_packed_gradients_equal_padded(lora):
-    model = tiny_lm()
-    if lora:
-        model = apply_lora(model, LoraSettings(r=4), seed=2)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-        enable_gradient_checkpointing(model)
-    model.train()
+    model = lora_lm(vocab=97, seed=2) if lora else tiny_lm(vocab=97).train()
     ids, att, comp = padded_batch()
     w = torch.linspace(0.5, 1.5, ids.shape[0])
-    want = _grads(model, lambda: (next_token_logprobs(model, ids, att, scored=comp).sum(-1)
+    want = param_grads(model, lambda: (next_token_logprobs(model, ids, att, scored=comp).sum(-1)
                                   * w).sum())
-    got = _grads(model, lambda: (packed_logprobs(model, ids, att, comp, width=22).sum(-1)
+    got = param_grads(model, lambda: (packed_logprobs(model, ids, att, comp, width=22).sum(-1)
                                  * w).sum())
     assert want and set(got) == set(want)
     for name in want:
@@ -137,7 +111,7 @@ def test_packed_gradients_equal_padded(lora):
 
 
 def test_width_choice():
-    model = tiny_lm()
+    model = tiny_lm(vocab=97)
     ids, att, comp = padded_batch()
     # SDPA: rows of twice the padded width; 39 tokens in one row of 22 + one of 17 -> 44 slots
     # against 6 * 11 = 66
@@ -153,7 +127,7 @@ def test_width_choice():
 def test_sequence_logprobs_packs_and_equals_each_sequence_alone(monkeypatch):
     import rlcourse.models.scoring as scoring
 
-    model = tiny_lm()
+    model = tiny_lm(vocab=97)
     ids, att, comp = padded_batch()
     calls = []
     real = scoring.pack_sequences
