@@ -11,12 +11,16 @@ Measured:
 - the loss of the first step with the reference equal to the policy (``ln 2`` for both), and
   the first two losses with a reference that differs from the policy (the same model after a
   little training on other data): the two implementations must agree;
-- the wall time per optimizer step, step to step (median over steps after a warm-up), for
+- the wall time per optimizer step, step to step (median over steps after a warm-up), and the
+  process's CPU time per step (``time.process_time``: on a shared machine the time other
+  processes take from this one's core does not count, so it is the steadier of the two), for
   rlcourse (reference log-probs precomputed once, the default of ``train_preference``) and for
   TRL in fp32 twice: a reference forward every step (its default) and with
-  ``precompute_ref_log_probs=True``; and, for information, TRL as ``DPOConfig`` comes out of
-  the box, which switches on bf16 autocast even on a CPU (its losses then differ from fp32 in
-  the fourth digit, which is why the comparisons above set ``bf16=False``).
+  ``precompute_ref_log_probs=True``; rlcourse also without packing (``rlcourse_padded``: the
+  batch scored padded, as before padding-free packing); and, for information, TRL as
+  ``DPOConfig`` comes out of the box, which switches on bf16 autocast even on a CPU (its losses
+  then differ from fp32 in the fourth digit, which is why the comparisons above set
+  ``bf16=False``).
 
 TRL is a benchmark-only extra (``pip install -e ".[bench]"``). Usage::
 
@@ -83,21 +87,36 @@ def step_times(stamps: list[float], warmup: int) -> list[float]:
     return diffs[warmup:] if len(diffs) > warmup else diffs
 
 
+def stamp() -> tuple[float, float]:
+    """``(wall, CPU)`` seconds now: ``perf_counter`` and ``process_time``."""
+    return time.perf_counter(), time.process_time()
+
+
 # --------------------------------------------------------------------------------------------
 # rlcourse
 # --------------------------------------------------------------------------------------------
 
 
-def run_rlcourse(policy, reference, tok, pairs, steps, lr, beta) -> dict:
-    model = copy.deepcopy(policy)
-    stamps: list[float] = []
+def run_rlcourse(policy, reference, tok, pairs, steps, lr, beta, packed: bool = True) -> dict:
+    """``packed=False``: the batch is scored padded (``packing_width`` patched to ``None``), to
+    show what padding-free packing saves."""
+    import rlcourse.models.scoring as scoring
 
-    def stamp(step, history, m):
-        stamps.append(time.perf_counter())
+    if not packed:
+        width, scoring.packing_width = scoring.packing_width, lambda model, mask: None
+        try:
+            return run_rlcourse(policy, reference, tok, pairs, steps, lr, beta)
+        finally:
+            scoring.packing_width = width
+    model = copy.deepcopy(policy)
+    stamps: list[tuple[float, float]] = []
+
+    def on_step(step, history, m):
+        stamps.append(stamp())
 
     items = precompute_reference_logps(reference, tokenize_pairs(tok, pairs, max_length=128))
     run = train_preference("dpo", model, items, config(steps, len(pairs), lr), tokenizer=tok,
-                           beta=beta, engine_kwargs={"callbacks": [stamp]})
+                           beta=beta, engine_kwargs={"callbacks": [on_step]})
     return {"losses": run.history.series("loss")[1], "stamps": stamps}
 
 
@@ -112,12 +131,12 @@ def run_trl(policy, reference, tok, pairs, steps, lr, beta, precompute: bool,
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     losses: list[float] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
+            stamps.append(stamp())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -192,24 +211,29 @@ def main() -> None:
     # shared machine hits all of them alike; the median is over every timed step of all rounds.
     runs = {
         "rlcourse": dict(),
+        "rlcourse_padded": dict(packed=False),  # the same without packing
         "trl_default": dict(precompute=False),
         "trl_precompute_ref": dict(precompute=True),
         # What DPOConfig gives out of the box: bf16 autocast (on a CPU too), reference forward.
         "trl_out_of_the_box_bf16": dict(precompute=False, bf16=True),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runs}
     bf16_losses = None
     for _ in range(args.rounds):
         for name, kw in runs.items():
-            if name == "rlcourse":
-                out = run_rlcourse(policy, reference, tok, pairs, args.steps, args.lr, args.beta)
+            if name.startswith("rlcourse"):
+                out = run_rlcourse(policy, reference, tok, pairs, args.steps, args.lr, args.beta,
+                                   **kw)
             else:
                 out = run_trl(policy, reference, tok, pairs, args.steps, args.lr, args.beta, **kw)
             if name == "trl_out_of_the_box_bf16":
                 bf16_losses = out["losses"][:2]
-            times[name] += step_times(out["stamps"], args.warmup)
+            times[name] += step_times([w for w, _ in out["stamps"]], args.warmup)
+            cpu_times[name] += step_times([c for _, c in out["stamps"]], args.warmup)
     timing = {
         name: {"median_step_s": statistics.median(t), "mean_step_s": statistics.fmean(t),
+               "median_step_cpu_s": statistics.median(cpu_times[name]),
                "n_steps_timed": len(t)}
         for name, t in times.items()
     }
@@ -239,6 +263,16 @@ def main() -> None:
         / timing["trl_default"]["median_step_s"],
         "ratio_rlcourse_to_trl_precompute": timing["rlcourse"]["median_step_s"]
         / timing["trl_precompute_ref"]["median_step_s"],
+        "ratio_rlcourse_to_trl_default_cpu": timing["rlcourse"]["median_step_cpu_s"]
+        / timing["trl_default"]["median_step_cpu_s"],
+        "ratio_rlcourse_to_trl_precompute_cpu": timing["rlcourse"]["median_step_cpu_s"]
+        / timing["trl_precompute_ref"]["median_step_cpu_s"],
+        "ratio_packed_to_padded": timing["rlcourse"]["median_step_s"]
+        / timing["rlcourse_padded"]["median_step_s"],
+        "ratio_packed_to_padded_cpu": timing["rlcourse"]["median_step_cpu_s"]
+        / timing["rlcourse_padded"]["median_step_cpu_s"],
+        "ratio_meaning": "rlcourse's median step time divided by TRL's (below 1: rlcourse is "
+                         "faster); _cpu: process CPU time per step",
         "versions": {"torch": torch.__version__, "trl": trl.__version__,
                      "transformers": transformers.__version__,
                      "python": platform.python_version()},

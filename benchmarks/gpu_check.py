@@ -8,11 +8,22 @@ loses nothing else:
 * ``dpo``: rlcourse DPO steps (:func:`rlcourse.preference.train_preference`, reference
   log-probs precomputed, fp32 master weights with bf16 autocast through ``accelerate``);
 * ``dpo_lora``: the same with LoRA r=16 on every linear layer and gradient checkpointing;
-* ``grpo``: GRPO steps (:func:`rlcourse.grpo.group_step`: K samples per prompt, a rule reward,
-  k3 KL to a frozen bf16 reference) under bf16 autocast;
+* ``grpo``: GRPO steps (:func:`rlcourse.grpo.group_step`: K samples per prompt drawn with the
+  KV-cache generator :func:`rlcourse.models.generate`, a rule reward, k3 KL to a frozen bf16
+  reference) under bf16 autocast;
 * ``trl``: TRL's ``DPOTrainer`` (``precompute_ref_log_probs=True``, ``bf16=True``) on the same
   rows, tokenised to the same ids;
-* ``--merge``: the part files -> one ``gpu.json``.
+* ``trl_grpo``: TRL's ``GRPOTrainer`` on the same prompts, K, answer length, reward and KL
+  coefficient (``loss_type="grpo"``, ``bf16=True``; it samples with ``transformers``'
+  ``generate``, KV cache, no vLLM);
+* ``--merge``: the part files -> one ``gpu.json``, with the rlcourse/TRL ratios of tokens/s and
+  peak memory, and the predicted (:func:`rlcourse.memory.training_step_memory`, bf16
+  activations, chunked logits) against the measured peak of each DPO part.
+
+TRL and ``datasets`` are not needed by rlcourse itself; on a machine without network,
+``gpu_check.sh`` installs them from wheels carried in the ignored folder ``.wheels/`` (made
+on a machine with network: ``pip download trl datasets -d .wheels``, for the GPU machine's
+Python version; torch is not needed there).
 
 Tokens/s counts the real tokens of the sequences trained on (chosen + rejected; for GRPO the
 prompt + response rows of the update), median over the timed steps after a warm-up. MFU =
@@ -185,7 +196,7 @@ def part_dpo(args, lora: bool = False) -> dict:
     predicted = training_step_memory(
         TransformerShape.from_config(config), 2 * args.pairs, seq_len,
         lora_r=16 if lora else None, checkpointing=lora, weight_bytes=2 if lora else 4,
-        trainable_bytes=4, activation_bytes=2, foreach=True)
+        trainable_bytes=4, activation_bytes=2, foreach=True, logits="chunked")
     losses = run.history.series("loss")[1]
     return {"what": "rlcourse DPO step" + (" LoRA r=16 + gradient checkpointing" if lora else
                                            ", full fine-tune"),
@@ -193,7 +204,8 @@ def part_dpo(args, lora: bool = False) -> dict:
             "seq_len_max": seq_len, "median_step_s": median, "steps_timed": len(times),
             "tokens_per_s": tps, "mfu": _mfu(n_params, tps, args.peak_tflops),
             "peak_memory_gib": _peak_gib(device),
-            "predicted_peak_gib_rough": predicted.peak / 2**30,
+            "predicted_peak_gib": predicted.peak / 2**30,
+            "predicted_phase": predicted.phase, "logits": "chunked",
             "reference_pass_s": reference_seconds,
             "first_loss": losses[0], "last_loss": losses[-1]}
 
@@ -202,7 +214,7 @@ def part_grpo(args) -> dict:
     import torch
 
     from rlcourse.grpo import GroupConfig, group_step
-    from rlcourse.ppo import sample_tokens
+    from rlcourse.models import generate
 
     tok, config, device, rows = setup(args)
     policy = build(config, device)
@@ -212,8 +224,7 @@ def part_grpo(args) -> dict:
     new_tokens = 8 if args.smoke else args.grpo_new_tokens
     gcfg = GroupConfig(advantage="grpo", group_size=k, n_prompts=n_prompts, kl_coef=0.04,
                        epochs=1, temperature=1.0)
-    prompts = tok([r["prompt"] for r in rows[:n_prompts]], return_tensors="pt", padding=True)
-    prompt = {key: prompts[key].to(device) for key in ("input_ids", "attention_mask")}
+    group_prompts = [r["prompt"] for r in rows[:n_prompts] for _ in range(k)]
     sampling: list[float] = []
     n_tokens: list[int] = []
 
@@ -221,9 +232,11 @@ def part_grpo(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        rep = {key: v.repeat_interleave(k, dim=0) for key, v in prompt.items()}
-        with torch.no_grad():
-            out = sample_tokens(model, rep, new_tokens, None, gcfg.temperature, None)
+        gen = generate(model, tok, group_prompts, max_new_tokens=new_tokens,
+                       temperature=gcfg.temperature, seed=len(sampling))  # KV cache
+        out = {"input_ids": gen.full_ids, "attention_mask": gen.full_attention_mask,
+               "completion_mask": gen.full_completion_mask}
+        out = {key: v.to(device) for key, v in out.items()}
         if device == "cuda":
             torch.cuda.synchronize()
         sampling.append(time.perf_counter() - t0)
@@ -252,15 +265,81 @@ def part_grpo(args) -> dict:
     sample = statistics.median(sampling[timed])
     tokens = statistics.median(n_tokens[timed])
     update_tps = tokens / max(step - sample, 1e-9)
-    return {"what": "rlcourse GRPO step (group_step: sample K per prompt without KV cache, "
-                    "rule reward, k3 KL to a bf16 reference, one AdamW update)",
+    return {"what": "rlcourse GRPO step (group_step: sample K per prompt with the KV-cache "
+                    "generator, rule reward, k3 KL to a bf16 reference, one AdamW update)",
             "n_parameters": n_params, "prompts": n_prompts, "k": k,
             "new_tokens": new_tokens, "tokens_per_step": tokens, "median_step_s": step,
-            "median_sampling_s": sample, "update_tokens_per_s": update_tps,
+            "tokens_per_s": tokens / step, "median_sampling_s": sample,
+            "update_tokens_per_s": update_tps,
             "update_mfu": _mfu(n_params, update_tps, args.peak_tflops),
             "peak_memory_gib": _peak_gib(device), "last_metrics": metrics,
-            "note": "update = step - sampling (old/ref log-probs, forward, backward, AdamW); "
-                    "sampling recomputes the whole prefix per token (no KV cache)"}
+            "note": "tokens_per_s: prompt + answer tokens of the step over the whole step "
+                    "(sampling included); update = step - sampling (old/ref log-probs, "
+                    "forward, backward, AdamW)"}
+
+
+def part_trl_grpo(args) -> dict:
+    """TRL's GRPOTrainer on the prompts, K, answer length, reward and KL of ``part_grpo``."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlcourse.models import format_prompt
+
+    tok, config, device, rows = setup(args)
+    policy = build(config, device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    n_prompts, k = (2, 4) if args.smoke else (args.grpo_prompts, args.grpo_k)
+    new_tokens = 8 if args.smoke else args.grpo_new_tokens
+    stamps: list[float] = []
+    tokens: list[int] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    def even_share(prompts, completions, completion_ids, **kw):  # part_grpo's reward
+        tokens.append(sum(len(c) for c in completion_ids))
+        return [sum(1 for t in c if t % 2 == 0) / max(len(c), 1) for c in completion_ids]
+
+    data = Dataset.from_list([{"prompt": format_prompt(r["prompt"], tok)}
+                              for r in rows[:n_prompts]])
+    with tempfile.TemporaryDirectory() as out:
+        # TRL builds its reference (beta > 0) from the model's path: save the random model
+        policy.save_pretrained(f"{out}/model")
+        tok.save_pretrained(f"{out}/model")
+        del policy
+        targs = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=n_prompts * k, num_generations=k,
+            max_completion_length=new_tokens, beta=0.04, loss_type="grpo", temperature=1.0,
+            learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0,
+            max_steps=args.grpo_steps + 1, logging_steps=1, report_to=[], save_strategy="no",
+            seed=0, disable_tqdm=True, dataloader_num_workers=0, bf16=not args.smoke,
+            use_cpu=args.smoke, optim="adamw_torch",
+            model_init_kwargs={"dtype": "float32"})  # fp32 master weights, as part grpo
+        trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=[even_share], args=targs,
+                              train_dataset=data, processing_class=tok, callbacks=[Stamp()])
+        _reset_peak(device)
+        start = time.perf_counter()
+        trainer.train()
+    import trl
+
+    times = _timed([start, *stamps], 1)  # the first step is a warm-up
+    step = statistics.median(times)
+    prompt_tokens = sum(len(tok(format_prompt(r["prompt"], tok))["input_ids"])
+                        for r in rows[:n_prompts]) * k
+    step_tokens = prompt_tokens + statistics.median(tokens[1:] or tokens)
+    return {"what": "TRL GRPOTrainer, bf16, loss_type=grpo, beta=0.04, same prompts, K, answer "
+                    "length and reward as part grpo (transformers generate, KV cache)",
+            "trl": trl.__version__, "n_parameters": n_params, "prompts": n_prompts, "k": k,
+            "new_tokens": new_tokens, "tokens_per_step": step_tokens, "median_step_s": step,
+            "steps_timed": len(times), "tokens_per_s": step_tokens / step,
+            "peak_memory_gib": _peak_gib(device)}
 
 
 def part_trl(args) -> dict:
@@ -318,7 +397,7 @@ def part_trl(args) -> dict:
 
 
 PARTS = {"env": part_env, "dpo": part_dpo, "dpo_lora": lambda a: part_dpo(a, lora=True),
-         "grpo": part_grpo, "trl": part_trl}
+         "grpo": part_grpo, "trl": part_trl, "trl_grpo": part_trl_grpo}
 
 
 def merge(args) -> dict:
@@ -329,11 +408,18 @@ def merge(args) -> dict:
             parts[name] = json.loads(f.read_text())
         else:
             parts[name] = {"status": "did not finish (timeout or crash; see its log)"}
-    ours, theirs = parts.get("dpo", {}), parts.get("trl", {})
     summary = {}
-    if "tokens_per_s" in ours and "tokens_per_s" in theirs:
-        summary["dpo_tokens_per_s_rlcourse_over_trl"] = ours["tokens_per_s"] / theirs[
-            "tokens_per_s"]
+    for method, ours, theirs in (("dpo", parts.get("dpo", {}), parts.get("trl", {})),
+                                 ("grpo", parts.get("grpo", {}), parts.get("trl_grpo", {}))):
+        for key in ("tokens_per_s", "peak_memory_gib"):
+            if ours.get(key) and theirs.get(key):
+                summary[f"{method}_{key}_rlcourse_over_trl"] = ours[key] / theirs[key]
+    for name in ("dpo", "dpo_lora"):
+        part = parts.get(name, {})
+        if part.get("peak_memory_gib") and part.get("predicted_peak_gib"):
+            ratio = part["peak_memory_gib"] / part["predicted_peak_gib"]
+            summary[f"{name}_memory_measured_over_predicted"] = ratio
+            summary[f"{name}_memory_within_10_percent"] = abs(ratio - 1) <= 0.1
     return {"what": "GPU check: DPO and GRPO steps of a Qwen2.5-0.5B-sized model (random init) "
                     "in bf16, and TRL DPOTrainer on the same batch",
             "smoke": args.smoke, "peak_tflops_bf16_dense": args.peak_tflops,

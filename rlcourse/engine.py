@@ -55,6 +55,7 @@ from rlcourse.data import pad_collate
 from rlcourse.files import atomic_directory_write, atomic_write_text
 from rlcourse.guards import NonFiniteError, check_finite_loss, check_finite_weights
 from rlcourse.models import sequence_logprobs
+from rlcourse.precision import warn_lost_updates
 
 __all__ = [
     "EpochSampler",
@@ -774,6 +775,7 @@ def _prepare(model: torch.nn.Module, train_data: Sequence[Any], config: TrainCon
     )
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    warn_lost_updates(model, config.lr)  # bf16 weights that lr cannot move (float32: silent)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [  # weight decay on matrices only, not on biases and norm gains
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},

@@ -64,7 +64,7 @@ from rlcourse.engine import (
 )
 from rlcourse.guards import check_finite_weights, checked_rewards
 from rlcourse.memory import ModelRole
-from rlcourse.models import generate, score_sequences, shifted_mask
+from rlcourse.models import generate, next_token_logprobs, shifted_mask
 from rlcourse.ppo import (
     backward_and_step,
     gather_rows,
@@ -203,11 +203,11 @@ def token_logprobs(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                    temperature: float = 1.0) -> Tensor:
     """``log pi(input_ids[:, t+1] | input_ids[:, :t+1])``: (B, L) -> (B, L-1), float32.
 
-    :func:`rlcourse.models.score_sequences`'s log-probabilities: works for transformers models
-    (position ids counted over real tokens, PEFT and DDP-wrapped ones too) and for the toy
-    policies of :mod:`rlcourse.worlds.token_mdp` (which return ``(logits, values)``).
+    :func:`rlcourse.models.next_token_logprobs`: works for transformers models (position ids
+    counted over real tokens, PEFT and DDP-wrapped ones too; no (B, L, V) logits) and for the
+    toy policies of :mod:`rlcourse.worlds.token_mdp` (which return ``(logits, values)``).
     """
-    return score_sequences(policy, input_ids, attention_mask, temperature).logprobs
+    return next_token_logprobs(policy, input_ids, attention_mask, temperature)
 
 
 def group_sampler(prompt_fn: Callable[[int, torch.Generator | None], dict[str, Tensor]],
@@ -273,8 +273,8 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
         old = token_logprobs(bare, ids, attn, config.temperature)
         bare.train(was)
         # kl_coef > 0: the reference model, or a LoRA policy with its adapters switched off
-        ref = (reference_logprobs(ref_model, ids, attn, config.temperature, bare)
-               if config.kl_coef else None)
+        ref = (reference_logprobs(ref_model, ids, attn, config.temperature, bare,
+                                  score=token_logprobs) if config.kl_coef else None)
     groups = scores.view(-1, config.group_size)
     adv = group_advantages(groups, config.advantage).reshape(-1, 1).expand_as(mask)
     processes = accelerator.num_processes if accelerator is not None else 1

@@ -28,6 +28,11 @@ BYTES_TRAINABLE_MIXED_ADAM = 16
 BYTES_FROZEN_HALF = 2
 GIB = 2**30
 
+#: Bytes of float32 logits one chunk of tokens may hold when log-probabilities are computed
+#: from the hidden states in chunks (:func:`rlcourse.models.chunked_logprobs` reads it): 256 MiB,
+#: ``2**28 // (4 V)`` tokens a chunk, 441 for Qwen2.5's vocabulary of 151,936.
+LOGIT_CHUNK_BYTES = 2**28
+
 
 @dataclass(frozen=True)
 class ModelRole:
@@ -212,6 +217,7 @@ def training_step_memory(
     reference_copy: bool = False,
     reference_sequences: int | None = None,
     foreach: bool = False,
+    logits: str = "chunked",
 ) -> StepMemory:
     """Peak memory of one AdamW step on ``n_sequences`` sequences of ``seq_len`` tokens.
 
@@ -225,20 +231,28 @@ def training_step_memory(
       of every second moment at once, ``t P``;
     * layer activations ``A = a S T L v`` with ``v`` from :func:`activation_values_per_token`,
       or with checkpointing ``a S T (L H + v)`` (every layer's input, one layer recomputed);
-    * the logits, ``3 * 4 S T V`` bytes (fp32): at the end of the forward pass the logits, the
-      contiguous copy ``log_softmax`` makes of ``logits[:, :-1]`` and the log-softmax (kept for
-      backward); at the start of backward the kept log-softmax and two gradient buffers; plus
-      the trained output layer's gradient ``t V H`` when the embeddings train;
+    * the logits, with ``logits="chunked"`` (how :func:`rlcourse.models.sequence_logprobs`
+      scores a ``transformers`` model: from the hidden states, ``c = min(S T, 2**28 // (4 V))``
+      tokens at a time, :data:`LOGIT_CHUNK_BYTES`) ``2 * 4 c V`` bytes: one chunk's float32
+      logits and the temporary of its log-sum-exp (forward), or its logits turned in place
+      into their gradient (backward); with ``logits="full"`` (the whole ``(S, T, V)`` logits,
+      as a model's own output and :func:`rlcourse.models.score_sequences` give them)
+      ``3 * 4 S T V`` bytes: at the end of the forward pass the logits, the contiguous copy
+      ``log_softmax`` makes of ``logits[:, :-1]`` and the log-softmax (kept for backward); at
+      the start of backward the kept log-softmax and two gradient buffers. Plus the trained
+      output layer's gradient ``t V H`` when the embeddings train;
     * the reference pass (DPO, IPO, R-DPO, KTO) before training: a no-grad forward whose peak is
-      the same three logit-sized buffers, ``3 * 4 S_ref T V``, plus a copy of the weights unless
-      the reference is the model with adapters disabled (``reference_copy``).
+      the logits of ``S_ref`` sequences as above (``2 * 4 c V`` or ``3 * 4 S_ref T V``), plus a
+      copy of the weights unless the reference is the model with adapters disabled
+      (``reference_copy``).
 
-    The peak is the largest of three phases: reference pass ``W (+ W) + 12 S_ref T V``; the end
+    The peak is the largest of three phases: reference pass ``W (+ W) + logits``; the end
     of the forward / start of backward ``W + A + logits + output-layer gradient``; the optimizer
-    step
-    ``W + G + 2 t P + temporaries``. Framework overhead (the Python process, CUDA context)
+    step ``W + G + 2 t P + temporaries``. Framework overhead (the Python process, CUDA context)
     comes on top.
     """
+    if logits not in ("chunked", "full"):
+        raise ValueError(f"logits must be 'chunked' or 'full', got {logits!r}")
     n = shape.n_params
     p = lora_parameters(shape, lora_r, target_modules) if lora_r else n
     weights = weight_bytes * (n - p) + trainable_bytes * p if lora_r else trainable_bytes * n
@@ -256,18 +270,24 @@ def training_step_memory(
         activations = activation_bytes * tokens * (shape.layers * shape.hidden + per_layer)
     else:
         activations = activation_bytes * tokens * shape.layers * per_layer
-    logits = 3 * 4 * tokens * shape.vocab
+    chunk = max(1, LOGIT_CHUNK_BYTES // (4 * shape.vocab))
+
+    def logit_bytes(n_tokens: int) -> int:
+        if logits == "full":
+            return 3 * 4 * n_tokens * shape.vocab
+        return 2 * 4 * min(n_tokens, chunk) * shape.vocab
+
     head_grad = 0 if lora_r else trainable_bytes * shape.vocab * shape.hidden
     ref_tokens = (reference_sequences or n_sequences) * seq_len
     reference = 0
     if reference_sequences is not None:
-        reference = weights * (2 if reference_copy else 1) + 3 * 4 * ref_tokens * shape.vocab
+        reference = weights * (2 if reference_copy else 1) + logit_bytes(ref_tokens)
     phases = {
         "reference pass": reference,
-        "backward": weights + activations + logits + head_grad,
+        "backward": weights + activations + logit_bytes(tokens) + head_grad,
         "optimizer step": weights + grads + optimizer + update_temporaries,
     }
     phase = max(phases, key=phases.get)
     return StepMemory(weights=weights, gradients=grads, optimizer=optimizer,
-                      activations=activations, logits=logits, reference_pass=reference,
+                      activations=activations, logits=logit_bytes(tokens), reference_pass=reference,
                       peak=phases[phase], phase=phase, trainable=p)

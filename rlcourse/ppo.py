@@ -228,22 +228,29 @@ def forward_policy(policy: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 @torch.no_grad()
 def reference_logprobs(ref_model: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
-                       temperature: float = 1.0, policy: nn.Module | None = None) -> Tensor:
+                       temperature: float = 1.0, policy: nn.Module | None = None,
+                       score: Callable[..., Tensor] | None = None) -> Tensor:
     """``log pi_ref(a_{t+1} | s_t)`` for every position: (B, L-1), no gradient.
 
     ``ref_model=None`` with a LoRA ``policy``: the reference is the policy's language model with
     its adapters switched off (:func:`rlcourse.adapters.adapters_disabled`), as for DPO under
     LoRA, with no second copy of the weights. Without either, a ``ValueError``: a KL penalty
-    with no reference would silently be no penalty."""
+    with no reference would silently be no penalty. ``score(model, input_ids, attention_mask,
+    temperature)``: how the log-probs are computed, the policy's own way (default
+    ``score_sequences(...).logprobs``, PPO's), so that a reference equal to the policy gives a KL
+    of exactly 0."""
+    if score is None:
+        def score(model, ids, mask, t):
+            return score_sequences(model, ids, mask, t).logprobs
     with torch.no_grad():
         if ref_model is not None:
-            return score_sequences(ref_model, input_ids, attention_mask, temperature).logprobs
+            return score(ref_model, input_ids, attention_mask, temperature)
         lm = language_model(unwrap_model(policy)) if policy is not None else None
         if lm is None or not is_lora(lm):
             raise ValueError("a KL penalty needs a reference model (or a LoRA policy, whose "
                              "adapters switched off are the reference); got neither")
         with adapters_disabled(lm):
-            return score_sequences(lm, input_ids, attention_mask, temperature).logprobs
+            return score(lm, input_ids, attention_mask, temperature)
 
 
 def reward_model_fn(reward_model: nn.Module) -> Callable[..., Tensor]:

@@ -93,11 +93,8 @@ PROSE_NUMBERS_ALLOWED: dict[str, dict[str, str | dict[str, str]]] = {
     },
     "14_real_model": {
         "442ca125": {"896": "Qwen2.5-0.5B's config (rlcourse.memory.QWEN25_05B)",
-                     "4864": "Qwen2.5-0.5B's config (rlcourse.memory.QWEN25_05B)",
-                     "151,936": "Qwen2.5's vocabulary size (rlcourse.memory.QWEN25_05B)"},
-        "916d76f0": {"151,936": "Qwen2.5's vocabulary size (rlcourse.memory.QWEN25_05B)"},
+                     "4864": "Qwen2.5-0.5B's config (rlcourse.memory.QWEN25_05B)"},
         "8cb54531": {"74.5": "unit conversion: 80 GB = 80e9 / 2^30 GiB"},
-        "5530776a": {"151,936": "Qwen2.5's vocabulary size (rlcourse.memory.QWEN25_05B)"},
         "32dde8ff": {"150,000": "a round vocabulary size in an illustration"},
     },
 }

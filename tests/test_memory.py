@@ -113,7 +113,7 @@ def test_training_step_memory_by_hand():
                          tied=True, qkv_bias=False)
     # N = 800 + 2 * (64 + 32 + 32 + 64 + 3 * 128 + 16) + 8 = 1,992 (head dim 4, H_kv = 4).
     assert s.n_params == 1992
-    m = training_step_memory(s, n_sequences=2, seq_len=5)
+    m = training_step_memory(s, n_sequences=2, seq_len=5, logits="full")
     # fp32: W = G = 4N, AdamW 8N; the update's temporaries: two tensors of the size of the
     # largest trained one, the 100 x 8 embedding (2 x 3,200 bytes).
     assert (m.weights, m.gradients, m.optimizer) == (7968, 7968, 15936)
@@ -123,7 +123,7 @@ def test_training_step_memory_by_hand():
     assert m.peak == max(7968 + 11200 + 12000 + 3200, 7968 * 2 + 15936 + 6400) == 38272
     assert m.phase == "optimizer step"
     # foreach AdamW (GPUs): a square root of every second moment at once, 4N bytes.
-    assert training_step_memory(s, 2, 5, foreach=True).peak == 7968 * 3 + 15936
+    assert training_step_memory(s, 2, 5, foreach=True, logits="full").peak == 7968 * 3 + 15936
     g = training_step_memory(s, 2, 5, lora_r=2, checkpointing=True, weight_bytes=2)
     # LoRA r=2: 2 layers * 2 * (16 + 12 + 12 + 16 + 24 + 24 + 24) = 512 adapter numbers.
     assert g.trainable == 512
@@ -132,6 +132,29 @@ def test_training_step_memory_by_hand():
     per_layer = 6 * 8 + 2 * 4 + 4 * 16 + 2 + 2 + 2 * 7
     assert g.activations == 4 * 10 * (2 * 8 + per_layer)
     assert g.phase == "backward"
+
+
+def test_chunked_logits_by_hand(monkeypatch):
+    """Chunked log-probs hold two float32 buffers of one chunk of c tokens: 2 * 4 c V bytes,
+    c = min(S T, LOGIT_CHUNK_BYTES // (4 V)); the same chunk the scoring code uses."""
+    import rlcourse.memory as memory
+    from rlcourse.memory import TransformerShape, training_step_memory
+    from rlcourse.models.logprobs import CHUNK_BYTES, chunk_tokens
+
+    assert CHUNK_BYTES == memory.LOGIT_CHUNK_BYTES == 2**28
+    assert chunk_tokens(151936) == 2**28 // (4 * 151936) == 441
+    s = TransformerShape(vocab=100, hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16,
+                         tied=True, qkv_bias=False)
+    # every one of the 10 tokens fits a chunk of 2**28 / 400 tokens: 2 * 4 * 10 * 100
+    assert training_step_memory(s, 2, 5).logits == 8000
+    monkeypatch.setattr(memory, "LOGIT_CHUNK_BYTES", 4 * 100 * 3)  # chunks of 3 tokens
+    m = training_step_memory(s, 2, 5, lora_r=2, reference_sequences=1)
+    assert m.logits == 2 * 4 * 3 * 100
+    assert m.reference_pass == m.weights + 2 * 4 * 3 * 100
+    full = training_step_memory(s, 2, 5, lora_r=2, reference_sequences=1, logits="full")
+    assert full.logits == 12 * 10 * 100 and full.reference_pass == full.weights + 12 * 5 * 100
+    with pytest.raises(ValueError, match="chunked"):
+        training_step_memory(s, 2, 5, logits="some")
 
 
 def test_seven_billion_on_80_gb():

@@ -16,9 +16,13 @@ X`` is the one import the rest of the code base uses:
 - :mod:`rlcourse.models.construction`: the tiny Llama-style config and model;
 - :mod:`rlcourse.models.io`: loading and saving any causal LM and its tokenizer (the one
   ``from_pretrained`` of a backbone: :func:`load_causal_lm`);
-- :mod:`rlcourse.models.logprobs`: per-token log-probabilities from logits, position ids;
+- :mod:`rlcourse.models.logprobs`: per-token log-probabilities from logits, or from hidden
+  states in chunks without the full logits (:func:`chunked_logprobs`), position ids;
+- :mod:`rlcourse.models.packing`: a padded batch's real tokens packed into rows without padding
+  (:func:`pack_sequences`);
 - :mod:`rlcourse.models.scoring`: the one way to score sequences under a model
-  (:func:`call_model`, :func:`score_sequences`, :func:`sequence_logprobs`);
+  (:func:`call_model`, :func:`score_sequences`, :func:`next_token_logprobs`,
+  :func:`sequence_logprobs`);
 - :mod:`rlcourse.models.generation`: sampling with the sampled tokens' log-probabilities;
 - :mod:`rlcourse.models.heads`: the value head, the reward model, freezing an unused LM head.
 """
@@ -41,13 +45,24 @@ from rlcourse.models.io import (
     load_tokenizer,
     local_model_dir,
     save_model,
+    saved_dtype,
 )
-from rlcourse.models.logprobs import logprobs_from_logits, position_ids_from_mask
+from rlcourse.models.logprobs import (
+    chunked_logprobs,
+    logprobs_from_logits,
+    position_ids_from_mask,
+)
+from rlcourse.models.packing import PackedBatch, pack_rows, pack_sequences
 from rlcourse.models.scoring import (
     ScoredSequences,
     call_model,
+    last_hidden_states,
+    next_token_logprobs,
+    output_layer,
     output_logits,
     output_values,
+    packed_logprobs,
+    packing_width,
     score_sequences,
     sequence_logprobs,
     shifted_logprobs,
@@ -81,6 +96,7 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "call_model",
+    "chunked_logprobs",
     "encode_prompt_completion",
     "encode_prompts",
     "format_completion",
@@ -89,6 +105,9 @@ __all__ = [
     "freeze_untied_lm_head",
     "generate",
     "max_positions",
+    "last_hidden_states",
+    "next_token_logprobs",
+    "output_layer",
     "last_token_index",
     "load_causal_lm",
     "load_model",
@@ -97,9 +116,15 @@ __all__ = [
     "logprobs_from_logits",
     "output_logits",
     "output_values",
+    "PackedBatch",
+    "pack_rows",
+    "pack_sequences",
+    "packed_logprobs",
+    "packing_width",
     "position_ids_from_mask",
     "save_model",
     "uses_book_format",
+    "saved_dtype",
     "score_sequences",
     "sequence_logprobs",
     "shifted_logprobs",

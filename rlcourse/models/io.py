@@ -29,6 +29,7 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "bf16-pure": torch.bfloat16,  # a recipe's pure-bf16 training (rlcourse.precision)
 }
 
 
@@ -109,6 +110,17 @@ def _as_dtype(dtype: Any) -> Any:
     if isinstance(dtype, str) and dtype != "auto":
         return _DTYPES[dtype]
     return dtype
+
+
+def saved_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a checkpoint was saved in, from its ``config.json`` (``dtype``, or
+    ``torch_dtype`` before transformers 5); ``None`` if it says nothing or is not there."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(name) if isinstance(name, str) else None
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

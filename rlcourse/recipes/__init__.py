@@ -46,7 +46,8 @@ A recipe file has these keys (``train`` holds :class:`rlcourse.engine.TrainConfi
     output: runs/dpo
     max_length: 512             # prompt + completion tokens
     truncation: error           # error | left | right
-    dtype: null                 # weights at load: null (fp32 + mixed_precision), bf16, auto
+    dtype: null                 # null/fp32, bf16 (fp32 master weights + bf16 autocast), auto,
+                                # bf16-pure (bf16 weights: small updates are lost)
     trust_remote_code: false    # a YAML boolean: "false" (quoted) is an error, not true
     reference_model: null       # a separate reference; default: a frozen copy of `model`
     reference_batch_size: 64    # sequences per forward of the reference-log-prob pass
@@ -65,13 +66,13 @@ second copy); PPO's critic is then a value head on the adapted policy
 ``OUTPUT/merged``, a full model for ``AutoModelForCausalLM.from_pretrained``.
 
 Every value is checked against the type its trainer declares (booleans are YAML ``true``/
-``false``, integers are integers, ``dtype`` is one of null, auto, fp32, bf16, fp16) and against
-its range (``lr``, ``beta``, ``tau`` > 0, ``label_smoothing`` in [0, 0.5), KTO's
-``batch_size`` >= 2, ...): a bad one is a :class:`RecipeError` naming the file, the line and the
-key. ``max_length`` must fit the model's position embeddings. Data errors (an empty file, a
-malformed row, an over-long example) reach the command line as one line ``file:line: what``
-with exit code 2; a run whose loss or weights turn NaN/inf stops with exit code 1, saving
-nothing from that point (the last good checkpoint stays).
+``false``, integers are integers, ``dtype`` is one of null, auto, fp32, bf16, fp16,
+bf16-pure) and against its range (``lr``, ``beta``, ``tau`` > 0, ``label_smoothing`` in
+[0, 0.5), KTO's ``batch_size`` >= 2, ...): a bad one is a :class:`RecipeError` naming the file,
+the line and the key. ``max_length`` must fit the model's position embeddings. Data errors (an
+empty file, a malformed row, an over-long example) reach the command line as one line
+``file:line: what`` with exit code 2; a run whose loss or weights turn NaN/inf stops with exit
+code 1, saving nothing from that point (the last good checkpoint stays).
 
 Watching a run: ``OUTPUT/history.jsonl`` gets one row per log step as training goes (flushed,
 rewritten from the checkpoint when a run resumes, so no step appears twice); with ``eval_data``

@@ -12,14 +12,15 @@ from typing import Any
 
 from rlcourse.adapters import apply_lora, is_lora, merge_lora
 from rlcourse.files import atomic_write_text
-from rlcourse.models import load_model, save_model
+from rlcourse.models import load_model, save_model, saved_dtype
+from rlcourse.precision import Precision, resolve_precision
 from rlcourse.recipes.checks import check_lengths, check_processes, launch_device, refuse_sharding
 from rlcourse.recipes.output import check_output, clear_output, identity, output_lock
 from rlcourse.recipes.registry import method
 from rlcourse.recipes.schema import Recipe
 from rlcourse.recipes.typed import RecipeError
 
-__all__ = ["RecipeResult", "read_data", "run_recipe"]
+__all__ = ["RecipeResult", "read_data", "run_recipe", "training_precision"]
 
 
 @dataclass
@@ -129,7 +130,8 @@ def run_recipe(recipe: Recipe, save: bool = True, progress: bool = True,
         if status == "finished":
             return _finished_result(recipe, state)
         device = str(state.device) if train_device == "auto" else train_device
-        model, tokenizer = load_model(recipe.model, device=device, dtype=recipe.dtype,
+        precision = training_precision(recipe)  # float32 master weights unless bf16-pure
+        model, tokenizer = load_model(recipe.model, device=device, dtype=precision.weights,
                                       trust_remote_code=recipe.trust_remote_code)
         check_lengths(recipe, model)
         if tokenizer.eos_token_id is None:  # every method ends an answer with it
@@ -190,3 +192,24 @@ def _save_trained(recipe: Recipe, model: Any, lora_model: Any, tokenizer: Any, o
         model = merge_lora(model)
         save_model(model, tokenizer, out / "merged")
     return model, saved
+
+
+def training_precision(recipe: Recipe) -> Precision:
+    """The trained model's precision from ``recipe.dtype`` (:func:`rlcourse.precision.
+    resolve_precision`; ``auto`` reads the checkpoint's saved dtype): the dtype its weights
+    are loaded in (float32 master weights unless ``bf16-pure``), and the compute dtype, which
+    becomes every section's ``mixed_precision`` when that says ``no`` or ``auto``. A section
+    asking for another compute dtype than ``dtype`` is a :class:`RecipeError`."""
+    precision = resolve_precision(recipe.dtype, saved_dtype(recipe.model))
+    for name, section in recipe.sections.items():
+        asked = getattr(section, "mixed_precision", None)
+        if precision.autocast is None or asked is None:
+            continue
+        if asked in ("no", "auto"):
+            section.mixed_precision = precision.autocast
+        elif asked != precision.autocast:
+            raise RecipeError(
+                f"{recipe.where('dtype')}: dtype: {recipe.dtype} trains float32 weights under "
+                f"{precision.autocast} autocast, but {name}.mixed_precision is {asked}; "
+                f"write one of them only")
+    return precision

@@ -164,8 +164,14 @@ class Recipe:
     cut makes identical are dropped with a count (every method that reads rows, the reward
     model included)."""
     dtype: str | None = None
-    """Weights' dtype at load: ``null`` (fp32, with ``train.mixed_precision``), ``auto``, ``fp32``,
-    ``bf16`` or ``fp16``."""
+    """Precision of the trained model: ``null``/``fp32`` (float32; the section's
+    ``mixed_precision`` decides the compute), ``bf16``/``fp16`` (float32 master weights, forward
+    and backward under bf16/fp16 autocast: sets ``mixed_precision``), ``auto`` (as ``bf16`` or
+    ``fp16`` when the checkpoint was saved so, else float32), ``bf16-pure`` (the weights, their
+    gradients and AdamW state in bf16: half the memory, but an update smaller than half a
+    weight's bf16 spacing, ``lr < ulp(w)/2``, i.e. ``lr/|w|`` below 2^-9..2^-8, is lost; a
+    warning says what share of the weights the lr cannot move). Frozen models (reference,
+    reward model) are loaded in the named dtype."""
     trust_remote_code: bool = False
     """Run the model directory's own Python code when loading (a YAML boolean)."""
     seed: int = 0

@@ -113,9 +113,10 @@ def typed(value: Any, hint: Any, at: str) -> Any:
     return value
 
 
-#: Weight dtypes a recipe may name (``rlcourse.models.load_model``); fp8 training is not
+#: A recipe's ``dtype`` (:func:`rlcourse.precision.resolve_precision`): the compute dtype of the
+#: trained model (float32 master weights), or ``bf16-pure`` weights; fp8 training is not
 #: supported by the trainers.
-DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "bf16-pure")
 #: Ranges of the keys no config dataclass owns, by dotted key (``loss.`` keys apply to every
 #: loss that has them): ``(test, what the value must be)``. The sections' dataclasses
 #: (TrainConfig, PPOConfig, PPORollout, GroupRollout, GroupConfig, OnlineDPOConfig, RSFTConfig)
