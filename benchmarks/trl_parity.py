@@ -485,7 +485,10 @@ def compare_reward_model() -> dict[str, Any]:
     loss, _ = reward_loss_fn(ours, pad_collate(items, pad_id=tok.pad_token_id))
     loss_ours = loss.item()
     sgd_step(ours, loss)
-    bias_grad = float(ours.head.bias.grad.abs().max())
+    # rlcourse freezes the bias at 0 (Bradley-Terry gives it no gradient; Adam would otherwise
+    # turn its round-off into a random walk): no gradient at all then
+    bias = ours.head.bias
+    bias_grad = 0.0 if bias.grad is None else float(bias.grad.abs().max())
 
     with quiet(), tempfile.TemporaryDirectory() as out:
         trainer = RewardTrainer(model=classifier, processing_class=tok,
@@ -497,9 +500,10 @@ def compare_reward_model() -> dict[str, Any]:
     return row("reward model (Bradley–Terry)", "RewardTrainer", loss_ours, loss_trl,
                _rm_param_diff(ours, trainer.model),
                same_token_ids=same_ids, bias_gradient=bias_grad,
-               note="rlcourse's head bias cancels (zero gradient); TRL's has none",
-               convention="rlcourse's reward head has a bias, TRL's score layer none: the "
-                          "Bradley–Terry loss reads r_w - r_l, so the bias gets no gradient")
+               note="rlcourse's head bias is frozen at 0 (it cancels); TRL's has none",
+               convention="rlcourse's reward head has a bias, frozen at 0, TRL's score layer "
+                          "none: the Bradley–Terry loss reads r_w - r_l, so the bias gets no "
+                          "gradient")
 
 
 def _rm_param_diff(ours, classifier) -> float:

@@ -71,15 +71,8 @@ def _logits(model, ids=IDS):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ecosystem")
-    tok = build_tokenizer(WORDS)
-    save_model(build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0), tok,
-               root / "base")
-    write_jsonl(root / "pairs.jsonl", PAIRS)
-    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
-                                     for p in PAIRS])
-    return root
+def workdir(tmp_path_factory, run_folder):
+    return run_folder(tmp_path_factory.mktemp("ecosystem"), WORDS, PAIRS, model_name="base")
 
 
 @pytest.fixture(scope="module")

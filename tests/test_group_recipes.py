@@ -22,7 +22,7 @@ import torch
 from rlcourse import recipes
 from rlcourse.config import REPO_ROOT
 from rlcourse.data import write_jsonl
-from rlcourse.models import build_model, build_tokenizer, generate, load_model, save_model
+from rlcourse.models import generate, load_model, save_model
 
 torch.set_num_threads(1)
 WORDS = ["what is rain ? rain is wet .", "what is snow ? snow is cold .",
@@ -45,14 +45,9 @@ TINY = ["group.group_size=4", "group.n_prompts=4", "group.kl_coef=0", "rollout.l
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("group")
-    tok = build_tokenizer(WORDS)
-    save_model(build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0), tok,
-               root / "model")
-    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    (root / "rlc_toy_verifiers.py").write_text(VERIFIER)
-    return root
+def workdir(tmp_path_factory, run_folder):
+    return run_folder(tmp_path_factory.mktemp("group"), WORDS, prompts=PROMPTS,
+                      files={"rlc_toy_verifiers.py": VERIFIER})
 
 
 @pytest.fixture

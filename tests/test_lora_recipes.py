@@ -14,8 +14,6 @@ import torch
 
 from rlcourse import recipes
 from rlcourse.config import REPO_ROOT
-from rlcourse.data import write_jsonl
-from rlcourse.models import build_model, build_tokenizer, save_model
 
 torch.set_num_threads(1)
 
@@ -34,15 +32,9 @@ TINY = ["train.max_steps=2", "train.batch_size=3", "train.grad_accum_steps=1", "
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    tok = build_tokenizer([" ".join(p.values()) for p in PAIRS])
-    save_model(build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0), tok,
-               root / "model")
-    write_jsonl(root / "pairs.jsonl", PAIRS)
-    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
-                                     for p in PAIRS])
-    return root
+def workdir(tmp_path_factory, run_folder):
+    return run_folder(tmp_path_factory.mktemp("lora"), [" ".join(p.values()) for p in PAIRS],
+                      PAIRS)
 
 
 def _run(workdir: Path, method: str, out: Path, *extra: str) -> int:

@@ -20,7 +20,7 @@ import torch
 from rlcourse import recipes
 from rlcourse.config import REPO_ROOT
 from rlcourse.data import write_jsonl
-from rlcourse.models import RewardModel, build_model, build_tokenizer, save_model
+from rlcourse.models import RewardModel, save_model
 
 torch.set_num_threads(1)
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -45,18 +45,15 @@ COMMON = ["train.max_steps=2", "train.lr=1e-2", "train.warmup_steps=0", "train.l
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, run_folder):
     """A tiny model with its output layer untied from the input embeddings (as in Llama 3 8B,
     Mistral, Qwen2.5-7B), and the JSONL files."""
-    root = tmp_path_factory.mktemp("multiproc")
-    tok = build_tokenizer([" ".join(p.values()) for p in PAIRS])
-    model = build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0,
-                        tie_word_embeddings=False)
+    root = run_folder(tmp_path_factory.mktemp("multiproc"),
+                      [" ".join(p.values()) for p in PAIRS], PAIRS, tie_word_embeddings=False)
+    from rlcourse.models import load_model
+
+    model, _ = load_model(root / "model", device="cpu")
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
-    save_model(model, tok, root / "model")
-    write_jsonl(root / "pairs.jsonl", PAIRS)
-    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
-                                     for p in PAIRS])
     return root
 
 

@@ -19,8 +19,7 @@ import torch
 
 from rlcourse import online, recipes
 from rlcourse.config import REPO_ROOT
-from rlcourse.data import write_jsonl
-from rlcourse.models import build_model, build_tokenizer, generate, load_model, save_model
+from rlcourse.models import generate, load_model, save_model
 
 torch.set_num_threads(1)
 WORDS = ["what is rain ? rain is wet .", "what is snow ? snow is cold .",
@@ -49,14 +48,9 @@ RSFT = ["rsft.n=4", "rsft.samples_per_prompt=2", "rsft.lr=3e-2", "rsft.max_new_t
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rounds")
-    tok = build_tokenizer(WORDS)
-    save_model(build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0), tok,
-               root / "model")
-    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    (root / "rlc_round_verifiers.py").write_text(VERIFIER)
-    return root
+def workdir(tmp_path_factory, run_folder):
+    return run_folder(tmp_path_factory.mktemp("rounds"), WORDS, prompts=PROMPTS,
+                      files={"rlc_round_verifiers.py": VERIFIER})
 
 
 @pytest.fixture

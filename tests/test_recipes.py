@@ -25,7 +25,7 @@ from rlcourse import recipes
 from rlcourse.config import REPO_ROOT
 from rlcourse.data import write_jsonl
 from rlcourse.engine import TrainConfig
-from rlcourse.models import build_model, build_tokenizer, load_model, save_model
+from rlcourse.models import build_tokenizer, load_model, save_model
 from rlcourse.ppo import PPOConfig
 from rlcourse.preference import LOSS_FNS
 from rlcourse.recipes.checks import launch_device
@@ -151,20 +151,10 @@ def test_command_line_reports_a_bad_key_and_exits_2(tmp_path, capsys):
 # End to end on a tiny model
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, run_folder):
     """A tiny model saved like a downloaded checkpoint, and tiny JSONL files."""
-    root = tmp_path_factory.mktemp("recipes")
-    words = [" ".join(p.values()) for p in PAIRS]
-    tok = build_tokenizer(words)
-    model = build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0)
-    save_model(model, tok, root / "model")
-    write_jsonl(root / "pairs.jsonl", PAIRS)
-    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
-                                     for p in PAIRS])
-    write_jsonl(root / "unpaired.jsonl",
-                [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
-                 for p in PAIRS for k in ("chosen", "rejected")])
-    return root
+    return run_folder(tmp_path_factory.mktemp("recipes"), [" ".join(p.values()) for p in PAIRS],
+                      PAIRS, unpaired=True)
 
 
 DATA = {"sft": "sft.jsonl", "kto": "unpaired.jsonl"}

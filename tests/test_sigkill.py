@@ -26,8 +26,7 @@ from safetensors.torch import load_file
 
 from rlcourse import recipes
 from rlcourse.config import REPO_ROOT
-from rlcourse.data import write_jsonl
-from rlcourse.models import RewardModel, build_model, build_tokenizer, load_model, save_model
+from rlcourse.models import load_model
 
 torch.set_num_threads(1)
 WORDS = ["what is rain ? rain is wet dry .", "what is snow ? snow is cold hot .",
@@ -91,18 +90,9 @@ WAIT_FOR = {"online_dpo mid-round": "checkpoints/round-*/step-*",
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sigkill")
-    tok = build_tokenizer(WORDS)
-    model = build_model(tok, n_layers=1, hidden_size=32, n_heads=2, seed=0)
-    save_model(model, tok, root / "model")
-    save_model(RewardModel(model, seed=1), tok, root / "rm")
-    write_jsonl(root / "pairs.jsonl", PAIRS)
-    write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
-                                     for p in PAIRS])
-    write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    (root / "rlc_kill_verifier.py").write_text(VERIFIER)
-    return root
+def workdir(tmp_path_factory, run_folder):
+    return run_folder(tmp_path_factory.mktemp("sigkill"), WORDS, PAIRS, PROMPTS,
+                      reward_model=True, files={"rlc_kill_verifier.py": VERIFIER})
 
 
 def _args(workdir: Path, case: str, out: Path) -> list[str]:
