@@ -475,3 +475,35 @@ def test_last_token_index_is_one_function_and_all_padding_gives_zero():
     mask = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0]])
     # hand-computed: no real token -> 0; otherwise the largest t with mask 1
     assert last_token_index(mask).tolist() == [0, 1, 2]
+
+
+def test_kv_cache_sampler_draws_the_samples_of_a_cache_free_sampler(tok, model):
+    """Group sampling with the KV cache (``generate``: left-padded batch, position ids counted
+    over real tokens, one new token fed per step) against the simplest sampler there is: each
+    prompt alone, no padding, no cache, the whole sequence run through the model at every step.
+    Same seed, so the same uniform numbers decide each (row, step): the same tokens, with
+    temperature and top-k/top-p filtering on."""
+    from rlcourse.models.generation import _filter_logits, _inverse_cdf_sample
+    from rlcourse.models.tokenizer import encode_prompts
+
+    prompts = ["what is a river?", "hello", "a cat is small", "hello"] * 2
+    steps, temperature, top_k, top_p, seed = 10, 0.8, 6, 0.95, 11
+    g = generate(model, tok, prompts, max_new_tokens=steps, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed, batch_size=3)
+    uniforms = torch.rand((len(prompts), steps), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    for i, ids in enumerate(encode_prompts(tok, prompts)):
+        ids, drawn = list(ids), []
+        with torch.no_grad():
+            for t in range(steps):
+                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[:, -1]
+                logp = torch.log_softmax(_filter_logits(logits.float() / temperature, top_k,
+                                                        top_p), dim=-1)
+                token = int(_inverse_cdf_sample(logp, uniforms[i, t:t + 1]))
+                drawn.append(token)
+                ids.append(token)
+                if token == tok.eos_token_id:
+                    break
+        n = int(g.completion_mask[i].sum())
+        assert g.completion_ids[i, :n].tolist() == drawn, prompts[i]
