@@ -22,9 +22,10 @@ Everything here is a pure function of strings and numbers (no model, no I/O).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 __all__ = [
     "ANSWER_MARKER",
     "answers_match",
+    "call_reward_fn",
     "extract_answer",
     "format_reward",
     "gsm8k_exact_match",
@@ -43,6 +45,7 @@ __all__ = [
     "pass_at_k_curve",
     "random_reward_fn",
     "reference_answer",
+    "reward_keywords",
 ]
 
 #: GSM8K's final-answer marker: the reference answer is the number after it.
@@ -268,6 +271,54 @@ def random_reward_fn(seed: int = 0, p: float = 0.5) -> Callable[..., list[float]
         return (rng.random(len(completions)) < p).astype(float).tolist()
 
     return random_reward
+
+
+# --------------------------------------------------------------------------------------------
+# How a reward function is called
+# --------------------------------------------------------------------------------------------
+
+
+def reward_keywords(fn: Callable[..., Any]) -> bool | frozenset[str]:
+    """Which of the data rows' other columns ``fn(prompts, completions, ...)`` takes as keyword
+    arguments: ``True`` for all of them (it has ``**kwargs``), else the names of its parameters
+    after the first two (none for the two-argument functions written before columns were
+    passed, which keep working unchanged). A callable whose signature cannot be read takes
+    none."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    skip = {p.name for p in positional[:2]}
+    return frozenset(p.name for p in params if p.name not in skip and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
+def call_reward_fn(fn: Callable[..., Any], prompts: Sequence[Any], completions: Sequence[str],
+                   columns: Sequence[Mapping[str, Any]] | None = None) -> Any:
+    """``fn(prompts, completions, **{column: [value per completion]})``, TRL's convention.
+
+    ``columns``: one mapping per completion with its data row's other fields (GSM8K's
+    ``answer``, an id, test cases); each column is passed as a list aligned with
+    ``completions``, but only the columns ``fn`` accepts (:func:`reward_keywords`), so a
+    two-argument ``fn(prompts, completions)`` is called exactly as before. A row without a
+    column gives ``None`` there.
+    """
+    accepted = reward_keywords(fn)
+    kwargs: dict[str, list[Any]] = {}
+    if columns:
+        if len(columns) != len(completions):
+            raise ValueError(f"{len(completions)} completions but {len(columns)} rows of columns")
+        names: list[str] = []
+        for row in columns:
+            names += [k for k in row if k not in names]
+        for name in names:
+            if accepted is True or name in accepted:
+                kwargs[name] = [row.get(name) for row in columns]
+    return fn(list(prompts), list(completions), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

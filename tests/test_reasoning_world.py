@@ -119,9 +119,9 @@ def test_slips_follow_the_slip_model():
             else:
                 plain, plain_slips = plain + 1, plain_slips + slipped
     assert abs(hard_slips / hard - 0.5) < 0.05 and abs(plain_slips / plain - 0.1) < 0.04
-    # the share of right answers is about the mean clean rate (slips rarely cancel)
+    # no slip, right answer: the share right is at least the clean rate (slips may cancel)
     clean = np.mean([world.clean_rate(p) for p in problems])
-    assert abs(np.mean(right) - clean) < 0.06
+    assert clean - 0.05 < np.mean(right) < clean + 0.1
     # without slips every solution is the correct one
     for p in problems[:50]:
         assert world.worked_solution(p, rng, slips=False) == (p.solution(), True)

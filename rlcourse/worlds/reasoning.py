@@ -29,6 +29,7 @@ and cannot do with a small model:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -40,11 +41,17 @@ __all__ = [
     "DEFAULT_REASONING_WORLD",
     "Difficulty",
     "Problem",
+    "REWARD_KINDS",
     "ReasoningWorld",
     "SPLITS",
     "SlipModel",
     "Step",
+    "TrackedReward",
+    "Verified",
+    "is_hard_step",
     "problem_split",
+    "reasoning_tokenizer",
+    "sample_and_verify",
 ]
 
 SeedLike = int | np.random.Generator | None
@@ -109,8 +116,8 @@ class SlipModel:
     or multiplies, else ``p_plain``. Later steps start from the number written, so a slip
     carries on to the final answer (which is then wrong)."""
 
-    p_plain: float = 0.15
-    p_carry: float = 0.5
+    p_plain: float = 0.25
+    p_carry: float = 0.7
 
     def probability(self, op: str, before: int, after: int) -> float:
         """The chance that a solution slips at this step."""
@@ -301,8 +308,8 @@ class ReasoningWorld:
 
     def clean_rate(self, problem: Problem) -> float:
         """The chance that no step of :meth:`worked_solution` slips: the product over steps of
-        ``1 - slip probability``. A slip changes every later number, so this is the chance of a
-        right answer but for the rare solutions in which two slips cancel."""
+        ``1 - slip probability``. A lower bound on the chance of a right answer: two slips can
+        cancel (``+1`` then ``-1``), which is not rare when slips are frequent."""
         rate = 1.0
         for s in problem.steps:
             rate *= 1.0 - self.slips.probability(s.op, s.before, s.after)
@@ -360,3 +367,94 @@ def reasoning_tokenizer(world: ReasoningWorld | None = None):
 
 #: The world the shipped reasoning model and the chapter use.
 DEFAULT_REASONING_WORLD = ReasoningWorld()
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and checking a model's answers; rewards that keep the true score in view
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verified:
+    """``n`` sampled answers to each of ``P`` problems, checked by the verifier.
+
+    ``correct`` (P, n) bool; ``lengths`` (P, n) answer tokens (EOS included); ``logprob``
+    (P, n) :math:`\\log\\pi(y|x)` summed over the answer's tokens (raw model, temperature 1);
+    ``texts`` the P*n answers, problem-major.
+    """
+
+    correct: np.ndarray
+    lengths: np.ndarray
+    logprob: np.ndarray
+    texts: list[str]
+
+    @property
+    def pass_at_1(self) -> float:
+        return float(self.correct.mean())
+
+    @property
+    def entropy_per_token(self) -> float:
+        r"""Monte Carlo estimate of the policy's entropy per answer token,
+        :math:`-\sum_i \log\pi(y_i|x_i) / \sum_i |y_i|` (an answer's surprise is an unbiased
+        estimate of the entropy of the answer distribution)."""
+        return float(-self.logprob.sum() / max(self.lengths.sum(), 1))
+
+
+def sample_and_verify(model, tokenizer, questions: Sequence[str], answers: Sequence[str | int],
+                      n: int, seed: int, max_new_tokens: int = 40, temperature: float = 1.0,
+                      batch_size: int = 512) -> Verified:
+    """Sample ``n`` answers per question (:func:`rlcourse.models.generate`, seeded) and check
+    each with :func:`rlcourse.verifiers.gsm8k_exact_match` against ``answers``."""
+    from rlcourse.models import generate
+
+    many = [q for q in questions for _ in range(n)]
+    refs = [str(a) for a in answers for _ in range(n)]
+    gen = generate(model, tokenizer, many, max_new_tokens=max_new_tokens,
+                   temperature=temperature, seed=seed, batch_size=batch_size)
+    shape = (len(questions), n)
+    correct = np.array(gsm8k_exact_match(many, gen.texts, refs), dtype=bool).reshape(shape)
+    return Verified(correct=correct,
+                    lengths=gen.completion_mask.sum(-1).numpy().reshape(shape),
+                    logprob=gen.logprobs.sum(-1).double().numpy().reshape(shape),
+                    texts=list(gen.texts))
+
+
+#: The rewards of the chapter's runs: the verifier and its two controls.
+REWARD_KINDS = ("correct", "format", "random")
+
+
+class TrackedReward:
+    """A reward function for :func:`rlcourse.grpo.train_group_lm` that pays ``kind``
+    (``"correct"``: the verifier; ``"format"``: GSM8K's answer line present,
+    :func:`rlcourse.verifiers.format_reward`; ``"random"``: a fair coin,
+    :func:`rlcourse.verifiers.random_reward_fn`) and, whatever it pays, records the truth of
+    every batch in :attr:`rows`: the share right, the mean answer length (in words and symbols,
+    the tokens of the word-level tokenizer, EOS not counted) of right and of wrong answers."""
+
+    def __init__(self, kind: str = "correct", seed: int = 0) -> None:
+        from rlcourse.verifiers import format_reward, random_reward_fn
+
+        if kind not in REWARD_KINDS:
+            raise ValueError(f"kind must be one of {REWARD_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.rows: list[dict[str, float]] = []
+        self._pay = {"format": format_reward, "random": random_reward_fn(seed)}.get(kind)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 answer: Sequence[str], **columns: object) -> list[float]:
+        right = np.array(gsm8k_exact_match(prompts, completions, answer), dtype=bool)
+        words = np.array([len(_words(t)) for t in completions], dtype=float)
+        self.rows.append({
+            "accuracy": float(right.mean()),
+            "length_right": float(words[right].mean()) if right.any() else float("nan"),
+            "length_wrong": float(words[~right].mean()) if (~right).any() else float("nan"),
+        })
+        if self._pay is None:
+            return right.astype(float).tolist()
+        return list(self._pay(prompts, completions, answer=answer))
+
+
+def _words(text: str) -> list[str]:
+    """The word-level tokenizer's pieces of ``text``: words, numbers and each punctuation
+    character (``####`` as one)."""
+    return re.findall(r"####|\w+|[^\w\s]", text)
