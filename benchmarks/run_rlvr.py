@@ -16,8 +16,9 @@ validation problems (``data/reasoning/validation.jsonl``); every number reported
 problems (``data/reasoning/test.jsonl``), which no choice looked at. The SFT model's pass@k for
 k = 1..256 comes from 256 samples per test problem (the unbiased estimator,
 :func:`rlcourse.verifiers.pass_at_k`); each trained model's pass@k from ``--samples`` samples
-per test problem. Standard errors: over seeds (``std/sqrt(n_seeds)``, the training's
-randomness) for the methods, over problems for the SFT model.
+per test problem (256 for seed 0 of ``--full-curve``: does pass@256 move?). Standard errors:
+over seeds (``std/sqrt(n_seeds)``, the training's randomness) for the methods, over problems
+for the SFT model.
 
 Usage::
 
@@ -117,6 +118,10 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     test_q, test_a = problems("test", args.test_problems)
     v = sample_and_verify(model, tokenizer, test_q, test_a, args.samples, seed=10_000 + seed)
     curve_k = pass_at_k_curve(v.correct)
+    full_curve = None
+    if method in args.full_curve.split(",") and seed == 0:  # does pass@256 move?
+        w = sample_and_verify(model, tokenizer, test_q, test_a, 256, seed=20_000 + seed)
+        full_curve = {str(k): round(m, 6) for k, (m, _) in pass_at_k_curve(w.correct).items()}
     batches = [{**{k: round(h[k], 6) for k in ("step", "score", "response_length")
                    if k in h}, **{k: round(x, 4) for k, x in r.items()}}
                for h, r in zip(history, reward.rows, strict=True)]
@@ -128,6 +133,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps, "lr": args.lr, "train_seconds": round(train_seconds, 1),
         "test_pass_at_1": v.pass_at_1,
         "test_pass_at_k": {str(k): round(m, 6) for k, (m, _) in curve_k.items()},
+        "test_pass_at_k_256_samples": full_curve,
         "test_entropy": v.entropy_per_token,
         "test_length_right": float(v.lengths[v.correct].mean()) if v.correct.any() else None,
         "test_length_wrong": float(v.lengths[~v.correct].mean()) if (~v.correct).any() else None,
@@ -192,6 +198,7 @@ def summarise(args: argparse.Namespace) -> dict[str, Any]:
             "test_entropy": float(np.mean([r["test_entropy"] for r in runs])),
             "test_length_right": _mean(r["test_length_right"] for r in runs),
             "test_length_wrong": _mean(r["test_length_wrong"] for r in runs),
+            "pass_at_k_256_samples_seed0": runs[0].get("test_pass_at_k_256_samples"),
             "curves": [r["curve"] for r in runs],
             "batches": [r["batches"][:: args.keep_every] + r["batches"][-1:] for r in runs],
         }
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-problems", type=int, default=64)
     parser.add_argument("--curve-samples", type=int, default=4)
     parser.add_argument("--keep-every", type=int, default=5, help="batch rows kept in the summary")
+    parser.add_argument("--full-curve", default="grpo",
+                        help="methods whose seed 0 is also sampled 256 times per test problem")
     parser.add_argument("--summarise", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ Steps (all seeded; single-threaded, a few minutes on a laptop CPU):
    ground-truth judge), the flaws left in SFT samples, annotator agreement;
 6. ``MANIFEST.json``: size and sha256 of every generated file;
 7. the reasoning world (:mod:`rlcourse.worlds.reasoning`, :func:`build_reasoning`, under
-   ``reasoning/``): worked solutions with slips, a tiny model pretrained on them and SFT'd in the
+   ``reasoning/``): worked solutions with slips, a tiny model trained on them from scratch in the
    chat format, the held-out validation and test problems in GSM8K's ``question``/``answer``
    form, and the model's accuracy on validation. ``--only reasoning`` rebuilds this step alone
    (and the manifest). Its files hold no wall-clock numbers, so a rebuild is bit for bit.
@@ -258,12 +258,10 @@ class ReasoningBuildConfig:
     n_layers: int = 2
     hidden_size: int = 128
     n_heads: int = 4
-    n_pretrain_docs: int = 40000
-    pretrain_steps: int = 1000
-    pretrain_lr: float = 3e-3
-    n_sft: int = 10000
-    sft_steps: int = 500
-    sft_lr: float = 1e-3
+    n_sft: int = 40000
+    n_sft_shipped: int = 500
+    sft_steps: int = 1500
+    sft_lr: float = 3e-3
     batch_size: int = 64
     warmup_steps: int = 50
     max_length: int = 128
@@ -271,7 +269,7 @@ class ReasoningBuildConfig:
     n_validation: int = 500
     n_test: int = 500
     eval_samples_per_problem: int = 8
-    max_new_tokens: int = 40
+    max_new_tokens: int = 48
     device: str = "cpu"
 
 
@@ -284,17 +282,18 @@ def _history_rows(history) -> list[dict]:
 def build_reasoning(out: Path, cfg: ReasoningBuildConfig, log=print) -> dict:
     """The reasoning world's data and model under ``out/reasoning``; returns the results dict.
 
-    1. problems, all distinct: ``n_pretrain_docs`` worked solutions (with slips) as raw text
-       ``"question solution"`` for pretraining (not shipped: regenerated from the seed), ``n_sft``
-       SFT rows ``{prompt, completion, answer}`` (``sft.jsonl``), ``n_rl_prompts`` fresh training
-       problems for RL (``rl_prompts.jsonl``: ``{prompt, answer}``), and the held-out
+    1. problems, all distinct: ``n_sft`` SFT rows ``{prompt, completion, answer}``, the
+       completion a worked solution with slips (the first ``n_sft_shipped`` shipped as
+       ``sft_sample.jsonl``; the rest are regenerated from the seed), ``n_rl_prompts`` fresh
+       training problems for RL (``rl_prompts.jsonl``: ``{prompt, answer}``), and the held-out
        ``validation.jsonl`` and ``test.jsonl`` in GSM8K's form (``{question, answer}``, the
        answer a worked solution ending in ``#### N``), disjoint from training by construction
        (:func:`rlcourse.worlds.reasoning.problem_split`);
-    2. the model: a tiny Llama-style GPT pretrained on the raw text, then SFT'd on the chat-format
-       rows (``checkpoints/sft``);
-    3. ``results.json``: its greedy accuracy and sampled pass@1/pass@k on validation (test is for
-       the benchmark, ``benchmarks/run_rlvr.py``).
+    2. the model: a tiny Llama-style GPT trained from scratch on the SFT rows in the chat format
+       (``checkpoints/sft``). Its pretraining and its SFT are one stage here: the world has no
+       text but problems and their solutions;
+    3. ``results.json``: its greedy accuracy and sampled pass@k on validation (test is for the
+       benchmark, ``benchmarks/run_rlvr.py``).
     """
     import numpy as np
     import torch
@@ -309,22 +308,18 @@ def build_reasoning(out: Path, cfg: ReasoningBuildConfig, log=print) -> dict:
     world = DEFAULT_REASONING_WORLD
     root = out / "reasoning"
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([cfg.seed, 20])  # a stream of its own: the other steps' files
-    #                                              do not change when this one does
+    # a stream of its own: the assistant world's files do not change when this step does
+    rng = np.random.default_rng([cfg.seed, 20])
     start = time.perf_counter()
 
     # 1. problems ----------------------------------------------------------------------------
     stream = world.iter_problems("train", rng)  # distinct problems for every use below
-    docs = []
-    for _ in range(cfg.n_pretrain_docs):
-        p = next(stream)
-        docs.append(f"{p.question} {world.worked_solution(p, rng)[0]}")
     sft_rows = []
     for _ in range(cfg.n_sft):
         p = next(stream)
         sft_rows.append({"prompt": p.question, "completion": world.worked_solution(p, rng)[0],
                          "answer": str(p.answer)})
-    write_jsonl(root / "sft.jsonl", sft_rows)
+    write_jsonl(root / "sft_sample.jsonl", sft_rows[:cfg.n_sft_shipped])
     rl_rows = [{"prompt": p.question, "answer": str(p.answer)}
                for p in (next(stream) for _ in range(cfg.n_rl_prompts))]
     write_jsonl(root / "rl_prompts.jsonl", rl_rows)
@@ -333,38 +328,27 @@ def build_reasoning(out: Path, cfg: ReasoningBuildConfig, log=print) -> dict:
         held_out[split] = world.problems(split, n, rng)
         write_jsonl(root / f"{split}.jsonl", (p.row() for p in held_out[split]))
     tokenizer = reasoning_tokenizer(world)
-    # how often a worked solution like those of the training data is right (slips can cancel)
-    data_accuracy = float(np.mean([world.worked_solution(p, rng)[1]
-                                   for p in held_out["validation"]]))
-    log(f"reasoning: {len(docs)} pretraining documents, {len(sft_rows)} SFT rows, "
-        f"{len(rl_rows)} RL prompts, {cfg.n_validation} validation and {cfg.n_test} test "
-        f"problems; vocabulary {len(tokenizer)} tokens; {data_accuracy:.1%} of sloppy worked "
-        "solutions right on validation")
+    data_right = float(np.mean([world.final_answer(r["completion"]) == r["answer"]
+                                for r in sft_rows]))
+    log(f"reasoning: {len(sft_rows)} SFT rows ({data_right:.1%} right), {len(rl_rows)} RL "
+        f"prompts, {cfg.n_validation} validation and {cfg.n_test} test problems; vocabulary "
+        f"{len(tokenizer)} tokens")
 
-    def config(lr: float, steps: int, seed: int) -> TrainConfig:
-        return TrainConfig(lr=lr, max_steps=steps, batch_size=cfg.batch_size,
-                           warmup_steps=cfg.warmup_steps, schedule="cosine", seed=seed,
-                           log_every=50, device=cfg.device, progress=sys.stderr.isatty())
-
-    # 2. pretraining, then SFT -------------------------------------------------------------------
+    # 2. the model ------------------------------------------------------------------------------
     model = build_model(tokenizer, seed=cfg.seed, n_layers=cfg.n_layers,
                         hidden_size=cfg.hidden_size, n_heads=cfg.n_heads)
     n_params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    pre = train(model, sft_loss_fn, text_items(tokenizer, docs),
-                config(cfg.pretrain_lr, cfg.pretrain_steps, cfg.seed))
-    log(f"reasoning pretraining: {cfg.pretrain_steps} steps in {time.perf_counter() - t0:.0f} s, "
-        f"loss {pre.last('loss'):.3f}")
-    t0 = time.perf_counter()
     sft = train(model, sft_loss_fn, tokenize_sft(tokenizer, sft_rows, cfg.max_length),
-                config(cfg.sft_lr, cfg.sft_steps, cfg.seed + 1))
+                TrainConfig(lr=cfg.sft_lr, max_steps=cfg.sft_steps, batch_size=cfg.batch_size,
+                            warmup_steps=cfg.warmup_steps, schedule="cosine", seed=cfg.seed,
+                            log_every=50, device=cfg.device, progress=sys.stderr.isatty()))
     log(f"reasoning SFT: {cfg.sft_steps} steps in {time.perf_counter() - t0:.0f} s, "
         f"loss {sft.last('loss'):.3f}")
     model.eval()
     save_model(model, tokenizer, root / "checkpoints" / "sft")
     (root / "history").mkdir(exist_ok=True)
-    for name, hist in (("pretrain", pre), ("sft", sft)):
-        (root / "history" / f"{name}.json").write_text(json.dumps(_history_rows(hist)) + "\n")
+    (root / "history" / "sft.json").write_text(json.dumps(_history_rows(sft)) + "\n")
 
     # 3. accuracy on validation ----------------------------------------------------------------
     problems = held_out["validation"]
@@ -380,13 +364,13 @@ def build_reasoning(out: Path, cfg: ReasoningBuildConfig, log=print) -> dict:
     results = {
         "model": {"n_parameters": n_params, "n_layers": cfg.n_layers,
                   "hidden_size": cfg.hidden_size, "vocab_size": len(tokenizer)},
+        "sft_data": {"n_rows": len(sft_rows), "share_right": data_right},
         "validation": {
             "n_problems": len(problems),
             "greedy_accuracy": float(np.mean(gsm8k_exact_match(None, greedy.texts, answers))),
             "samples_per_problem": n,
             "pass_at_k": {str(k): round(v[0], 6) for k, v in curve.items()},
-            "sloppy_solutions_right": data_accuracy,
-            "no_slip_rate": float(np.mean([world.clean_rate(p) for p in problems])),
+            "sloppy_solution_accuracy": float(np.mean([world.clean_rate(p) for p in problems])),
         },
         "slips": asdict(world.slips),
         "difficulty": asdict(world.difficulty),

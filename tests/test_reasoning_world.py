@@ -23,22 +23,34 @@ from rlcourse.worlds.reasoning import (
 WORLD = DEFAULT_REASONING_WORLD
 
 
-def _evaluate(question: str) -> int:
-    """An independent reading of a question: parse the story sentence by sentence."""
+def _read(question: str) -> tuple[int, str]:
+    """An independent reading of a question, sentence by sentence: (answer, skeleton)."""
     sentences = [s.strip() for s in question.split(".") if s.strip()]
     value = int(re.fullmatch(r"\w+ has (\d+) \w+", sentences[0]).group(1))
+    skeleton = [str(value)]
     for s in sentences[1:-1]:
         n = int(re.search(r"(\d+)", s).group(1))
         if re.search(r"(buys|finds|gets) \d+ more$", s):
-            value += n
+            value, op = value + n, "add"
         elif re.search(r"(eats|gives away|loses|sells) \d+$", s):
-            value -= n
+            value, op = value - n, "sub"
         elif s.endswith("times as large"):
-            value *= n
+            value, op = value * n, "mul"
         else:
             raise AssertionError(s)
+        skeleton.append(f"{op} {n}")
     assert sentences[-1].startswith("how many")
-    return value
+    return value, "|".join(skeleton)
+
+
+def _evaluate(question: str) -> int:
+    return _read(question)[0]
+
+
+def _split_of(question: str) -> str:
+    digest = hashlib.sha256(_read(question)[1].encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return next(name for name, (lo, hi) in SPLITS.items() if lo <= u < hi)
 
 
 def test_problems_are_right_and_within_the_difficulty():
@@ -109,6 +121,8 @@ def test_slips_follow_the_slip_model():
         assert correct == (extract_answer(text) == str(p.answer))
         eqs = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", text)
         assert len(eqs) == len(p.steps)
+        slipped_any = any(eval(f"{a} {s} {b}") != int(c) for a, s, b, c in eqs)  # noqa: S307
+        assert correct == (not slipped_any)  # errors compound: one slip makes it wrong
         for a, sym, b, c in eqs:
             true = eval(f"{a} {sym} {b}")  # noqa: S307
             op = {"+": "add", "-": "sub", "*": "mul"}[sym]
@@ -119,9 +133,9 @@ def test_slips_follow_the_slip_model():
             else:
                 plain, plain_slips = plain + 1, plain_slips + slipped
     assert abs(hard_slips / hard - 0.5) < 0.05 and abs(plain_slips / plain - 0.1) < 0.04
-    # no slip, right answer: the share right is at least the clean rate (slips may cancel)
+    # slips never cancel: right exactly when no step slipped
     clean = np.mean([world.clean_rate(p) for p in problems])
-    assert clean - 0.05 < np.mean(right) < clean + 0.1
+    assert abs(np.mean(right) - clean) < 0.05
     # without slips every solution is the correct one
     for p in problems[:50]:
         assert world.worked_solution(p, rng, slips=False) == (p.solution(), True)
@@ -148,3 +162,50 @@ def test_sft_rows_and_tokenizer_cover_every_word():
             assert unk not in ids
             assert tok.decode(ids) == text  # decodes exactly as written, #### included
     assert len(tok.tokenize("#### 7")) == 2
+
+
+def _load_build():
+    import importlib.util
+    import sys
+
+    from rlcourse.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("data_build_reasoning",
+                                                  REPO_ROOT / "data" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build
+    spec.loader.exec_module(build)
+    return build
+
+
+def test_reasoning_build_is_bit_for_bit_and_keeps_splits_apart(tmp_path):
+    """data/build.py's reasoning step in miniature, twice: the same bytes; held-out problems
+    are of their split and no RL or SFT problem is a held-out one."""
+    import json
+
+    from rlcourse.data import read_jsonl
+
+    build = _load_build()
+    cfg = build.ReasoningBuildConfig(n_layers=1, hidden_size=32, n_heads=2, n_sft=40,
+                                     n_sft_shipped=10, sft_steps=2, warmup_steps=1,
+                                     n_rl_prompts=12, n_validation=6, n_test=6,
+                                     eval_samples_per_problem=2, max_new_tokens=8)
+    digests = []
+    for name in ("a", "b"):
+        build.build_reasoning(tmp_path / name, cfg, log=lambda *a: None)
+        manifest = build.write_manifest(tmp_path / name)
+        digests.append({k: v["sha256"] for k, v in manifest["files"].items()})
+    assert digests[0] == digests[1]
+    assert {"reasoning/checkpoints/sft/model.safetensors", "reasoning/test.jsonl",
+            "reasoning/results.json", "reasoning/rl_prompts.jsonl"} <= set(digests[0])
+    root = tmp_path / "a" / "reasoning"
+    for split in ("validation", "test"):  # read back from the text, split by its own hash
+        for row in read_jsonl(root / f"{split}.jsonl", ("question", "answer")):
+            assert _split_of(row["question"]) == split
+            assert row["answer"].endswith(f"#### {_evaluate(row['question'])}")
+    for name in ("rl_prompts", "sft_sample"):
+        for row in read_jsonl(root / f"{name}.jsonl", ("prompt", "answer")):
+            assert _split_of(row["prompt"]) == "train"
+            assert row["answer"] == str(_evaluate(row["prompt"]))
+    results = json.loads((root / "results.json").read_text())
+    assert results["validation"]["n_problems"] == 6 and "1" in results["validation"]["pass_at_k"]

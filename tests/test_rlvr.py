@@ -183,3 +183,44 @@ def test_grpo_gsm8k_recipe_runs_on_a_tiny_model(tmp_path, reward_fn):
         for call in calls:
             assert call["columns"] == []  # the question became the prompt: no other column
             assert [truth[p] for p in call["prompts"]] == call["answer"]
+
+
+# ---- the reasoning world's helpers ----------------------------------------------------------
+
+
+def test_tracked_reward_pays_its_kind_and_records_the_truth():
+    from rlcourse.worlds.reasoning import TrackedReward
+
+    completions = ["1 + 1 = 2. #### 2", "1 + 1 = 3. #### 3", "so the answer is 2.", "#### x"]
+    answers = ["2"] * 4
+    correct = TrackedReward("correct")
+    assert correct(["p"] * 4, completions, answers) == [1.0, 0.0, 1.0, 0.0]
+    fmt = TrackedReward("format")
+    assert fmt(["p"] * 4, completions, answer=answers) == [1.0, 1.0, 0.0, 0.0]
+    coin = TrackedReward("random", seed=1)
+    paid = coin(["p"] * 4, completions, answers)
+    assert set(paid) <= {0.0, 1.0}
+    for tracked in (correct, fmt, coin):  # whatever it pays, it records the truth
+        row = tracked.rows[-1]
+        assert row["accuracy"] == 0.5
+        # words and symbols: "1 + 1 = 2 . #### 2" is 8, "so the answer is 2 ." is 6
+        assert row["length_right"] == (8 + 6) / 2 and row["length_wrong"] == (8 + 2) / 2
+    with pytest.raises(ValueError):
+        TrackedReward("learned")
+
+
+def test_sample_and_verify_agrees_with_the_verifier():
+    from rlcourse.models import generate
+    from rlcourse.worlds.reasoning import sample_and_verify
+
+    model, tok = _tiny_model(["what is 1 + 1 ? 2 3 4 . ####"])
+    questions, answers = ["what is 1 + 1 ?", "what is 1 + 2 ?"], ["2", "3"]
+    v = sample_and_verify(model, tok, questions, answers, 5, seed=4, max_new_tokens=6)
+    assert v.correct.shape == v.lengths.shape == v.logprob.shape == (2, 5)
+    gen = generate(model, tok, [q for q in questions for _ in range(5)], max_new_tokens=6,
+                   seed=4)
+    assert v.texts == gen.texts
+    expected = gsm8k_exact_match(None, gen.texts, [a for a in answers for _ in range(5)])
+    assert v.correct.reshape(-1).tolist() == [bool(x) for x in expected]
+    assert v.entropy_per_token == pytest.approx(
+        float(-gen.logprobs.sum() / gen.completion_mask.sum()), rel=1e-6)

@@ -93,7 +93,7 @@ class Difficulty:
     """
 
     min_steps: int = 2
-    max_steps: int = 5
+    max_steps: int = 6
     max_start: int = 20
     max_operand: int = 9
     max_value: int = 60
@@ -111,13 +111,14 @@ class Difficulty:
 
 @dataclass(frozen=True)
 class SlipModel:
-    """How worked solutions go wrong: each step's written result is off by ``±1`` or ``±2``
-    (never below 0) with probability ``p_carry`` when the step carries or borrows across a ten
-    or multiplies, else ``p_plain``. Later steps start from the number written, so a slip
-    carries on to the final answer (which is then wrong)."""
+    """How worked solutions go wrong: each step's written result is off by 1 or 2 with
+    probability ``p_carry`` when the step carries or borrows across a ten or multiplies, else
+    ``p_plain``. Later steps start from the number written, so a slip carries on to the final
+    answer; a second slip goes the same way as the error already made (errors compound and
+    never cancel), so a solution is right exactly when it has no slip."""
 
-    p_plain: float = 0.25
-    p_carry: float = 0.7
+    p_plain: float = 0.2
+    p_carry: float = 0.6
 
     def probability(self, op: str, before: int, after: int) -> float:
         """The chance that a solution slips at this step."""
@@ -293,7 +294,12 @@ class ReasoningWorld:
                 true_after = _apply(s.op, value, s.operand)
                 after = true_after
                 if slips and rng.random() < self.slips.probability(s.op, value, true_after):
-                    after = true_after + (-2, -1, 1, 2)[int(rng.integers(4))]
+                    delta = (1, 2)[int(rng.integers(2))]
+                    # once wrong, a slip goes the same way: errors compound, never cancel
+                    error = true_after - s.after
+                    sign = (-1 if rng.random() < 0.5 else 1) if error == 0 else \
+                        (1 if error > 0 else -1)
+                    after = true_after + sign * delta
                 if not 0 <= after <= self.max_number:
                     break
                 parts.append(f"{value} {SYMBOLS[s.op]} {s.operand} = {after}.")
@@ -307,9 +313,8 @@ class ReasoningWorld:
         return " ".join(parts), value == problem.answer
 
     def clean_rate(self, problem: Problem) -> float:
-        """The chance that no step of :meth:`worked_solution` slips: the product over steps of
-        ``1 - slip probability``. A lower bound on the chance of a right answer: two slips can
-        cancel (``+1`` then ``-1``), which is not rare when slips are frequent."""
+        """The chance that :meth:`worked_solution` gets ``problem`` right: that no step slips,
+        the product over steps of ``1 - slip probability`` (slips never cancel)."""
         rate = 1.0
         for s in problem.steps:
             rate *= 1.0 - self.slips.probability(s.op, s.before, s.after)
