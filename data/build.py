@@ -256,11 +256,11 @@ class ReasoningBuildConfig:
 
     seed: int = 0
     n_layers: int = 2
-    hidden_size: int = 128
+    hidden_size: int = 96
     n_heads: int = 4
     n_sft: int = 40000
     n_sft_shipped: int = 500
-    sft_steps: int = 1500
+    sft_steps: int = 2000
     sft_lr: float = 3e-3
     batch_size: int = 64
     warmup_steps: int = 50

@@ -209,3 +209,36 @@ def test_reasoning_build_is_bit_for_bit_and_keeps_splits_apart(tmp_path):
             assert row["answer"] == str(_evaluate(row["prompt"]))
     results = json.loads((root / "results.json").read_text())
     assert results["validation"]["n_problems"] == 6 and "1" in results["validation"]["pass_at_k"]
+
+
+def test_shipped_reasoning_data_and_model():
+    """data/reasoning (``python data/build.py --only reasoning``): the splits are what their
+    names say, the model loads and its sampled pass@1 is far below its pass@8 and its greedy
+    accuracy (the gap RL from a verifier can close)."""
+    import json
+
+    import torch
+
+    from rlcourse.config import DATA_DIR
+    from rlcourse.data import read_jsonl
+    from rlcourse.models import load_model
+    from rlcourse.verifiers import reference_answer
+
+    root = DATA_DIR / "reasoning"
+    for split in ("validation", "test"):
+        rows = read_jsonl(root / f"{split}.jsonl", ("question", "answer"))
+        assert len(rows) == 500
+        for row in rows:
+            assert _split_of(row["question"]) == split
+            assert reference_answer(row["answer"]) == str(_evaluate(row["question"]))
+    rl = read_jsonl(root / "rl_prompts.jsonl", ("prompt", "answer"))
+    assert len(rl) == 4000 and len({r["prompt"] for r in rl}) == 4000
+    assert all(_split_of(r["prompt"]) == "train" for r in rl[:500])
+    results = json.loads((root / "results.json").read_text())
+    val = results["validation"]
+    assert val["greedy_accuracy"] >= 0.85
+    assert val["pass_at_k"]["1"] <= 0.4 and val["pass_at_k"]["8"] - val["pass_at_k"]["1"] >= 0.3
+    torch.set_num_threads(1)
+    model, tok = load_model(root / "checkpoints" / "sft", device="cpu")
+    assert sum(p.numel() for p in model.parameters()) == results["model"]["n_parameters"]
+    assert len(tok.tokenize("#### 12")) == 2

@@ -406,7 +406,7 @@ class Verified:
 
 
 def sample_and_verify(model, tokenizer, questions: Sequence[str], answers: Sequence[str | int],
-                      n: int, seed: int, max_new_tokens: int = 40, temperature: float = 1.0,
+                      n: int, seed: int, max_new_tokens: int = 48, temperature: float = 1.0,
                       batch_size: int = 512) -> Verified:
     """Sample ``n`` answers per question (:func:`rlcourse.models.generate`, seeded) and check
     each with :func:`rlcourse.verifiers.gsm8k_exact_match` against ``answers``."""
