@@ -12,7 +12,12 @@ Steps (all seeded; single-threaded, a few minutes on a laptop CPU):
    the simulated annotator) and the unpaired (KTO) split of those pairs;
 5. measurements: the SFT model against the base model on held-out prompts (win rate by the
    ground-truth judge), the flaws left in SFT samples, annotator agreement;
-6. ``MANIFEST.json``: size and sha256 of every generated file.
+6. ``MANIFEST.json``: size and sha256 of every generated file;
+7. the reasoning world (:mod:`rlcourse.worlds.reasoning`, :func:`build_reasoning`, under
+   ``reasoning/``): worked solutions with slips, a tiny model trained on them from scratch in the
+   chat format, the held-out validation and test problems in GSM8K's ``question``/``answer``
+   form, and the model's accuracy on validation. ``--only reasoning`` rebuilds this step alone
+   (and the manifest). Its files hold no wall-clock numbers, so a rebuild is bit for bit.
 """
 
 from __future__ import annotations
@@ -244,17 +249,166 @@ def build(out: Path, cfg: BuildConfig, log=print) -> dict:
     return results
 
 
+@dataclass
+class ReasoningBuildConfig:
+    """Every knob of the reasoning build (:func:`build_reasoning`). The defaults make the
+    shipped ``reasoning/`` folder."""
+
+    seed: int = 0
+    n_layers: int = 2
+    hidden_size: int = 96
+    n_heads: int = 4
+    n_sft: int = 40000
+    n_sft_shipped: int = 500
+    sft_steps: int = 2000
+    sft_lr: float = 3e-3
+    batch_size: int = 64
+    warmup_steps: int = 50
+    max_length: int = 128
+    n_rl_prompts: int = 4000
+    n_validation: int = 500
+    n_test: int = 500
+    eval_samples_per_problem: int = 8
+    max_new_tokens: int = 48
+    device: str = "cpu"
+
+
+def _history_rows(history) -> list[dict]:
+    """Training-curve rows without wall-clock fields (tokens/s, memory): bit for bit."""
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "peak_mem_mb")}
+            for row in history.to_rows()]
+
+
+def build_reasoning(out: Path, cfg: ReasoningBuildConfig, log=print) -> dict:
+    """The reasoning world's data and model under ``out/reasoning``; returns the results dict.
+
+    1. problems, all distinct: ``n_sft`` SFT rows ``{prompt, completion, answer}``, the
+       completion a worked solution with slips (the first ``n_sft_shipped`` shipped as
+       ``sft_sample.jsonl``; the rest are regenerated from the seed), ``n_rl_prompts`` fresh
+       training problems for RL (``rl_prompts.jsonl``: ``{prompt, answer}``), and the held-out
+       ``validation.jsonl`` and ``test.jsonl`` in GSM8K's form (``{question, answer}``, the
+       answer a worked solution ending in ``#### N``), disjoint from training by construction
+       (:func:`rlcourse.worlds.reasoning.problem_split`);
+    2. the model: a tiny Llama-style GPT trained from scratch on the SFT rows in the chat format
+       (``checkpoints/sft``). Its pretraining and its SFT are one stage here: the world has no
+       text but problems and their solutions;
+    3. ``results.json``: its greedy accuracy and sampled pass@k on validation (test is for the
+       benchmark, ``benchmarks/run_rlvr.py``).
+    """
+    import numpy as np
+    import torch
+
+    from rlcourse.data import tokenize_sft, write_jsonl
+    from rlcourse.engine import TrainConfig, sft_loss_fn, train
+    from rlcourse.models import build_model, generate, save_model
+    from rlcourse.verifiers import gsm8k_exact_match, pass_at_k_curve
+    from rlcourse.worlds.reasoning import DEFAULT_REASONING_WORLD, reasoning_tokenizer
+
+    torch.set_num_threads(1)
+    world = DEFAULT_REASONING_WORLD
+    root = out / "reasoning"
+    root.mkdir(parents=True, exist_ok=True)
+    # a stream of its own: the assistant world's files do not change when this step does
+    rng = np.random.default_rng([cfg.seed, 20])
+    start = time.perf_counter()
+
+    # 1. problems ----------------------------------------------------------------------------
+    stream = world.iter_problems("train", rng)  # distinct problems for every use below
+    sft_rows = []
+    for _ in range(cfg.n_sft):
+        p = next(stream)
+        sft_rows.append({"prompt": p.question, "completion": world.worked_solution(p, rng)[0],
+                         "answer": str(p.answer)})
+    write_jsonl(root / "sft_sample.jsonl", sft_rows[:cfg.n_sft_shipped])
+    rl_rows = [{"prompt": p.question, "answer": str(p.answer)}
+               for p in (next(stream) for _ in range(cfg.n_rl_prompts))]
+    write_jsonl(root / "rl_prompts.jsonl", rl_rows)
+    held_out = {}
+    for split, n in (("validation", cfg.n_validation), ("test", cfg.n_test)):
+        held_out[split] = world.problems(split, n, rng)
+        write_jsonl(root / f"{split}.jsonl", (p.row() for p in held_out[split]))
+    tokenizer = reasoning_tokenizer(world)
+    data_right = float(np.mean([world.final_answer(r["completion"]) == r["answer"]
+                                for r in sft_rows]))
+    log(f"reasoning: {len(sft_rows)} SFT rows ({data_right:.1%} right), {len(rl_rows)} RL "
+        f"prompts, {cfg.n_validation} validation and {cfg.n_test} test problems; vocabulary "
+        f"{len(tokenizer)} tokens")
+
+    # 2. the model ------------------------------------------------------------------------------
+    model = build_model(tokenizer, seed=cfg.seed, n_layers=cfg.n_layers,
+                        hidden_size=cfg.hidden_size, n_heads=cfg.n_heads)
+    n_params = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    sft = train(model, sft_loss_fn, tokenize_sft(tokenizer, sft_rows, cfg.max_length),
+                TrainConfig(lr=cfg.sft_lr, max_steps=cfg.sft_steps, batch_size=cfg.batch_size,
+                            warmup_steps=cfg.warmup_steps, schedule="cosine", seed=cfg.seed,
+                            log_every=50, device=cfg.device, progress=sys.stderr.isatty()))
+    log(f"reasoning SFT: {cfg.sft_steps} steps in {time.perf_counter() - t0:.0f} s, "
+        f"loss {sft.last('loss'):.3f}")
+    model.eval()
+    save_model(model, tokenizer, root / "checkpoints" / "sft")
+    (root / "history").mkdir(exist_ok=True)
+    (root / "history" / "sft.json").write_text(json.dumps(_history_rows(sft)) + "\n")
+
+    # 3. accuracy on validation ----------------------------------------------------------------
+    problems = held_out["validation"]
+    answers = [str(p.answer) for p in problems]
+    greedy = generate(model, tokenizer, [p.question for p in problems],
+                      max_new_tokens=cfg.max_new_tokens, do_sample=False)
+    n = cfg.eval_samples_per_problem
+    sampled = generate(model, tokenizer, [p.question for p in problems for _ in range(n)],
+                       max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 31)
+    correct = np.array(gsm8k_exact_match(None, sampled.texts, [a for a in answers
+                                                               for _ in range(n)]))
+    curve = pass_at_k_curve(correct.reshape(len(problems), n).astype(bool))
+    results = {
+        "model": {"n_parameters": n_params, "n_layers": cfg.n_layers,
+                  "hidden_size": cfg.hidden_size, "vocab_size": len(tokenizer)},
+        "sft_data": {"n_rows": len(sft_rows), "share_right": data_right},
+        "validation": {
+            "n_problems": len(problems),
+            "greedy_accuracy": float(np.mean(gsm8k_exact_match(None, greedy.texts, answers))),
+            "samples_per_problem": n,
+            "pass_at_k": {str(k): round(v[0], 6) for k, v in curve.items()},
+            "sloppy_solution_accuracy": float(np.mean([world.clean_rate(p) for p in problems])),
+        },
+        "slips": asdict(world.slips),
+        "difficulty": asdict(world.difficulty),
+        "config": asdict(cfg),
+    }
+    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    log(f"reasoning model ({n_params:,} parameters) on validation: greedy "
+        f"{results['validation']['greedy_accuracy']:.3f}, sampled pass@k "
+        f"{results['validation']['pass_at_k']}; {time.perf_counter() - start:.0f} s in all")
+    return results
+
+
+def refresh_manifest(out: Path) -> dict:
+    """Rewrite ``MANIFEST.json`` over every generated file, keeping its other keys."""
+    path = out / "MANIFEST.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    extra = {k: v for k, v in old.items() if k not in ("total_bytes", "files")}
+    return write_manifest(out, extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE, help="output folder (default: data/)")
+    parser.add_argument("--only", choices=("assistant", "reasoning"), default=None,
+                        help="rebuild one world's files only (and the manifest)")
     for name, value in asdict(BuildConfig()).items():
         if name == "seed":
             continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    build(out, BuildConfig(**args))
+    out, only = args.pop("out"), args.pop("only")
+    if only != "reasoning":
+        build(out, BuildConfig(**args))
+    if only != "assistant":
+        build_reasoning(out, ReasoningBuildConfig(seed=args["seed"]))
+        manifest = refresh_manifest(out)
+        print(f"data: {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB")
     return 0
 
 

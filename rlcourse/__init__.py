@@ -6,7 +6,8 @@ Layers (imports point downward only; :data:`LAYERS` is the same table as code, a
 0. foundation: :mod:`rlcourse.config`, :mod:`rlcourse.files`
 1. pure math: :mod:`rlcourse.mdp`, :mod:`rlcourse.rl`, :mod:`rlcourse.losses`,
    :mod:`rlcourse.critic_free`, :mod:`rlcourse.bandit`, :mod:`rlcourse.memory`,
-   :mod:`rlcourse.precision`
+   :mod:`rlcourse.precision`,
+   :mod:`rlcourse.verifiers`
 2. models, data and guards: :mod:`rlcourse.models`, :mod:`rlcourse.data`,
    :mod:`rlcourse.adapters`, :mod:`rlcourse.guards`
 3. engines: :mod:`rlcourse.engine`, :mod:`rlcourse.ppo`, :mod:`rlcourse.grpo`,
@@ -30,7 +31,8 @@ __all__ = ["DATA_DIR", "LAYERS", "REPO_ROOT", "is_quick", "pick", "seed_everythi
 #: A module may import from its own layer or a lower one, never from a higher one.
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("config", "files"),
-    1: ("mdp", "rl", "losses", "critic_free", "bandit", "memory", "precision"),
+    1: ("mdp", "rl", "losses", "critic_free", "bandit", "memory", "precision",
+        "verifiers"),
     2: ("models", "data", "adapters", "guards"),
     3: ("engine", "ppo", "grpo", "preference", "reward_model", "online", "recipes"),
     4: ("worlds", "evaluation"),

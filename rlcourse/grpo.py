@@ -31,7 +31,7 @@ tuple is accepted, the values are ignored).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,6 +73,7 @@ from rlcourse.ppo import (
     reference_logprobs,
     sample_tokens,
 )
+from rlcourse.verifiers import call_reward_fn
 
 __all__ = [
     "ADVANTAGES",
@@ -83,6 +84,7 @@ __all__ = [
     "group_loss_weights",
     "group_step",
     "group_update",
+    "prompts_and_columns",
     "token_logprobs",
     "train_group",
     "train_group_lm",
@@ -267,10 +269,13 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
     ids, attn = batch["input_ids"], batch["attention_mask"]
     mask = shifted_mask(batch["completion_mask"])
     bare = accelerator.unwrap_model(policy) if accelerator is not None else policy
+    # One pass over one minibatch: the ratio is pi/pi_old with pi_old the policy as it is, so
+    # old = logp.detach() in the loop (TRL does the same with num_iterations=1); no forward.
+    single_pass = config.epochs == 1 and config.minibatch_size is None
     with torch.no_grad():
         was = bare.training
         bare.eval()
-        old = token_logprobs(bare, ids, attn, config.temperature)
+        old = None if single_pass else token_logprobs(bare, ids, attn, config.temperature)
         bare.train(was)
         # kl_coef > 0: the reference model, or a LoRA policy with its adapters switched off
         ref = (reference_logprobs(ref_model, ids, attn, config.temperature, bare,
@@ -279,13 +284,13 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
     adv = group_advantages(groups, config.advantage).reshape(-1, 1).expand_as(mask)
     processes = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    rows = {"input_ids": ids, "attention_mask": attn, "mask": mask, "old": old,
-            "adv": adv.contiguous(), **({"ref": ref} if ref is not None else {})}
+    rows = {"input_ids": ids, "attention_mask": attn, "mask": mask, "adv": adv.contiguous(),
+            **({"old": old} if old is not None else {}),
+            **({"ref": ref} if ref is not None else {})}
     if processes > 1:  # the whole batch on every process: minibatch sizes are global
         rows = gather_rows(rows, accelerator)
-    ids, attn, mask, old, adv = (rows[k] for k in ("input_ids", "attention_mask", "mask", "old",
-                                                   "adv"))
-    ref = rows.get("ref")
+    ids, attn, mask, adv = (rows[k] for k in ("input_ids", "attention_mask", "mask", "adv"))
+    old, ref = rows.get("old"), rows.get("ref")
     n = ids.shape[0]
     size = config.minibatch_size or n
     sums: dict[str, float] = {}
@@ -304,7 +309,8 @@ def group_update(policy: nn.Module, ref_model: nn.Module | None, batch: dict[str
             # 1, so masked_mean's clamp of the denominator at 1 never acts), times sum(w) it
             # is sum(l w).
             wsum = w.sum()
-            loss, stats = rl.ppo_policy_loss(logp, old[idx], adv[idx],
+            old_mb = logp.detach() if old is None else old[idx]
+            loss, stats = rl.ppo_policy_loss(logp, old_mb, adv[idx],
                                              w / wsum.clamp_min(1e-12), config.clip_eps)
             loss = loss * wsum
             stats = {"policy_loss": loss.detach(), **stats}
@@ -355,7 +361,27 @@ def train_group(policy: nn.Module, ref_model: nn.Module | None, reward_fn: Calla
     return history
 
 
-TextRewardFn = Callable[[list[str], list[str]], Any]
+TextRewardFn = Callable[..., Any]
+
+
+def prompts_and_columns(prompts: Sequence[Any]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Prompts given as text, as conversations, or as data rows: a row is a mapping with a
+    ``prompt`` and other columns (GSM8K's ``answer``), which the reward function receives as
+    keyword arguments (:func:`rlcourse.verifiers.call_reward_fn`). Returns the prompts and,
+    for each, its other columns (``{}`` for a bare prompt)."""
+    texts, columns = [], []
+    for i, p in enumerate(prompts):
+        if isinstance(p, Mapping):
+            if "prompt" not in p:
+                where = getattr(p, "where", f"prompt row {i}")
+                raise KeyError(f"{where}: a prompt row needs a 'prompt' field, got "
+                               f"{', '.join(map(str, p)) or 'none'}")
+            texts.append(p["prompt"])
+            columns.append({k: v for k, v in p.items() if k != "prompt"})
+        else:
+            texts.append(p)
+            columns.append({})
+    return texts, columns
 
 
 def evaluate_prompts(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any],
@@ -364,15 +390,16 @@ def evaluate_prompts(policy: nn.Module, tokenizer: Any, prompts: Sequence[Any],
     """One answer per held-out prompt, sampled with a seed fixed for the whole run (so that
     successive evaluations differ only by the policy), scored by ``reward_fn``:
     ``{"eval/reward": mean reward, "eval/response_length": mean answer tokens}``. Every process
-    computes the same numbers (same prompts, same seed)."""
-    prompts = list(prompts)
+    computes the same numbers (same prompts, same seed). Prompts may be data rows
+    (:func:`prompts_and_columns`)."""
+    prompts, columns = prompts_and_columns(prompts)
     was = policy.training
     policy.eval()
     gen = generate(language_model(policy), tokenizer, prompts, max_new_tokens=max_new_tokens,
                    temperature=temperature, seed=_step_seed(seed, 0) + 3)
     policy.train(was)
-    scores = checked_rewards(reward_fn([prompt_text(p) for p in prompts], list(gen.texts)),
-                             len(prompts), reward_fn, gen.texts)
+    raw = call_reward_fn(reward_fn, [prompt_text(p) for p in prompts], list(gen.texts), columns)
+    scores = checked_rewards(raw, len(prompts), reward_fn, gen.texts)
     return {"eval/reward": float(scores.mean()),
             "eval/response_length": float(gen.completion_mask.sum(-1).float().mean())}
 
@@ -400,8 +427,12 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     ``r`` of ``W`` takes prompts ``[r n/W, (r+1) n/W)`` and answers each ``group_size`` times
     with :func:`rlcourse.models.generate` (seeded by ``(seed, k)``, ``first_row`` = its first
     global row), so the samples are those one process would draw. ``reward_fn(prompts,
-    completions) -> floats`` scores the texts (a verifier, or
-    :func:`rlcourse.online.reward_model_scorer` of a reward model); :func:`group_update`
+    completions, **columns) -> floats`` scores the texts (a verifier, or
+    :func:`rlcourse.online.reward_model_scorer` of a reward model); a prompt given as a data row
+    (a mapping with ``prompt`` and other columns, :func:`prompts_and_columns`) passes its other
+    columns to ``reward_fn`` as keyword arguments, one list entry per completion, as TRL does
+    (:func:`rlcourse.verifiers.call_reward_fn`: only those the function names, so a
+    two-argument ``reward_fn(prompts, completions)`` works as before); :func:`group_update`
     updates with AdamW at ``lr`` (gradients averaged over processes).
 
     ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end the policy, optimizer,
@@ -415,7 +446,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     with a fixed seed every ``eval_every`` steps and at the end; the row gains ``eval/reward``
     (the mean reward) and ``eval/response_length`` (:func:`evaluate_prompts`).
     """
-    prompts = list(prompts)
+    prompts, columns = prompts_and_columns(prompts)
     if not prompts:
         raise ValueError("no prompts")
     accelerator = make_accelerator(TrainConfig(device=device, mixed_precision=mixed_precision))
@@ -460,12 +491,14 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                            for _ in range(math.ceil(config.n_prompts / len(prompts)))])
         mine = order[rank * local_n:(rank + 1) * local_n].tolist()
         many = [prompts[i] for i in mine for _ in range(config.group_size)]
+        many_columns = [columns[i] for i in mine for _ in range(config.group_size)]
         gen = generate(language_model(accelerator.unwrap_model(model)), tokenizer, many,
                        max_new_tokens=max_new_tokens, temperature=config.temperature,
                        seed=_step_seed(seed, step) + 1,
                        first_row=rank * local_n * config.group_size)
-        scores = checked_rewards(reward_fn([prompt_text(p) for p in many], list(gen.texts)),
-                                 len(many), reward_fn, gen.texts)
+        raw = call_reward_fn(reward_fn, [prompt_text(p) for p in many], list(gen.texts),
+                             many_columns)
+        scores = checked_rewards(raw, len(many), reward_fn, gen.texts)
         dev = accelerator.device
         batch = {"input_ids": gen.full_ids.to(dev),
                  "attention_mask": gen.full_attention_mask.to(dev),

@@ -2,6 +2,7 @@
 exercise accepting its reference while rejecting each of its plausible wrong answers."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -141,6 +142,12 @@ def _discount_off_by_one(rewards, gamma):
 
 
 NAMED_PITFALLS = [
+    # chapter 17, "pass@k from n samples": the plug-in 1 - (1 - c/n)^k is biased
+    ("pass_at_k", lambda n, c, k: 1 - (1 - c / n) ** k),
+    # chapter 17, "Which number is the answer": the last number even when #### gives it
+    ("extract_answer", lambda text: next(
+        (n.replace(",", "").rstrip(".") for n in re.findall(r"-?\d[\d,]*\.?\d*", text)[-1:]),
+        None)),
     # chapter 8, "Padding side": the score on the last real response token, not at a count
     ("kl_shaped_rewards", _klr_count_index),
     # chapter 10, section 4: log(1 - e^x) as it reads fails near x = 0 in float32

@@ -47,7 +47,7 @@ PARTS: tuple[tuple[int, int, str], ...] = (
     (1, 3, "Part I: Foundations"),
     (4, 8, "Part II: Policies, rewards and PPO"),
     (9, 13, "Part III: Preference optimisation"),
-    (14, 16, "Part IV: Scaling up and beyond"),
+    (14, 17, "Part IV: Scaling up and beyond"),
 )
 #: The pages around the chapters: the landing page (root of the toc) and the reference part.
 LANDING_PAGE = "intro"
@@ -83,7 +83,7 @@ def part_of(number: int) -> int:
 def make_toc(book_dir: Path = BOOK_DIR) -> dict[str, Any]:
     """The Jupyter Book table of contents (``jb-book`` format) for the chapters present.
 
-    Parts I-IV hold the chapters by number (01-03, 04-08, 09-13, 14-16), numbered continuously
+    Parts I-IV hold the chapters by number (01-03, 04-08, 09-13, 14-17), numbered continuously
     (chapter titles only: a chapter's own headings stay as its author wrote them); a part with
     no chapter yet is left out. The reference part (notation, glossary,
     bibliography) comes last and is not numbered.

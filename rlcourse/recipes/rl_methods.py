@@ -21,7 +21,7 @@ from rlcourse.recipes.rewards import check_reward, reward_function, text_reward_
 from rlcourse.recipes.schema import GroupRollout, PPORollout
 from rlcourse.recipes.typed import RecipeError
 
-__all__ = ["ROWS", "read_prompts"]
+__all__ = ["ROWS", "read_prompt_rows", "read_prompts"]
 
 
 def read_prompts(recipe: Any, path: Path) -> list[str]:
@@ -30,6 +30,17 @@ def read_prompts(recipe: Any, path: Path) -> list[str]:
     if not prompts:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return prompts
+
+
+def read_prompt_rows(recipe: Any, path: Path) -> list[Any]:
+    """Every row of a JSONL file (at least one) with its ``prompt`` (or GSM8K's ``question``,
+    read as the prompt) and its other columns, which the reward function receives as keyword
+    arguments (TRL's convention: a verifier reads the row's ``answer``; see
+    :func:`rlcourse.grpo.prompts_and_columns`)."""
+    rows = read_jsonl(path, {"prompt": TEXT}, aliases={"question": "prompt"})
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return rows
 
 
 def _no_train(sections: str, upper: bool = False):
@@ -108,7 +119,7 @@ def _ppo_checks(recipe: Any, raw: Any) -> None:
 
 
 # ---- GRPO and RLOO ----------------------------------------------------------------------------
-def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_rows: Any,
+def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[Any], eval_rows: Any,
                progress: bool, save: bool):
     """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
     function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
@@ -158,7 +169,7 @@ _ROLLOUT_NOT_IDENTITY = frozenset({"checkpoint_every", "keep_checkpoints", "devi
 
 def _group_row(name: str, allowed: tuple[str, ...], summary: str) -> Method:
     return Method(
-        name, family="rl", run=_run_group, read=read_prompts, data_key="prompts",
+        name, family="rl", run=_run_group, read=read_prompt_rows, data_key="prompts",
         sections=(Section("group", GroupConfig, _advantage(allowed)),
                   Section("rollout", GroupRollout, not_identity=_ROLLOUT_NOT_IDENTITY)),
         keys=frozenset({"reward_model", "reward_fn"}), required=("prompts",), reference=True,

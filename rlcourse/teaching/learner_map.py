@@ -52,6 +52,9 @@ PREREQUISITES: dict[str, tuple[tuple[int, ...], str]] = {
     "16_learning_from_own_samples": ((4, 6, 7, 8, 9, 15),
                                      "win rate and ceiling (6), reward models (7), PPO (8), "
                                      "DPO (9), GRPO and RLOO (15)"),
+    "17_learning_from_a_verifier": ((4, 5, 8, 15),
+                                    "the KL estimators of PPO (8), GRPO, Dr. GRPO and RLOO "
+                                    "(15); binomial coefficients"),
 }
 
 

@@ -1,0 +1,285 @@
+"""RL from a verifier on the reasoning world: GRPO and its variants against the controls.
+
+Every run starts from the shipped reasoning model (``data/reasoning/checkpoints/sft``, built by
+``data/build.py``) and trains on the shipped RL prompts (``data/reasoning/rl_prompts.jsonl``,
+training problems the model never saw) with :func:`rlcourse.grpo.train_group_lm`, the loop
+``recipes/grpo.yaml`` runs. Methods (``METHODS``): GRPO (z-score advantage, per-answer mean of
+the token terms), Dr. GRPO (centred advantage, constant normaliser), GRPO with DAPO's token-level
+loss, RLOO (leave-one-out advantage, token-level loss); controls: GRPO paid by a fair coin
+(``random_reward``) and GRPO paid for GSM8K's answer line alone (``format_reward``); a KL sweep
+(GRPO with ``kl_coef`` 0.05 and 0.5, seed 0 only). Every run records, on the way, its batches'
+true accuracy and answer lengths (right and wrong) and, every ``--curve-every`` steps, pass@1
+and the policy's entropy per token on validation problems.
+
+**Which problems chose, which reported.** The learning rate and step count were chosen on
+validation problems (``data/reasoning/validation.jsonl``); every number reported is on the test
+problems (``data/reasoning/test.jsonl``), which no choice looked at. The SFT model's pass@k for
+k = 1..256 comes from 256 samples per test problem (the unbiased estimator,
+:func:`rlcourse.verifiers.pass_at_k`); each trained model's pass@k from ``--samples`` samples
+per test problem (256 for seed 0 of ``--full-curve``: does pass@256 move?). Standard errors:
+over seeds (``std/sqrt(n_seeds)``, the training's randomness) for the methods, over problems
+for the SFT model.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py                   # everything, ~1-2 hours
+    OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py --methods grpo --seeds 0
+    OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py --summarise       # runs -> rlvr.json
+
+Every finished run appends a row to ``benchmarks/results/rlvr_runs.jsonl`` (a stopped grid
+loses nothing; a run already there is skipped); ``--summarise`` writes
+``benchmarks/results/rlvr.json``. Wall-clock times were measured on a 2-core CPU shared with
+other jobs, one thread per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlcourse.config import DATA_DIR, REPO_ROOT
+from rlcourse.data import read_jsonl
+from rlcourse.files import atomic_write_text
+from rlcourse.grpo import GroupConfig, train_group_lm
+from rlcourse.models import load_model
+from rlcourse.verifiers import pass_at_k_curve, reference_answer
+from rlcourse.worlds.reasoning import TrackedReward, sample_and_verify
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "rlvr_runs.jsonl"
+OUT = RESULTS / "rlvr.json"
+REASONING = DATA_DIR / "reasoning"
+
+#: name -> (GroupConfig fields, reward kind). Each trains ``--steps`` steps at ``--lr``.
+METHODS: dict[str, tuple[dict[str, Any], str]] = {
+    "grpo": ({"advantage": "grpo", "loss_type": "grpo"}, "correct"),
+    "dr_grpo": ({"advantage": "dr_grpo", "loss_type": "dr_grpo"}, "correct"),
+    "dapo_loss": ({"advantage": "grpo", "loss_type": "dapo"}, "correct"),
+    "rloo": ({"advantage": "rloo", "loss_type": "dapo"}, "correct"),
+    "random_reward": ({"advantage": "grpo", "loss_type": "grpo"}, "random"),
+    "format_reward": ({"advantage": "grpo", "loss_type": "grpo"}, "format"),
+    "grpo_kl0.05": ({"advantage": "grpo", "loss_type": "grpo", "kl_coef": 0.05}, "correct"),
+    "grpo_kl0.5": ({"advantage": "grpo", "loss_type": "grpo", "kl_coef": 0.5}, "correct"),
+}
+CONTROLS = ("random_reward", "format_reward")
+#: Run on seed 0 only by default (the chapter's KL section); the rest on every seed.
+ONE_SEED = ("grpo_kl0.05", "grpo_kl0.5")
+
+
+def problems(name: str, n: int | None = None) -> tuple[list[str], list[str]]:
+    """Questions and reference answers of a shipped split file (GSM8K's form)."""
+    rows = read_jsonl(REASONING / f"{name}.jsonl", ("question", "answer"))[:n]
+    return [r["question"] for r in rows], [reference_answer(r["answer"]) for r in rows]
+
+
+def curve_point(model, tokenizer, step: int, questions, answers, n: int, seed: int) -> dict:
+    v = sample_and_verify(model, tokenizer, questions, answers, n, seed=seed)
+    return {"step": step, "val_pass_at_1": v.pass_at_1, "entropy": v.entropy_per_token,
+            "val_length": float(v.lengths.mean())}
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    fields, kind = METHODS[method]
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(REASONING / "checkpoints" / "sft", device="cpu")
+    reference = None
+    if fields.get("kl_coef"):
+        reference, _ = load_model(REASONING / "checkpoints" / "sft", device="cpu")
+        reference.eval().requires_grad_(False)
+    config = GroupConfig(group_size=args.group_size, n_prompts=args.n_prompts, kl_coef=0.0,
+                         **fields)
+    prompts = [dict(r) for r in read_jsonl(REASONING / "rl_prompts.jsonl", ("prompt", "answer"))]
+    reward = TrackedReward(kind, seed=seed)
+    val_q, val_a = problems("validation", args.curve_problems)
+    curve = [curve_point(model, tokenizer, 0, val_q, val_a, args.curve_samples, 777)]
+    eval_seconds = 0.0
+
+    def callback(step: int, metrics: dict[str, float]) -> None:
+        nonlocal eval_seconds
+        if step % args.curve_every == 0 or step == args.steps:
+            t = time.perf_counter()
+            curve.append(curve_point(model, tokenizer, step, val_q, val_a, args.curve_samples,
+                                     777))
+            eval_seconds += time.perf_counter() - t
+
+    start = time.perf_counter()
+    history = train_group_lm(model, tokenizer, prompts, reward, config, args.steps, lr=args.lr,
+                             max_new_tokens=args.max_new_tokens, ref_model=reference, seed=seed,
+                             device="cpu", progress=sys.stderr.isatty(), callback=callback)
+    train_seconds = time.perf_counter() - start - eval_seconds
+    test_q, test_a = problems("test", args.test_problems)
+    v = sample_and_verify(model, tokenizer, test_q, test_a, args.samples, seed=10_000 + seed)
+    curve_k = pass_at_k_curve(v.correct)
+    full_curve = None
+    if method in args.full_curve.split(",") and seed == 0:  # does pass@256 move?
+        w = sample_and_verify(model, tokenizer, test_q, test_a, 256, seed=20_000 + seed)
+        full_curve = {str(k): round(m, 6) for k, (m, _) in pass_at_k_curve(w.correct).items()}
+    batches = [{**{k: round(h[k], 6) for k in ("step", "score", "response_length")
+                   if k in h}, **{k: round(x, 4) for k, x in r.items()}}
+               for h, r in zip(history, reward.rows, strict=True)]
+    if "kl_k3" in history[-1]:
+        for b, h in zip(batches, history, strict=True):
+            b["kl_k3"] = round(h["kl_k3"], 6)
+    return {
+        "method": method, "seed": seed, "reward": kind, "config": {**fields},
+        "steps": args.steps, "lr": args.lr, "train_seconds": round(train_seconds, 1),
+        "test_pass_at_1": v.pass_at_1,
+        "test_pass_at_k": {str(k): round(m, 6) for k, (m, _) in curve_k.items()},
+        "test_pass_at_k_256_samples": full_curve,
+        "test_entropy": v.entropy_per_token,
+        "test_length_right": float(v.lengths[v.correct].mean()) if v.correct.any() else None,
+        "test_length_wrong": float(v.lengths[~v.correct].mean()) if (~v.correct).any() else None,
+        "curve": curve, "batches": batches,
+    }
+
+
+def sft_reference(args: argparse.Namespace) -> dict[str, Any]:
+    model, tokenizer = load_model(REASONING / "checkpoints" / "sft", device="cpu")
+    test_q, test_a = problems("test", args.test_problems)
+    v = sample_and_verify(model, tokenizer, test_q, test_a, 256, seed=424_242)
+    curve = pass_at_k_curve(v.correct)
+    from rlcourse.models import generate
+    from rlcourse.verifiers import gsm8k_exact_match
+
+    greedy = generate(model, tokenizer, test_q, max_new_tokens=args.max_new_tokens,
+                      do_sample=False)
+    return {"method": "sft", "n_problems": len(test_q), "samples_per_problem": 256,
+            "pass_at_k": {str(k): round(m, 6) for k, (m, _) in curve.items()},
+            "pass_at_k_stderr": {str(k): round(s, 6) for k, (_, s) in curve.items()},
+            "greedy_accuracy": float(np.mean(gsm8k_exact_match(None, greedy.texts, test_a))),
+            "entropy": v.entropy_per_token,
+            "length_right": float(v.lengths[v.correct].mean()),
+            "length_wrong": float(v.lengths[~v.correct].mean())}
+
+
+def _done() -> set[tuple[str, int]]:
+    if not RUNS.is_file():
+        return set()
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return {(r["method"], r.get("seed", -1)) for r in rows}
+
+
+def _append(row: dict[str, Any]) -> None:
+    """Add a row to the runs file, under a lock: several workers (``--methods`` split between
+    processes) may finish at the same moment."""
+    import fcntl
+
+    with open(RUNS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = RUNS.read_text() if RUNS.is_file() else ""
+        atomic_write_text(RUNS, old + json.dumps(row) + "\n")
+
+
+def summarise(args: argparse.Namespace) -> dict[str, Any]:
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    sft = [r for r in rows if r["method"] == "sft"][-1]
+    methods: dict[str, Any] = {}
+    for name in METHODS:
+        runs = sorted((r for r in rows if r["method"] == name), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        p1 = np.array([r["test_pass_at_1"] for r in runs])
+        ks = runs[0]["test_pass_at_k"].keys()
+        methods[name] = {
+            "reward": runs[0]["reward"], "config": runs[0]["config"],
+            "control": name in CONTROLS,
+            "seeds": [r["seed"] for r in runs],
+            "pass_at_1_mean": float(p1.mean()),
+            "pass_at_1_stderr": float(p1.std(ddof=1) / math.sqrt(len(p1))) if len(p1) > 1
+            else None,
+            "pass_at_1_per_seed": p1.tolist(),
+            "pass_at_k_mean": {k: float(np.mean([r["test_pass_at_k"][k] for r in runs]))
+                               for k in ks},
+            "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+            "train_seconds_per_seed": [r["train_seconds"] for r in runs],
+            "steps": runs[0]["steps"], "lr": runs[0]["lr"],
+            "test_entropy": float(np.mean([r["test_entropy"] for r in runs])),
+            "test_length_right": _mean(r["test_length_right"] for r in runs),
+            "test_length_wrong": _mean(r["test_length_wrong"] for r in runs),
+            "pass_at_k_256_samples_seed0": runs[0].get("test_pass_at_k_256_samples"),
+            "curves": [r["curve"] for r in runs],
+            "batches": [r["batches"][:: args.keep_every] + r["batches"][-1:] for r in runs],
+        }
+    target = sft["pass_at_k"]["8"]
+    met = sorted(n for n, m in methods.items() if not m["control"]
+                 and m["pass_at_1_mean"] >= target and max(m["train_seconds_per_seed"]) <= 600)
+    out = {
+        "description": "RL from a verifier on the reasoning world (benchmarks/run_rlvr.py)",
+        "command": "OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py && "
+                   "python benchmarks/run_rlvr.py --summarise",
+        "selected_on": "validation", "reported_on": "test",
+        "machine": f"{platform.machine()} CPU, 2 cores shared with other jobs, one thread per run",
+        "settings": {"group_size": args.group_size, "n_prompts": args.n_prompts,
+                     "max_new_tokens": args.max_new_tokens,
+                     "test_problems": sft["n_problems"], "samples_per_problem": args.samples},
+        "sft": sft,
+        "methods": methods,
+        "goal": {"statement": "a non-control method's mean test pass@1 over its seeds reaches "
+                              "the SFT model's test pass@8, each seed trained in at most 600 s",
+                 "sft_pass_at_8": target, "met_by": met, "met": bool(met)},
+    }
+    atomic_write_text(OUT, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--n-prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--test-problems", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=32, help="per test problem, trained models")
+    parser.add_argument("--curve-every", type=int, default=100)
+    parser.add_argument("--curve-problems", type=int, default=64)
+    parser.add_argument("--curve-samples", type=int, default=4)
+    parser.add_argument("--keep-every", type=int, default=20,
+                        help="batch rows kept in the summary")
+    parser.add_argument("--seed0-only", default=",".join(ONE_SEED),
+                        help="methods run on seed 0 only")
+    parser.add_argument("--full-curve", default="grpo",
+                        help="methods whose seed 0 is also sampled 256 times per test problem")
+    parser.add_argument("--no-sft", action="store_true",
+                        help="leave the SFT reference to another worker")
+    parser.add_argument("--summarise", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.summarise:
+        out = summarise(args)
+        print(json.dumps(out["goal"]))
+        return 0
+    done = _done()
+    if ("sft", -1) not in done and not args.no_sft:
+        t = time.perf_counter()
+        row = sft_reference(args)
+        _append(row)
+        print(f"sft: pass@k {row['pass_at_k']} ({time.perf_counter() - t:.0f} s)", flush=True)
+    for method in (m for m in args.methods.split(",") if m):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if (method, seed) in done or (method in args.seed0_only.split(",") and seed != 0):
+                continue
+            row = run_one(method, seed, args)
+            _append(row)
+            print(f"{method} seed {seed}: test pass@1 {row['test_pass_at_1']:.3f}, "
+                  f"{row['train_seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
