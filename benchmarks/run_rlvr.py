@@ -40,6 +40,7 @@ import math
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,8 +95,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if fields.get("kl_coef"):
         reference, _ = load_model(REASONING / "checkpoints" / "sft", device="cpu")
         reference.eval().requires_grad_(False)
-    config = GroupConfig(group_size=args.group_size, n_prompts=args.n_prompts, kl_coef=0.0,
-                         **fields)
+    config = GroupConfig(group_size=args.group_size, n_prompts=args.n_prompts,
+                         **{"kl_coef": 0.0, **fields})
     prompts = [dict(r) for r in read_jsonl(REASONING / "rl_prompts.jsonl", ("prompt", "answer"))]
     reward = TrackedReward(kind, seed=seed)
     val_q, val_a = problems("validation", args.curve_problems)
@@ -144,7 +145,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 def sft_reference(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(REASONING / "checkpoints" / "sft", device="cpu")
     test_q, test_a = problems("test", args.test_problems)
-    v = sample_and_verify(model, tokenizer, test_q, test_a, 256, seed=424_242)
+    v = sample_and_verify(model, tokenizer, test_q, test_a, 256, seed=424_242,
+                          max_new_tokens=args.max_new_tokens)
     curve = pass_at_k_curve(v.correct)
     from rlcourse.models import generate
     from rlcourse.verifiers import gsm8k_exact_match
@@ -158,6 +160,13 @@ def sft_reference(args: argparse.Namespace) -> dict[str, Any]:
             "entropy": v.entropy_per_token,
             "length_right": float(v.lengths[v.correct].mean()),
             "length_wrong": float(v.lengths[~v.correct].mean())}
+
+
+def _use_dir(folder: Path) -> None:
+    """Write the runs and the summary under ``folder`` (a trial run away from the real ones)."""
+    global RUNS, OUT
+    folder.mkdir(parents=True, exist_ok=True)
+    RUNS, OUT = folder / RUNS.name, folder / OUT.name
 
 
 def _done() -> set[tuple[str, int]]:
@@ -257,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="methods whose seed 0 is also sampled 256 times per test problem")
     parser.add_argument("--no-sft", action="store_true",
                         help="leave the SFT reference to another worker")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="folder of the runs file and rlvr.json (default benchmarks/results)")
     parser.add_argument("--summarise", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.out_dir is not None:
+        _use_dir(args.out_dir)
     if args.summarise:
         out = summarise(args)
         print(json.dumps(out["goal"]))
