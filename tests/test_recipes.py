@@ -849,21 +849,6 @@ def test_rl_and_round_methods_write_their_rows_to_tensorboard(workdir, tmp_path,
         [(r[at], pytest.approx(r[key], rel=1e-6)) for r in history if key in r]
 
 
-def test_rl_report_to_tensorboard_without_the_package_is_refused(tmp_path, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
-        "tensorboard", "tensorboardX") else real(name, *a))
-    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "grpo.yaml", {
-        "model": str(tmp_path / "never-read"), "prompts": str(tmp_path / "p.jsonl"),
-        "output": str(tmp_path / "o"), "rollout.report_to": "tensorboard",
-        "rollout.device": "cpu"})
-    with pytest.raises(recipes.RecipeError, match=r"rollout.report_to: report_to='tensorboard' "
-                                                  "but neither tensorboard nor tensorboardX"):
-        recipes.run_recipe(recipe)
-
-
 # ---- the output folder: one run at a time, and a model fingerprint of the model's own files ----
 def test_a_second_run_into_a_locked_output_stops_at_once(workdir, tmp_path, capsys):
     """A run holds ``OUTPUT/.lock`` (flock) from start to end; another run into the same folder
@@ -1006,17 +991,20 @@ def test_a_tokenizer_without_eos_is_named_before_training(workdir, tmp_path, cap
     assert "has no EOS token" in capsys.readouterr().err
 
 
-def test_tensorboard_without_its_package_is_refused_before_the_model_loads(tmp_path,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("recipe_file, data_key, section", [
+    ("dpo.yaml", "data", "train"), ("grpo.yaml", "prompts", "rollout")])
+def test_tensorboard_without_its_package_is_refused_before_the_model_loads(
+        tmp_path, monkeypatch, recipe_file, data_key, section):
+    """The engine's methods (train.report_to) and the RL loops (rollout.report_to) alike."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in (
         "tensorboard", "tensorboardX") else real(name, *a))
-    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / "dpo.yaml", {
-        "model": str(tmp_path / "never-read"), "data": str(tmp_path / "d.jsonl"),
-        "output": str(tmp_path / "o"), "train.report_to": "tensorboard",
-        "train.device": "cpu"})
-    with pytest.raises(recipes.RecipeError, match=r"train.report_to: report_to='tensorboard' "
+    recipe = recipes.load_recipe(REPO_ROOT / "recipes" / recipe_file, {
+        "model": str(tmp_path / "never-read"), data_key: str(tmp_path / "d.jsonl"),
+        "output": str(tmp_path / "o"), f"{section}.report_to": "tensorboard",
+        f"{section}.device": "cpu"})
+    with pytest.raises(recipes.RecipeError, match=rf"{section}.report_to: report_to='tensorboard' "
                                                   "but neither tensorboard nor tensorboardX"):
         recipes.run_recipe(recipe)
