@@ -101,13 +101,14 @@ def test_toc_leaves_out_parts_without_chapters(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "number, part", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (13, 2), (14, 3), (15, 3), (16, 3)]
+    "number, part", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (13, 2), (14, 3), (15, 3), (16, 3),
+                     (17, 3)]
 )
 def test_part_of_follows_design_md(number, part):
     assert part_of(number) == part
 
 
-@pytest.mark.parametrize("number", [0, 17, 99])
+@pytest.mark.parametrize("number", [0, 18, 99])
 def test_part_of_rejects_numbers_outside_the_book(number):
     with pytest.raises(ValueError, match="outside every part"):
         part_of(number)
