@@ -142,13 +142,13 @@ def _last_boxed(text: str) -> str | None:
     return None  # unclosed
 
 
-def extract_answer(text: str, fallback_last_number: bool = True) -> str | None:
+def extract_answer(text: str, read_last_number: bool = True) -> str | None:
     r"""The final answer of a solution, normalised (:func:`normalise_number`), or ``None``.
 
     In order: the first number after the **last** ``####`` (GSM8K's marker; a marker with no
     number after it is no answer, and nothing else is read); else the number in the **last**
     ``\boxed{...}`` (MATH style; ``\boxed{\$1{,}000}`` reads as 1000); else, when
-    ``fallback_last_number``, the last number anywhere in the text (what lenient GSM8K
+    ``read_last_number``, the last number anywhere in the text (what lenient GSM8K
     evaluations do when a model forgets the marker).
     """
     if ANSWER_MARKER in text:
@@ -164,7 +164,7 @@ def extract_answer(text: str, fallback_last_number: bool = True) -> str | None:
             inner = f"{frac.group(1)}{frac.group(2)}/{frac.group(3)}"
         numbers = _numbers(inner)
         return numbers[-1] if numbers else None
-    if fallback_last_number:
+    if read_last_number:
         numbers = _numbers(text)
         return numbers[-1] if numbers else None
     return None
@@ -179,7 +179,7 @@ def reference_answer(answer: str | float | int) -> str | None:
         if isinstance(answer, float) and not math.isfinite(answer):
             return None
         return _canonical(Fraction(answer) if isinstance(answer, int) else Fraction(str(answer)))
-    return extract_answer(str(answer), fallback_last_number=True)
+    return extract_answer(str(answer), read_last_number=True)
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:
@@ -220,7 +220,7 @@ def _references(answer: Sequence[Any] | Any, n: int) -> list[str | None]:
 
 def gsm8k_exact_match(prompts: Sequence[Any], completions: Sequence[str],
                       answer: Sequence[Any], require_reasoning: bool = False,
-                      fallback_last_number: bool = True, **columns: Any) -> list[float]:
+                      read_last_number: bool = True, **columns: Any) -> list[float]:
     r"""Reward 1.0 when a completion's final answer equals the row's reference, else 0.0.
 
     :math:`r_i = \mathbb{1}[\mathrm{extract}(y_i) = \mathrm{ref}(a_i)]`, compared as exact
@@ -229,13 +229,13 @@ def gsm8k_exact_match(prompts: Sequence[Any], completions: Sequence[str],
     rows' other columns arrive in ``columns`` and are ignored (TRL's convention: a reward
     function is called with every column of the batch as a keyword argument).
     ``require_reasoning``: no credit for a completion that is only a number
-    (:func:`has_reasoning`). ``fallback_last_number``: read the last number when a completion
+    (:func:`has_reasoning`). ``read_last_number``: read the last number when a completion
     has neither ``####`` nor ``\boxed{}``.
     """
     refs = _references(answer, len(completions))
     out = []
     for text, ref in zip(completions, refs, strict=True):
-        ok = answers_match(extract_answer(text, fallback_last_number), ref)
+        ok = answers_match(extract_answer(text, read_last_number), ref)
         if ok and require_reasoning and not has_reasoning(text):
             ok = False
         out.append(1.0 if ok else 0.0)

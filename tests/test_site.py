@@ -101,7 +101,8 @@ def test_toc_leaves_out_parts_without_chapters(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "number, part", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (13, 2), (14, 3), (15, 3), (16, 3)]
+    "number, part", [(1, 0), (3, 0), (4, 1), (8, 1), (9, 2), (13, 2), (14, 3), (15, 3), (16, 3),
+                     (17, 3)]
 )
 def test_part_of_follows_design_md(number, part):
     assert part_of(number) == part

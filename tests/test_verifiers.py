@@ -64,10 +64,10 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-def test_extract_answer_without_fallback_reads_only_markers():
-    assert extract_answer("the answer is 9", fallback_last_number=False) is None
-    assert extract_answer("#### 9", fallback_last_number=False) == "9"
-    assert extract_answer(r"\boxed{9}", fallback_last_number=False) == "9"
+def test_extract_answer_without_the_last_number_reads_only_markers():
+    assert extract_answer("the answer is 9", read_last_number=False) is None
+    assert extract_answer("#### 9", read_last_number=False) == "9"
+    assert extract_answer(r"\boxed{9}", read_last_number=False) == "9"
 
 
 def test_reference_answer_and_match():
@@ -105,7 +105,7 @@ def test_gsm8k_exact_match_on_rows():
     assert gsm8k_exact_match_with_reasoning(["p"] * 3, bare, ["7"] * 3) == [0.0, 0.0, 1.0]
     # the marker decides over the last number
     assert gsm8k_exact_match(["p"], ["#### 7 and then 8"], ["7"]) == [1.0]
-    assert gsm8k_exact_match(["p"], ["it is 7"], ["7"], fallback_last_number=False) == [0.0]
+    assert gsm8k_exact_match(["p"], ["it is 7"], ["7"], read_last_number=False) == [0.0]
 
 
 def test_gsm8k_exact_match_rejects_bad_references():
