@@ -213,7 +213,7 @@ class OnlineDPOConfig:
     epochs: float = 1.0
     """Passes over each round's new pairs."""
     batch_size: int = 32
-    """Pairs per optimizer step."""
+    """Pairs per optimizer step, over all processes (each takes an equal share)."""
     reference: str = "sft"
     """``"sft"`` (the starting model, fixed) or ``"previous"`` (the policy at the start of each
     round)."""
@@ -465,7 +465,7 @@ class RSFTConfig:
     epochs: float = 1.0
     """Passes over each round's winners."""
     batch_size: int = 32
-    """Examples per optimizer step."""
+    """Examples per optimizer step, over all processes (each takes an equal share)."""
     max_new_tokens: int = 48
     """Longest answer sampled, in tokens."""
     max_length: int = 128
