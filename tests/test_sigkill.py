@@ -8,11 +8,15 @@ next checkpoint: wherever it happens to be), reruns the same command in this pro
 compares the saved weights with an uninterrupted run's. The kernel drops the ``flock`` of a dead
 process, so the rerun takes the output folder; atomic writes leave either a whole checkpoint or
 none; resume replays data order, sampling seeds and RNG states.
+
+:func:`test_sigkill_at_random_moments` kills each case three times at moments drawn over the
+whole run (not only after the first checkpoint), each kill hitting the rerun of the last.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import os
 import signal
 import subprocess
@@ -153,3 +157,67 @@ def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monke
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
     if (tmp_path / "whole" / "model" / "config.json").is_file():
         load_model(out / "model", device="cpu")  # a loadable model, not only tensors
+
+
+#: Kills per case in :func:`test_sigkill_at_random_moments`; each rerun resumes the last one.
+RANDOM_KILLS = 3
+
+
+def _child(workdir: Path, case: str, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLC_SLOW": "0.3",
+           "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "rlcourse.recipes",
+                             *_args(workdir, case, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _timed_run(workdir: Path, case: str, out: Path) -> tuple[float, float]:
+    """Run a case to the end in a child; return (seconds until its ``run.json`` appeared, i.e.
+    the model and data were loaded, seconds until it exited)."""
+    start, ready = time.monotonic(), None
+    child = _child(workdir, case, out)
+    while child.poll() is None:
+        if ready is None and (out / "run.json").is_file():
+            ready = time.monotonic() - start
+        time.sleep(0.005)
+    assert child.returncode == 0, child.stderr.read().decode()[-2000:]
+    total = time.monotonic() - start
+    return (ready if ready is not None else 0.0), total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_sigkill_at_random_moments(workdir, tmp_path, monkeypatch, case):
+    """Killed at ``RANDOM_KILLS`` moments drawn uniformly over an uninterrupted run's training
+    time (after the model is loaded, before the process exits: mid-step, mid-sampling,
+    mid-checkpoint, mid-save, between the saved model and the final ``run.json``: wherever it
+    falls), each time rerun from what the last one left; the end must be the uninterrupted
+    run's weights. The moments are drawn afresh each time the test runs (the failure message
+    names them), so repeated CI runs cover more of the run than fixed moments would."""
+    monkeypatch.syspath_prepend(str(workdir))
+    ready, total = _timed_run(workdir, case, tmp_path / "whole")
+    rng = random.Random()
+    out, moments, interrupted = tmp_path / "killed", [], 0
+    for attempt in range(RANDOM_KILLS):
+        # the first kill lands inside the fresh run's training; later ones anywhere after
+        # loading, so some may come after a resumed run has already finished (a no-op)
+        delay = rng.uniform(ready, ready + (0.8 if attempt == 0 else 1.0) * (total - ready))
+        child = _child(workdir, case, out)
+        start = time.monotonic()
+        while child.poll() is None and time.monotonic() - start < delay:
+            time.sleep(0.002)
+        running = child.poll() is None
+        if running:  # (a finished child was reaped by poll: its pid may belong to another)
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        moments.append(f"{delay:.2f} s{'' if running else ' (after it had finished)'}")
+        interrupted += running
+    where = f"killed at {', '.join(moments)} after start (loading took {ready:.2f} s, " \
+            f"the whole run {total:.2f} s)"
+    assert interrupted, f"no kill interrupted the run: {where}"
+    assert recipes.main(_args(workdir, case, out)) == 0, where  # the same command, to the end
+    whole, resumed = _weights(tmp_path / "whole"), _weights(out)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}\n{where}")
