@@ -16,8 +16,8 @@ whole run (not only after the first checkpoint), each kill hitting the rerun of 
 from __future__ import annotations
 
 import json
-import random
 import os
+import random
 import signal
 import subprocess
 import sys
