@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -77,7 +78,7 @@ from rlcourse.evaluation import (
     win_indicators,
 )
 from rlcourse.files import atomic_write_text
-from rlcourse.grpo import GroupConfig
+from rlcourse.grpo import GroupConfig, train_group_lm
 from rlcourse.models import RewardModel, generate, load_model
 from rlcourse.worlds.assistant import DEFAULT_WORLD, Annotator
 
@@ -207,9 +208,9 @@ def train_method(name: str, seed: int, world: dict[str, Any], rm: RewardModel,
         if quick:
             steps, cfg.n_prompts, cfg.group_size = 2, 4, 4
         ref = ppo.freeze(world["sft"]) if cfg.kl_coef else None
-        history = online.train_critic_free(model, ref, ppo.reward_model_fn(rm), tok, prompts,
-                                           cfg, steps, lr=lr, seed=seed,
-                                           callback=_print_step(name))
+        history = train_group_lm(model, tok, prompts, online.reward_model_scorer(rm, tok), cfg,
+                                 steps, lr=lr, max_new_tokens=48, ref_model=ref, seed=seed,
+                                 device="cpu", progress=False, callback=_print_step(name))
         n_labels = steps * cfg.n_prompts * cfg.group_size
         hp = {**hp, "steps": steps, "lr": lr}
     else:  # pragma: no cover
@@ -249,7 +250,7 @@ def run_grid(names: list[str], seeds: list[int], quick: bool, out: Path,
                    "train_seconds": round(seconds, 1), "quick": quick, "settings": settings,
                    "history": history, **ev,
                    "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                               "threads": torch.get_num_threads()}}
+                               "threads": torch.get_num_threads(), "cores": os.cpu_count()}}
             print(f"{tag or name} seed {seed}: win {ev['win_rate']:.3f} ± "
                   f"{ev['win_rate_stderr']:.3f} (ceiling {ev['ceiling']:.3f}, share of gain "
                   f"{ev['share_of_gain']:.2f}), KL {ev['kl']:.2f}, score "
@@ -400,13 +401,14 @@ def overoptimisation(quick: bool, n_max: int, rl_steps: int, rl_every: int, seed
 
     measure(0)
 
-    def cb(step: int, m: dict) -> None:
-        if (step + 1) % rl_every == 0:
-            measure(step + 1)
+    def cb(step: int, m: dict) -> None:  # step is 1-based
+        if step % rl_every == 0:
+            measure(step)
 
     t1 = time.perf_counter()
-    online.train_critic_free(model, None, ppo.reward_model_fn(rm), tok, world["train_prompts"],
-                             cfg, rl_steps, lr=rl_lr, seed=seed, callback=cb)
+    train_group_lm(model, tok, world["train_prompts"], online.reward_model_scorer(rm, tok), cfg,
+                   rl_steps, lr=rl_lr, max_new_tokens=48, seed=seed, device="cpu",
+                   progress=False, callback=cb)
     rl_seconds = time.perf_counter() - t1
     # ---- fits: R(d) - R(0) against d = sqrt(KL)
     fits = {}

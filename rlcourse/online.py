@@ -8,8 +8,8 @@ from the **current** policy, label or score what it says, and learn from that:
   have a labeller pick one, one DPO epoch on the new pairs); :func:`online_dpo`;
 - **rejection-sampling fine-tuning** (best-of-n, then SFT on the winners; Llama 2's "rejection
   sampling", RAFT, ReST): :func:`best_of_n`, :func:`rejection_sampling_ft`;
-- **GRPO and RLOO** on a language model with a reward model as reward:
-  :func:`lm_group_sampler` + :func:`rlcourse.grpo.train_group` in :func:`train_critic_free`.
+- **GRPO and RLOO** on a language model with a reward model as reward: the one group loop,
+  :func:`rlcourse.grpo.train_group_lm`, with :func:`reward_model_scorer` as its ``reward_fn``.
 
 Every function learns only from what it is given: a ``label_fn(prompts, a, b)`` (a simulated
 annotator, a reward model) or a ``reward_fn(prompts, texts)``. This module imports no world and
@@ -33,9 +33,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from rlcourse import grpo, ppo
 from rlcourse.adapters import is_lora
 from rlcourse.config import (
     COUNT,
@@ -67,7 +66,6 @@ __all__ = [
     "gathered",
     "label_pairs",
     "labeller",
-    "lm_group_sampler",
     "online_dpo",
     "peak_bon",
     "peak_rl",
@@ -76,7 +74,6 @@ __all__ = [
     "reward_labeller",
     "reward_model_scorer",
     "sample_pairs",
-    "train_critic_free",
 ]
 
 #: ``label_fn(prompts, a, b) -> [True if a is preferred, False if b, None to skip]``
@@ -540,57 +537,6 @@ def rejection_sampling_ft(model: nn.Module, tokenizer: Any, prompts: Sequence[st
         _round_done(round_checkpoints, k)
     return rows
 
-
-# --------------------------------------------------------------------------------------------
-# GRPO and RLOO on a language model
-# --------------------------------------------------------------------------------------------
-
-
-def lm_group_sampler(tokenizer: Any, prompts: Sequence[str], config: grpo.GroupConfig,
-                     max_new_tokens: int = 48
-                     ) -> Callable[[nn.Module, torch.Generator | None], dict[str, Tensor]]:
-    """A ``sample_fn(policy, generator)`` for :func:`rlcourse.grpo.group_step` on a transformers
-    model: ``n_prompts`` prompts drawn without replacement, each answered ``group_size`` times
-    (consecutive rows) with :func:`rlcourse.models.generate` at ``config.temperature``."""
-    prompts = list(prompts)
-
-    def sample(policy: nn.Module, generator: torch.Generator | None) -> dict[str, Tensor]:
-        n = min(config.n_prompts, len(prompts))
-        idx = torch.randperm(len(prompts), generator=generator)[:n].tolist()
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        many = [prompts[i] for i in idx for _ in range(config.group_size)]
-        gen = generate(ppo.language_model(policy), tokenizer, many,
-                       max_new_tokens=max_new_tokens, temperature=config.temperature, seed=seed)
-        return {"input_ids": gen.full_ids, "attention_mask": gen.full_attention_mask,
-                "completion_mask": gen.full_completion_mask}
-
-    return sample
-
-
-def train_critic_free(policy: nn.Module, ref_model: nn.Module | None,
-                      reward_fn: Callable[..., Tensor], tokenizer: Any, prompts: Sequence[str],
-                      config: grpo.GroupConfig, n_steps: int, lr: float = 1e-4, seed: int = 0,
-                      max_new_tokens: int = 48,
-                      callback: Callable[[int, dict[str, float]], Any] | None = None,
-                      progress: bool = False) -> list[dict[str, float]]:
-    """GRPO / RLOO / Dr. GRPO (``config.advantage``) of a language model: ``n_steps`` of
-    :func:`rlcourse.grpo.group_step` with groups from :func:`lm_group_sampler`.
-
-    ``reward_fn(input_ids, attention_mask, action_mask) -> (B,)``, e.g.
-    :func:`rlcourse.ppo.reward_model_fn` of a reward model; ``ref_model`` the frozen SFT model
-    for the k3 penalty ``config.kl_coef`` (``None`` when it is 0).
-
-    The in-memory form the chapters run; :func:`rlcourse.grpo.train_group_lm` is the same
-    update for a real model (text rewards, several processes, checkpoints and resume, sampling
-    seeded by step so a resumed run draws what the uninterrupted one would). Both update with
-    :func:`rlcourse.grpo.group_update`; they differ in where the groups come from and what is
-    kept between steps."""
-    torch.manual_seed(seed)
-    sample = lm_group_sampler(tokenizer, prompts, config, max_new_tokens)
-    history = grpo.train_group(policy, ref_model, reward_fn, sample, config, n_steps, lr=lr,
-                               seed=seed, callback=callback, progress=progress)
-    policy.eval()
-    return history
 
 
 # --------------------------------------------------------------------------------------------

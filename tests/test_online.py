@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rlcourse import online, ppo
-from rlcourse.grpo import GroupConfig
+from rlcourse.grpo import GroupConfig, train_group_lm
 from rlcourse.models import build_model, build_tokenizer, encode_prompt_completion
 from rlcourse.worlds.assistant import tokens
 
@@ -223,31 +223,39 @@ def test_rejection_sampling_ft_raises_the_rewarded_word(tok):
 # --------------------------------------------------------------------------------------------
 # GRPO / RLOO on a language model
 # --------------------------------------------------------------------------------------------
-def test_lm_group_sampler_repeats_each_prompt_in_consecutive_rows(tok):
+def test_group_loop_answers_each_prompt_in_consecutive_rows(tok):
+    """The group baseline needs each prompt's K answers side by side: the reward function sees
+    ``n_prompts`` distinct prompts, each ``group_size`` times in consecutive rows."""
+    seen = []
+
+    def reward(prompts, completions):
+        seen.append(list(prompts))
+        return [0.0] * len(completions)
+
     cfg = GroupConfig(group_size=3, n_prompts=2)
-    sample = online.lm_group_sampler(tok, PROMPTS, cfg, max_new_tokens=4)
-    batch = sample(tiny(tok), torch.Generator().manual_seed(0))
-    prompt_part = batch["input_ids"] * (1 - batch["completion_mask"])
-    assert batch["input_ids"].shape[0] == 6
-    for g in range(2):
-        rows = prompt_part[3 * g:3 * g + 3]
-        assert (rows == rows[0]).all()
-    assert not (prompt_part[0] == prompt_part[3]).all()
+    train_group_lm(tiny(tok), tok, PROMPTS, reward, cfg, n_steps=2, lr=1e-3, seed=0,
+                   max_new_tokens=4, device="cpu", progress=False)
+    for prompts in seen:
+        assert len(prompts) == 6
+        groups = [prompts[3 * g:3 * g + 3] for g in range(2)]
+        assert all(len(set(group)) == 1 for group in groups)
+        assert groups[0][0] != groups[1][0]
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo"])
-def test_critic_free_with_a_word_reward_raises_its_probability(tok, advantage):
+def test_group_methods_with_a_word_reward_raise_its_probability(tok, advantage):
+    """GRPO and RLOO of a language model go through the one group loop,
+    :func:`rlcourse.grpo.train_group_lm`, with a text reward (here: the target word's count)."""
     model = tiny(tok)
     ref = ppo.freeze(copy.deepcopy(model))
     before = first_token_logprob(model, tok, TARGET)
-    target_id = tok.convert_tokens_to_ids(TARGET)
 
-    def reward(ids, attn, mask):  # target words in the answer
-        return ((ids[:, 1:] == target_id).float() * mask).sum(1)
+    def reward(prompts, completions):  # target words in the answer
+        return [float(c.split().count(TARGET)) for c in completions]
 
     cfg = GroupConfig(advantage=advantage, group_size=6, n_prompts=4, kl_coef=0.01, epochs=1)
-    hist = online.train_critic_free(model, ref, reward, tok, PROMPTS, cfg, n_steps=15, lr=3e-3,
-                                    seed=0, max_new_tokens=6)
+    hist = train_group_lm(model, tok, PROMPTS, reward, cfg, n_steps=15, lr=3e-3, seed=0,
+                          max_new_tokens=6, ref_model=ref, device="cpu", progress=False)
     assert "kl_k3" in hist[0]
     assert first_token_logprob(model, tok, TARGET) > before + 0.5
 
