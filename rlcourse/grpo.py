@@ -26,6 +26,12 @@ One :func:`group_step` = sample ``n_prompts`` prompts, ``group_size`` responses 
 one group are consecutive), score them, group advantages, then ``epochs`` passes of minibatch
 updates. The policy needs no value head: any model returning logits (a ``(logits, values)``
 tuple is accepted, the values are ignored).
+
+Two loops call :func:`group_update`, one per kind of world: :func:`train_group_lm` is *the*
+loop for a language model (text rewards, several processes, checkpoints and resume; the
+recipes, chapters 16 and 17 and the benchmarks run it), and :func:`train_group` is chapter
+15's few-line loop for tensor worlds without a tokenizer (the token MDP, whose sampler has no
+KV cache), kept because its lines map to the chapter's equations.
 """
 
 from __future__ import annotations
