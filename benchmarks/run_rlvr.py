@@ -7,16 +7,20 @@ training problems the model never saw) with :func:`rlcourse.grpo.train_group_lm`
 the token terms), Dr. GRPO (centred advantage, constant normaliser), GRPO with DAPO's token-level
 loss, RLOO (leave-one-out advantage, token-level loss); controls: GRPO paid by a fair coin
 (``random_reward``) and GRPO paid for GSM8K's answer line alone (``format_reward``); a KL sweep
-(GRPO with ``kl_coef`` 0.05 and 0.5, seed 0 only). Every run records, on the way, its batches'
-true accuracy and answer lengths (right and wrong) and, every ``--curve-every`` steps, pass@1
-and the policy's entropy per token on validation problems.
+(GRPO with ``kl_coef`` 0.05 and 0.5, seed 0 only); and ``grpo_2threads``, GRPO with both
+cores per run and the steps that fit in the 600 s budget (``SETTINGS``). Every run records, on
+the way, its batches' true accuracy and answer lengths (right and wrong) and, every
+``--curve-every`` steps, pass@1 and the policy's entropy per token on validation problems.
 
 **Which problems chose, which reported.** The learning rate and step count were chosen on
-validation problems (``data/reasoning/validation.jsonl``); every number reported is on the test
+validation problems (``data/reasoning/validation.jsonl``; ``--sweep`` writes the learning-rate
+sweep to ``rlvr_sweep.jsonl``); every number reported is on the test
 problems (``data/reasoning/test.jsonl``), which no choice looked at. The SFT model's pass@k for
 k = 1..256 comes from 256 samples per test problem (the unbiased estimator,
 :func:`rlcourse.verifiers.pass_at_k`); each trained model's pass@k from ``--samples`` samples
-per test problem (256 for seed 0 of ``--full-curve``: does pass@256 move?). Standard errors:
+per test problem (256 for seed 0 of ``--full-curve``: does pass@256 move?); the SFT model's
+pass@1 at lower sampling temperatures (:func:`temperature_reference`) is the sharpening limit
+read beside them, not a choice. Standard errors:
 over seeds (``std/sqrt(n_seeds)``, the training's randomness) for the methods, over problems
 for the SFT model.
 
@@ -98,11 +102,11 @@ def curve_point(model, tokenizer, step: int, questions, answers, n: int, seed: i
             "val_length": float(v.lengths.mean())}
 
 
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def _start(method: str, seed: int, threads: int, args: argparse.Namespace,
+           **config_fields: Any) -> tuple[Any, Any, Any, GroupConfig, list[dict], TrackedReward]:
+    """What every run starts from: the SFT model (and, with a KL penalty, a frozen copy as
+    reference), the method's config, the RL prompts and its reward."""
     fields, kind = METHODS[method]
-    own = SETTINGS.get(method, {})
-    steps, lr = own.get("steps", args.steps), own.get("lr", args.lr)
-    threads = own.get("threads", args.threads)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tokenizer = load_model(REASONING / "checkpoints" / "sft", device="cpu")
@@ -111,9 +115,17 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         reference, _ = load_model(REASONING / "checkpoints" / "sft", device="cpu")
         reference.eval().requires_grad_(False)
     config = GroupConfig(group_size=args.group_size, n_prompts=args.n_prompts,
-                         **{"kl_coef": 0.0, **fields})
+                         **{"kl_coef": 0.0, **fields, **config_fields})
     prompts = [dict(r) for r in read_jsonl(REASONING / "rl_prompts.jsonl", ("prompt", "answer"))]
-    reward = TrackedReward(kind, seed=seed)
+    return model, tokenizer, reference, config, prompts, TrackedReward(kind, seed=seed)
+
+
+def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    fields, kind = METHODS[method]
+    own = SETTINGS.get(method, {})
+    steps, lr = own.get("steps", args.steps), own.get("lr", args.lr)
+    threads = own.get("threads", args.threads)
+    model, tokenizer, reference, config, prompts, reward = _start(method, seed, threads, args)
     val_q, val_a = problems("validation", args.curve_problems)
     curve = [curve_point(model, tokenizer, 0, val_q, val_a, args.curve_samples, 777)]
     eval_seconds = 0.0
@@ -167,13 +179,8 @@ def sweep_one(method: str, lr: float, minibatch_size: int | None, args: argparse
               ) -> dict[str, Any]:
     """One candidate, seed 0, ``--sweep-steps`` steps, judged every 100 steps on 128
     validation problems x 8 samples (no test problem is read)."""
-    fields, kind = METHODS[method]
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model, tokenizer = load_model(REASONING / "checkpoints" / "sft", device="cpu")
-    config = GroupConfig(group_size=args.group_size, n_prompts=args.n_prompts,
-                         **{"kl_coef": 0.0, **fields, "minibatch_size": minibatch_size})
-    prompts = [dict(r) for r in read_jsonl(REASONING / "rl_prompts.jsonl", ("prompt", "answer"))]
+    model, tokenizer, _, config, prompts, reward = _start(method, 0, args.threads, args,
+                                                          minibatch_size=minibatch_size)
     val_q, val_a = problems("validation", 128)
     curve, eval_seconds, start = [], 0.0, time.perf_counter()
 
@@ -186,9 +193,9 @@ def sweep_one(method: str, lr: float, minibatch_size: int | None, args: argparse
             curve.append({**point, "train_s": round(time.perf_counter() - start - eval_seconds,
                                                     1)})
 
-    train_group_lm(model, tokenizer, prompts, TrackedReward(kind, seed=0), config,
-                   args.sweep_steps, lr=lr, max_new_tokens=args.max_new_tokens, seed=0,
-                   device="cpu", progress=False, callback=callback)
+    train_group_lm(model, tokenizer, prompts, reward, config, args.sweep_steps, lr=lr,
+                   max_new_tokens=args.max_new_tokens, seed=0, device="cpu", progress=False,
+                   callback=callback)
     return {"method": method, "lr": lr, "minibatch_size": minibatch_size,
             "steps": args.sweep_steps, "threads": args.threads, "curve": curve}
 
@@ -234,9 +241,9 @@ def temperature_reference(args: argparse.Namespace) -> dict[str, Any]:
 
 def _use_dir(folder: Path) -> None:
     """Write the runs and the summary under ``folder`` (a trial run away from the real ones)."""
-    global RUNS, OUT
+    global RUNS, OUT, SWEEP_RUNS
     folder.mkdir(parents=True, exist_ok=True)
-    RUNS, OUT = folder / RUNS.name, folder / OUT.name
+    RUNS, OUT, SWEEP_RUNS = folder / RUNS.name, folder / OUT.name, folder / SWEEP_RUNS.name
 
 
 def _done() -> set[tuple[str, int]]:
