@@ -113,6 +113,15 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter if adapter.is_file() else out / "model" / "model.safetensors"))
 
 
+def _child(workdir: Path, case: str, out: Path) -> subprocess.Popen:
+    """The recipe CLI in a child process, its reward function slowed down to be killable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLC_SLOW": "0.3",
+           "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "rlcourse.recipes",
+                             *_args(workdir, case, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def _first_checkpoint_written(out: Path, pattern: str) -> bool:
     return any(p.is_dir() and not p.name.startswith(".") for p in out.glob(pattern))
 
@@ -125,11 +134,7 @@ def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monke
     assert recipes.main(_args(workdir, case, tmp_path / "whole")) == 0
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLC_SLOW": "0.3",
-           "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-m", "rlcourse.recipes",
-                              *_args(workdir, case, out)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = _child(workdir, case, out)
     deadline = time.monotonic() + 120
     pattern = WAIT_FOR.get(case, "checkpoints/step-*")
     while not _first_checkpoint_written(out, pattern) and child.poll() is None:
@@ -161,14 +166,6 @@ def test_sigkill_and_rerun_equals_the_uninterrupted_run(workdir, tmp_path, monke
 
 #: Kills per case in :func:`test_sigkill_at_random_moments`; each rerun resumes the last one.
 RANDOM_KILLS = 3
-
-
-def _child(workdir: Path, case: str, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLC_SLOW": "0.3",
-           "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "rlcourse.recipes",
-                             *_args(workdir, case, out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _timed_run(workdir: Path, case: str, out: Path) -> tuple[float, float]:
