@@ -420,7 +420,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
                    keep_checkpoints: int = 2, device: str = "auto",
                    mixed_precision: str = "no", weight_decay: float = 0.0,
-                   progress: bool = True,
+                   warmup_steps: int = 0, progress: bool = True,
                    callback: Callable[[int, dict[str, float]], Any] | None = None,
                    logging_dir: str | Path | None = None,
                    eval_prompts: Sequence[Any] | None = None, eval_every: int = 0,
@@ -439,7 +439,9 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     columns to ``reward_fn`` as keyword arguments, one list entry per completion, as TRL does
     (:func:`rlcourse.verifiers.call_reward_fn`: only those the function names, so a
     two-argument ``reward_fn(prompts, completions)`` works as before); :func:`group_update`
-    updates with AdamW at ``lr`` (gradients averaged over processes).
+    updates with AdamW at ``lr`` (gradients averaged over processes), reached after
+    ``warmup_steps`` steps of linear warm-up (step ``k <= warmup_steps`` uses
+    ``lr * k / warmup_steps``; TRL's ``warmup_steps``), constant after.
 
     ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end the policy, optimizer,
     RNG states, step and history go to ``checkpoint_dir/step-XXXXXXXX`` atomically
@@ -464,9 +466,14 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(policy, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant lr
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    # stepped once per training step: step k (1-based) uses lr * min(1, k / warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0)
     run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
-                  "max_new_tokens": max_new_tokens, "num_processes": world}
+                  "max_new_tokens": max_new_tokens, "num_processes": world,
+                  "warmup_steps": warmup_steps}
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -474,8 +481,10 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
                                 scheduler, accelerator.device)
+        # (checkpoints written before warm-up existed had none: 0)
         differ = sorted(k for k in run_config if k != "n_steps"
-                        and state["config"].get(k) != run_config[k])
+                        and state["config"].get(k, 0 if k == "warmup_steps" else None)
+                        != run_config[k])
         if differ:
             raise ValueError(f"{found[-1]} was written with other settings ({', '.join(differ)}"
                              "): use another checkpoint_dir")
@@ -517,6 +526,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
             # every step (one isfinite pass, small beside sampling): never sample from, save
             # or return a NaN model
             check_finite_weights(accelerator.unwrap_model(model), accelerator)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
         metrics["response_length"] = float(batch["completion_mask"].sum(-1).float().mean())
         metrics = mean_over_processes(accelerator, metrics)
         metrics["step"] = step

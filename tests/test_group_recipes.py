@@ -94,8 +94,9 @@ def test_recipe_with_a_verifier_raises_its_reward(workdir, verifier, tmp_path, m
 
 def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_path,
                                                         monkeypatch):
+    # the kill falls inside the warm-up: the resumed run must go on with step 3's rate
     extra = ("rollout.steps=4", "rollout.checkpoint_every=1", "group.kl_coef=0.05",
-             "group.epochs=2", "group.minibatch_size=8")
+             "group.epochs=2", "group.minibatch_size=8", "rollout.warmup_steps=3")
     assert _run(workdir, "grpo", tmp_path / "whole", *extra) == 0
     monkeypatch.setattr(verifier, "calls", 0)
     monkeypatch.setattr(verifier, "CRASH_AT", 3)  # the third step's scoring is killed
@@ -117,6 +118,17 @@ def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_p
     assert [r["step"] for r in rows["crashed"]] == [1, 2, 3, 4]
     assert [r["score"] for r in rows["crashed"]] == [r["score"] for r in rows["whole"]]
     assert all("kl_k3" in r for r in rows["whole"])
+
+
+def test_warmup_ramps_the_learning_rate_linearly_then_holds_it(workdir, verifier, tmp_path):
+    assert _run(workdir, "grpo", tmp_path / "o", "rollout.steps=5",
+                "rollout.warmup_steps=4") == 0
+    rows = json.loads((tmp_path / "o" / "history.json").read_text())
+    # step k uses lr * min(1, k / 4), lr = 3e-2 (TINY)
+    assert [r["lr"] for r in rows] == pytest.approx([7.5e-3, 1.5e-2, 2.25e-2, 3e-2, 3e-2])
+    assert _run(workdir, "grpo", tmp_path / "flat", "rollout.steps=2") == 0
+    flat = json.loads((tmp_path / "flat" / "history.json").read_text())
+    assert [r["lr"] for r in flat] == pytest.approx([3e-2, 3e-2])
 
 
 def test_rloo_recipe_with_a_reward_model(workdir, tmp_path):

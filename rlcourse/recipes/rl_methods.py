@@ -141,7 +141,7 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[Any], eval
         max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
         checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
         keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
-        weight_decay=r.weight_decay, progress=progress,
+        weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, progress=progress,
         logging_dir=Path(recipe.output) if save else None,
         eval_prompts=eval_rows, eval_every=r.eval_every, report_to=r.report_to)
     return model, history, {"n_prompts_in_file": len(prompts)}

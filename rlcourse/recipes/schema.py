@@ -92,7 +92,10 @@ class GroupRollout:
     max_new_tokens: int = 64
     """Longest answer sampled, in tokens."""
     lr: float = 1e-6
-    """AdamW learning rate."""
+    """AdamW learning rate, reached after ``warmup_steps``."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up: step ``k <= warmup_steps`` uses ``lr * k / warmup_steps``;
+    0: ``lr`` from the first step."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
     device: str = "auto"
@@ -113,7 +116,7 @@ class GroupRollout:
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
-        "device": DEVICE,
+        "warmup_steps": _CHECKPOINTS, "device": DEVICE,
         "mixed_precision": (one_of("no", "bf16", "fp16", "auto"), "one of no, bf16, fp16, auto"),
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT,
         "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
