@@ -578,8 +578,12 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               checkpoint_every: int = 0, keep_checkpoints: int = 2,
               accelerator: Any = None, logging_dir: str | Path | None = None,
               eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-              eval_every: int = 0, report_to: str = "none") -> list[dict[str, float]]:
-    """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``; returns the metric history.
+              eval_every: int = 0, report_to: str = "none", warmup_steps: int = 0
+              ) -> list[dict[str, float]]:
+    """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``, reached after
+    ``warmup_steps`` steps of linear warm-up (step ``k <= warmup_steps`` uses
+    ``lr * k / warmup_steps``), constant after; returns the metric history (``lr``: the rate
+    each step used).
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
     seeds the model initialisation. ``callback(step, metrics, rollout)`` runs after each step.
@@ -605,6 +609,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     prompts) runs every ``eval_every`` steps and after the last, its metrics joining that step's
     row; it must not touch the sampling generator (a resumed run would diverge).
     """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -624,9 +630,11 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    # stepped once per PPO step: step k (1-based) uses lr * min(1, k / warmup_steps); saved
+    # and restored with the checkpoints, so a resumed run goes on along the same ramp
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0)
     if ckpt_dir is not None:
-        # A constant schedule, so that the engine's checkpoint functions can be used as they are.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         found = list_checkpoints(ckpt_dir)
         if found:
             device = next(bare.parameters()).device
@@ -651,6 +659,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
             # every step (one isfinite pass, small beside sampling): never sample from, save
             # or return a NaN model
             check_finite_weights(bare, accelerator)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
         done = step + 1
         if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == n_steps):
             metrics.update(eval_fn(bare))

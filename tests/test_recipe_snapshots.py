@@ -23,7 +23,8 @@ SECTIONS = ("train", "ppo", "rollout", "group", "online", "rsft", "lora")
 #: recipe must resolve to exactly that default (and nothing else may change).
 ADDED_FIELDS = {("online", "checkpoint_every"): 0, ("rsft", "checkpoint_every"): 0,
                 ("rollout", "eval_every"): 0, ("rollout", "report_to"): "none",
-                ("online", "report_to"): "none", ("rsft", "report_to"): "none"}
+                ("online", "report_to"): "none", ("rsft", "report_to"): "none",
+                ("rollout", "warmup_steps"): 0}
 
 
 def _resolved(path):

@@ -306,7 +306,7 @@ def test_only_methods_with_a_reference_accept_a_reference_model():
         assert accepts == OBJECTIVES[method].needs_reference, method
 
 
-def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
+def test_ppo_recipe_runs_with_a_warmup(workdir, tmp_path):
     from rlcourse.models import RewardModel
 
     model, tok = load_model(workdir / "model", device="cpu")
@@ -315,11 +315,14 @@ def test_ppo_recipe_runs_two_steps(workdir, tmp_path):
     code = recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
                          "--reward-model", str(tmp_path / "rm"),
                          "--data", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "o"),
-                         "rollout.steps=2", "rollout.batch_size=4", "rollout.max_new_tokens=4",
-                         "rollout.lr=1e-2", "ppo.minibatch_size=2", "ppo.ppo_epochs=1"])
+                         "rollout.steps=3", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+                         "rollout.lr=1e-2", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
+                         "rollout.warmup_steps=2"])
     assert code == 0
     history = json.loads((tmp_path / "o" / "history.json").read_text())
-    assert [r["step"] for r in history] == [0, 1]
+    assert [r["step"] for r in history] == [0, 1, 2]
+    # iteration k uses lr * min(1, k / warmup_steps)
+    assert [r["lr"] for r in history] == pytest.approx([5e-3, 1e-2, 1e-2])
     before, after = _weights(workdir / "model"), _weights(tmp_path / "o" / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -408,7 +411,7 @@ def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, mon
             "--output", str(tmp_path / out), "rollout.steps=4", "rollout.batch_size=4",
             "rollout.max_new_tokens=4", "rollout.lr=1e-2", "ppo.minibatch_size=2",
             "ppo.ppo_epochs=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.01",
-            "rollout.checkpoint_every=1"])
+            "rollout.checkpoint_every=1", "rollout.warmup_steps=3"])  # killed inside the warm-up
 
     assert run("whole") == 0
     real_step, calls = ppo.ppo_step, []

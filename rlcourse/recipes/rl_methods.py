@@ -86,7 +86,8 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             keep_checkpoints=r.keep_checkpoints, accelerator=accelerator,
                             logging_dir=Path(recipe.output) if save else None,
                             eval_fn=_prompt_eval(recipe, tokenizer, score, eval_rows),
-                            eval_every=r.eval_every, report_to=r.report_to)
+                            eval_every=r.eval_every, report_to=r.report_to,
+                            warmup_steps=r.warmup_steps)
     return ppo.language_model(policy), history, {}
 
 

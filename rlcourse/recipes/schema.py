@@ -46,7 +46,10 @@ class PPORollout:
     max_new_tokens: int = 64
     """Longest answer sampled, in tokens."""
     lr: float = 1e-6
-    """Adam learning rate of actor and critic."""
+    """Adam learning rate of actor and critic, reached after ``warmup_steps``."""
+    warmup_steps: int = 0
+    """Iterations of linear warm-up: iteration ``k <= warmup_steps`` uses
+    ``lr * k / warmup_steps``; 0: ``lr`` from the first."""
     separate_critic: bool = True
     """Actor and critic as two networks (DeepSpeed-Chat) instead of one backbone with a value
     head."""
@@ -66,6 +69,7 @@ class PPORollout:
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "batch_size": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE,
+        "warmup_steps": _CHECKPOINTS,
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT, "device": DEVICE,
         "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
     }
