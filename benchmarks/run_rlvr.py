@@ -135,13 +135,20 @@ def _start(method: str, seed: int, threads: int, args: argparse.Namespace,
     return model, tokenizer, reference, config, prompts, TrackedReward(kind, seed=seed)
 
 
+def _shaped(args: argparse.Namespace, settings: dict[str, Any]) -> argparse.Namespace:
+    """``args`` with the batch shape (``n_prompts``, ``group_size``) that ``settings`` (a
+    method's ``SETTINGS`` or a sweep candidate) sets instead of the command line's."""
+    return argparse.Namespace(**{**vars(args), **{k: settings[k] for k in ("n_prompts",
+                                                                         "group_size")
+                                                  if k in settings}})
+
+
 def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     fields, kind = METHODS[method]
     own = SETTINGS.get(method, {})
     steps, lr = own.get("steps", args.steps), own.get("lr", args.lr)
     threads = own.get("threads", args.threads)
-    shape = argparse.Namespace(**{**vars(args), **{k: own[k] for k in ("n_prompts", "group_size")
-                                                   if k in own}})
+    shape = _shaped(args, own)
     model, tokenizer, reference, config, prompts, reward = _start(method, seed, threads, shape)
     val_q, val_a = problems("validation", args.curve_problems)
     curve = [curve_point(model, tokenizer, 0, val_q, val_a, args.curve_samples, 777)]
@@ -208,8 +215,7 @@ SWEEP: tuple[dict[str, Any], ...] = (
 def sweep_one(candidate: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One candidate, seed 0, ``--sweep-steps`` steps, judged every 100 steps on 128
     validation problems x 8 samples (no test problem is read)."""
-    shape = argparse.Namespace(**{**vars(args), **{k: candidate[k] for k in
-                                                  ("n_prompts", "group_size") if k in candidate}})
+    shape = _shaped(args, candidate)
     method, lr = candidate["method"], candidate["lr"]
     model, tokenizer, _, config, prompts, reward = _start(
         method, 0, args.threads, shape, minibatch_size=candidate["minibatch_size"])

@@ -75,6 +75,7 @@ __all__ = [
     "peak_memory",
     "planned_indices",
     "reset_peak_memory",
+    "rl_warmup_schedule",
     "save_checkpoint",
     "sft_loss_fn",
     "stop_nonfinite",
@@ -322,6 +323,22 @@ def planned_indices(n: int, config: TrainConfig, num_processes: int = 1) -> list
         used.update(list(sampler)[: min(n, batches * bs)])
         step, epoch = step + steps, epoch + 1
     return sorted(used)
+
+
+def rl_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0
+                       ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of the RL loops (PPO, GRPO, RLOO), stepped once per step:
+    step ``k`` (1-based) uses ``lr * min(1, k / warmup_steps)``, constant after; 0: ``lr``
+    from the first step.
+
+    It differs from the transformers schedule :func:`train` uses, whose first step runs at
+    ``lr * 0``: an RL step costs a round of sampling, so none is spent on an update of size 0.
+    Saved and restored with the engine's checkpoints, so a resumed run goes on along the ramp.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0)
 
 
 # --------------------------------------------------------------------------------------------

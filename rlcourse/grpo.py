@@ -65,6 +65,7 @@ from rlcourse.engine import (
     load_checkpoint,
     make_accelerator,
     mean_over_processes,
+    rl_warmup_schedule,
     save_checkpoint,
     stop_nonfinite,
 )
@@ -414,6 +415,11 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
+#: Settings added to ``train_group_lm``'s checkpoints later, with the value an older checkpoint
+#: (which lacks them) was written with.
+ADDED_RUN_SETTINGS = {"warmup_steps": 0}
+
+
 def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    reward_fn: TextRewardFn, config: GroupConfig, n_steps: int, lr: float = 1e-6,
                    max_new_tokens: int = 64, ref_model: nn.Module | None = None, seed: int = 0,
@@ -440,8 +446,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     (:func:`rlcourse.verifiers.call_reward_fn`: only those the function names, so a
     two-argument ``reward_fn(prompts, completions)`` works as before); :func:`group_update`
     updates with AdamW at ``lr`` (gradients averaged over processes), reached after
-    ``warmup_steps`` steps of linear warm-up (step ``k <= warmup_steps`` uses
-    ``lr * k / warmup_steps``; TRL's ``warmup_steps``), constant after.
+    ``warmup_steps`` steps of linear warm-up (:func:`rlcourse.engine.rl_warmup_schedule`).
 
     ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end the policy, optimizer,
     RNG states, step and history go to ``checkpoint_dir/step-XXXXXXXX`` atomically
@@ -466,11 +471,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(policy, optimizer)
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    # stepped once per training step: step k (1-based) uses lr * min(1, k / warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0)
+    scheduler = rl_warmup_schedule(optimizer, warmup_steps)
     run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
                   "max_new_tokens": max_new_tokens, "num_processes": world,
                   "warmup_steps": warmup_steps}
@@ -481,10 +482,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
                                 scheduler, accelerator.device)
-        # (checkpoints written before warm-up existed had none: 0)
         differ = sorted(k for k in run_config if k != "n_steps"
-                        and state["config"].get(k, 0 if k == "warmup_steps" else None)
-                        != run_config[k])
+                        and state["config"].get(k, ADDED_RUN_SETTINGS.get(k)) != run_config[k])
         if differ:
             raise ValueError(f"{found[-1]} was written with other settings ({', '.join(differ)}"
                              "): use another checkpoint_dir")

@@ -50,6 +50,7 @@ from rlcourse.engine import (
     list_checkpoints,
     load_checkpoint,
     mean_over_processes,
+    rl_warmup_schedule,
     save_checkpoint,
     stop_nonfinite,
 )
@@ -581,9 +582,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               eval_every: int = 0, report_to: str = "none", warmup_steps: int = 0
               ) -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``, reached after
-    ``warmup_steps`` steps of linear warm-up (step ``k <= warmup_steps`` uses
-    ``lr * k / warmup_steps``), constant after; returns the metric history (``lr``: the rate
-    each step used).
+    ``warmup_steps`` steps of linear warm-up (:func:`rlcourse.engine.rl_warmup_schedule`);
+    returns the metric history (``lr``: the rate each step used).
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
     seeds the model initialisation. ``callback(step, metrics, rollout)`` runs after each step.
@@ -609,8 +609,6 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     prompts) runs every ``eval_every`` steps and after the last, its metrics joining that step's
     row; it must not touch the sampling generator (a resumed run would diverge).
     """
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -630,10 +628,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    # stepped once per PPO step: step k (1-based) uses lr * min(1, k / warmup_steps); saved
-    # and restored with the checkpoints, so a resumed run goes on along the same ramp
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0)
+    scheduler = rl_warmup_schedule(optimizer, warmup_steps)  # refuses a negative warm-up
     if ckpt_dir is not None:
         found = list_checkpoints(ckpt_dir)
         if found:
