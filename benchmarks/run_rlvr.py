@@ -66,6 +66,10 @@ SWEEP_RUNS = RESULTS / "rlvr_sweep.jsonl"
 OUT = RESULTS / "rlvr.json"
 REASONING = DATA_DIR / "reasoning"
 
+#: The final RMSNorm's gain of the Llama-style model: ``logits = E (g * h / rms(h))`` with the
+#: tied, bias-free head ``E``, so scaling ``g`` by ``1/T`` is sampling at temperature ``T``.
+FINAL_NORM = "model.norm.weight"
+
 #: name -> (GroupConfig fields, reward kind). Each trains ``--steps`` steps at ``--lr``.
 METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "grpo": ({"advantage": "grpo", "loss_type": "grpo"}, "correct"),
@@ -77,7 +81,7 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "grpo_kl0.05": ({"advantage": "grpo", "loss_type": "grpo", "kl_coef": 0.05}, "correct"),
     "grpo_kl0.5": ({"advantage": "grpo", "loss_type": "grpo", "kl_coef": 0.5}, "correct"),
 }
-CONTROLS = ("random_reward", "format_reward")
+CONTROLS = ("random_reward", "format_reward", "random_reward_fast_norm")
 #: Methods whose settings differ from the CLI's ``--steps``/``--lr``/``--threads``. The
 #: learning rate and the update (one per batch, or minibatches) were chosen on validation
 #: problems (``--sweep``, ``rlvr_sweep.jsonl``): with one update per batch a learning rate of
@@ -96,7 +100,23 @@ METHODS["grpo_32x8"] = ({"advantage": "grpo", "loss_type": "grpo"}, "correct")
 #: threads, on seed 0 only: not a candidate for the goal (its time is over 600 s) but its
 #: measure, how far the goal is in steps.
 METHODS["grpo_long"] = ({"advantage": "grpo", "loss_type": "grpo"}, "correct")
+#: ``grpo_fast_norm``: GRPO whose final norm's gain ``g`` (``FINAL_NORM``, the model's inverse
+#: temperature) learns ``FAST_NORM`` times faster than the rest (the factor chosen on validation,
+#: ``--sweep``), with the two-thread row's steps and threads; ``random_reward_fast_norm`` is its
+#: control: the same optimizer paid by a fair coin. Does a fast temperature help without the
+#: verifier? Each trained ``grpo_fast_norm`` model is also split in two on the test problems
+#: (:func:`temperature_split`): the SFT model with the trained gain, and the trained model with
+#: the SFT gain.
+FAST_NORM = 200
+METHODS["grpo_fast_norm"] = ({"advantage": "grpo", "loss_type": "grpo"}, "correct")
+METHODS["random_reward_fast_norm"] = ({"advantage": "grpo", "loss_type": "grpo"}, "random")
 SETTINGS: dict[str, dict[str, Any]] = {"grpo_2threads": {"lr": 2e-4, "steps": 1100, "threads": 2},
+                                       "grpo_fast_norm": {"lr": 2e-4, "steps": 1100, "threads": 2,
+                                                          "lr_multipliers": {FINAL_NORM:
+                                                                             FAST_NORM}},
+                                       "random_reward_fast_norm": {
+                                           "lr": 2e-4, "steps": 1100, "threads": 2,
+                                           "lr_multipliers": {FINAL_NORM: FAST_NORM}},
                                        "grpo_long": {"lr": 2e-4, "steps": 2400, "threads": 2},
                                        "grpo_32x8": {"lr": 3e-4, "steps": 620, "threads": 2,
                                                      "n_prompts": 32}}
@@ -165,7 +185,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     history = train_group_lm(model, tokenizer, prompts, reward, config, steps, lr=lr,
                              max_new_tokens=args.max_new_tokens, ref_model=reference, seed=seed,
-                             device="cpu", progress=sys.stderr.isatty(), callback=callback)
+                             device="cpu", progress=sys.stderr.isatty(), callback=callback,
+                             lr_multipliers=_multipliers(own))
     train_seconds = time.perf_counter() - start - eval_seconds
     test_q, test_a = problems("test", args.test_problems)
     v = sample_and_verify(model, tokenizer, test_q, test_a, args.samples, seed=10_000 + seed)
@@ -180,10 +201,13 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     if "kl_k3" in history[-1]:
         for b, h in zip(batches, history, strict=True):
             b["kl_k3"] = round(h["kl_k3"], 6)
+    split = (temperature_split(model, tokenizer, test_q, test_a, args.samples, 10_000 + seed)
+             if FINAL_NORM in _multipliers(own) else None)
     return {
         "method": method, "seed": seed, "reward": kind, "config": {**fields},
         "steps": steps, "lr": lr, "threads": threads, "n_prompts": shape.n_prompts,
-        "group_size": shape.group_size, "train_seconds": round(train_seconds, 1),
+        "group_size": shape.group_size, "lr_multipliers": _multipliers(own),
+        "train_seconds": round(train_seconds, 1), "temperature_split": split,
         "test_pass_at_1": v.pass_at_1,
         "test_pass_at_k": {str(k): round(m, 6) for k, (m, _) in curve_k.items()},
         "test_pass_at_k_256_samples": full_curve,
@@ -194,9 +218,35 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def temperature_split(model, tokenizer, questions, answers, n: int, seed: int) -> dict[str, Any]:
+    """How much of a trained model's test pass@1 is its final norm's gain ``g`` (the inverse
+    temperature) and how much the rest of its weights: pass@1 of the SFT model carrying the
+    trained ``g``, and of the trained model carrying the SFT model's ``g`` (``n`` samples per
+    problem, the trained model's test seed). ``gain_ratio``: the mean and spread of
+    ``g_trained / g_sft`` over the hidden units (a uniform ratio ``c`` would be sampling the
+    SFT model at temperature ``1/c``)."""
+    sft, _ = load_model(REASONING / "checkpoints" / "sft", device="cpu")
+    trained_g = dict(model.named_parameters())[FINAL_NORM].detach().clone()
+    sft_g = dict(sft.named_parameters())[FINAL_NORM].detach().clone()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        dict(sft.named_parameters())[FINAL_NORM].copy_(trained_g)
+        out["sft_with_trained_gain"] = sample_and_verify(sft, tokenizer, questions, answers, n,
+                                                         seed=seed).pass_at_1
+        dict(model.named_parameters())[FINAL_NORM].copy_(sft_g)
+        out["trained_with_sft_gain"] = sample_and_verify(model, tokenizer, questions, answers,
+                                                         n, seed=seed).pass_at_1
+        dict(model.named_parameters())[FINAL_NORM].copy_(trained_g)  # put it back
+    ratio = (trained_g / sft_g).double()
+    out["gain_ratio"] = {"mean": float(ratio.mean()), "std": float(ratio.std()),
+                         "min": float(ratio.min()), "max": float(ratio.max())}
+    return out
+
+
 #: The validation sweep (``--sweep``): each candidate's method, learning rate and minibatch size
 #: (``None``: one update per batch), and where it differs from the runs' settings its linear
-#: warm-up (``warmup_steps``) and its batch shape (``n_prompts`` x ``group_size``).
+#: warm-up (``warmup_steps``), its batch shape (``n_prompts`` x ``group_size``) and its
+#: per-parameter learning-rate factors (``lr_multipliers``).
 SWEEP: tuple[dict[str, Any], ...] = (
     *({"method": m, "lr": lr, "minibatch_size": mb} for m, lr, mb in (
         ("grpo", 2e-4, None), ("grpo", 3e-4, None), ("grpo", 5e-4, None),
@@ -209,7 +259,14 @@ SWEEP: tuple[dict[str, Any], ...] = (
     {"method": "grpo", "lr": 2e-4, "minibatch_size": None, "n_prompts": 8, "group_size": 16},
     # twice the samples per step (a less noisy gradient) at a larger rate
     {"method": "grpo", "lr": 3e-4, "minibatch_size": None, "n_prompts": 32},
+    # the final norm's gain (the model's inverse temperature) at a larger rate than the rest
+    *({"method": "grpo", "lr": 2e-4, "minibatch_size": None,
+       "lr_multipliers": {FINAL_NORM: factor}} for factor in (20, 50, 100, 200, 500, 1000, 2000)),
 )
+
+
+def _multipliers(settings: dict[str, Any]) -> dict[str, float]:
+    return dict(settings.get("lr_multipliers") or {})
 
 
 def sweep_one(candidate: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -233,7 +290,8 @@ def sweep_one(candidate: dict[str, Any], args: argparse.Namespace) -> dict[str, 
 
     train_group_lm(model, tokenizer, prompts, reward, config, args.sweep_steps, lr=lr,
                    max_new_tokens=args.max_new_tokens, seed=0, device="cpu", progress=False,
-                   warmup_steps=candidate.get("warmup_steps", 0), callback=callback)
+                   warmup_steps=candidate.get("warmup_steps", 0),
+                   lr_multipliers=_multipliers(candidate), callback=callback)
     return {**candidate, "n_prompts": shape.n_prompts, "group_size": shape.group_size,
             "warmup_steps": candidate.get("warmup_steps", 0), "steps": args.sweep_steps,
             "threads": args.threads, "curve": curve}

@@ -75,6 +75,7 @@ __all__ = [
     "peak_memory",
     "planned_indices",
     "reset_peak_memory",
+    "lr_param_groups",
     "rl_warmup_schedule",
     "save_checkpoint",
     "sft_loss_fn",
@@ -323,6 +324,53 @@ def planned_indices(n: int, config: TrainConfig, num_processes: int = 1) -> list
         used.update(list(sampler)[: min(n, batches * bs)])
         step, epoch = step + steps, epoch + 1
     return sorted(used)
+
+
+def lr_param_groups(model: torch.nn.Module, lr: float,
+                    lr_multipliers: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """The trainable parameters of ``model`` as optimizer parameter groups: parameter ``p``
+    named ``name`` learns at ``lr * lr_multipliers[pattern]`` for the first ``pattern`` (a
+    glob, :func:`fnmatch.fnmatchcase`, over :meth:`~torch.nn.Module.named_parameters`'
+    names) that matches ``name``, and at ``lr`` when none does. The group at ``lr`` comes
+    first (a history's ``lr`` reads group 0), and every group keeps the order of
+    ``named_parameters``, so the optimizer's state lines up across runs and resumes.
+
+    Why: some parameters have a scale of their own that one learning rate moves too slowly.
+    The final norm's gain ``g`` of a pre-norm transformer with a bias-free head is an inverse
+    temperature, ``logits = W (g * h / rms(h))``, so ``g -> g / T``
+    samples at temperature ``T``; Adam moves each weight by about ``lr`` per step, so at the
+    rate that is safe for the rest of the network (``2e-4``) a sharpening of ``g`` by half
+    takes thousands of steps (chapter 17). LoRA+ (Hayou et al., 2024) is the same idea for
+    adapters, a larger rate for ``B`` than for ``A``.
+
+    A pattern that matches no trainable parameter is an error naming it (a typo would
+    otherwise train at one rate, silently); so is a multiplier that is not a positive finite
+    number.
+    """
+    from fnmatch import fnmatchcase
+
+    multipliers = dict(lr_multipliers or {})
+    for pattern, factor in multipliers.items():
+        if (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                or not math.isfinite(factor) or factor <= 0):
+            raise ValueError(f"lr_multipliers[{pattern!r}] must be a positive number, got "
+                             f"{factor!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    by_factor: dict[float, list[torch.nn.Parameter]] = {1.0: []}
+    used: set[str] = set()
+    for name, param in named:
+        pattern = next((q for q in multipliers if fnmatchcase(name, q)), None)
+        factor = 1.0 if pattern is None else float(multipliers[pattern])
+        if pattern is not None:
+            used.add(pattern)
+        by_factor.setdefault(factor, []).append(param)
+    unused = [q for q in multipliers if q not in used]
+    if unused:
+        names = ", ".join(n for n, _ in named[:6])
+        raise ValueError(f"lr_multipliers: pattern {unused[0]!r} matches no trainable "
+                         f"parameter (names look like: {names}, ...)")
+    return [{"params": params, "lr": lr * factor} for factor, params in by_factor.items()
+            if params or factor == 1.0]
 
 
 def rl_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0

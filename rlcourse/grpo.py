@@ -63,6 +63,7 @@ from rlcourse.engine import (
     TrainConfig,
     list_checkpoints,
     load_checkpoint,
+    lr_param_groups,
     make_accelerator,
     mean_over_processes,
     rl_warmup_schedule,
@@ -417,7 +418,7 @@ def _step_seed(seed: int, step: int) -> int:
 
 #: Settings added to ``train_group_lm``'s checkpoints later, with the value an older checkpoint
 #: (which lacks them) was written with.
-ADDED_RUN_SETTINGS = {"warmup_steps": 0}
+ADDED_RUN_SETTINGS: dict[str, Any] = {"warmup_steps": 0, "lr_multipliers": {}}
 
 
 def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
@@ -426,7 +427,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
                    keep_checkpoints: int = 2, device: str = "auto",
                    mixed_precision: str = "no", weight_decay: float = 0.0,
-                   warmup_steps: int = 0, progress: bool = True,
+                   warmup_steps: int = 0, lr_multipliers: Mapping[str, float] | None = None,
+                   progress: bool = True,
                    callback: Callable[[int, dict[str, float]], Any] | None = None,
                    logging_dir: str | Path | None = None,
                    eval_prompts: Sequence[Any] | None = None, eval_every: int = 0,
@@ -446,7 +448,10 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     (:func:`rlcourse.verifiers.call_reward_fn`: only those the function names, so a
     two-argument ``reward_fn(prompts, completions)`` works as before); :func:`group_update`
     updates with AdamW at ``lr`` (gradients averaged over processes), reached after
-    ``warmup_steps`` steps of linear warm-up (:func:`rlcourse.engine.rl_warmup_schedule`).
+    ``warmup_steps`` steps of linear warm-up (:func:`rlcourse.engine.rl_warmup_schedule`);
+    ``lr_multipliers`` (parameter-name glob -> factor, :func:`rlcourse.engine.lr_param_groups`)
+    trains the parameters it names at ``lr * factor``, e.g. ``{"model.norm.weight": 50}``: the
+    final norm's gain, the model's inverse temperature, learns 50 times faster (chapter 17).
 
     ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end the policy, optimizer,
     RNG states, step and history go to ``checkpoint_dir/step-XXXXXXXX`` atomically
@@ -468,13 +473,14 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         raise ValueError(f"n_prompts={config.n_prompts} must be a multiple of the number of "
                          f"processes ({world}): each process answers whole groups")
     local_n = config.n_prompts // world
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(lr_param_groups(policy, lr, lr_multipliers), lr=lr,
+                                  weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(policy, optimizer)
     scheduler = rl_warmup_schedule(optimizer, warmup_steps)
     run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
                   "max_new_tokens": max_new_tokens, "num_processes": world,
-                  "warmup_steps": warmup_steps}
+                  "warmup_steps": warmup_steps,
+                  "lr_multipliers": {k: float(v) for k, v in (lr_multipliers or {}).items()}}
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None

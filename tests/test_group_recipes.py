@@ -94,9 +94,11 @@ def test_recipe_with_a_verifier_raises_its_reward(workdir, verifier, tmp_path, m
 
 def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_path,
                                                         monkeypatch):
-    # the kill falls inside the warm-up: the resumed run must go on with step 3's rate
+    # the kill falls inside the warm-up: the resumed run must go on with step 3's rate (and
+    # both parameter groups' Adam states, the final norm's at 5 x lr)
     extra = ("rollout.steps=4", "rollout.checkpoint_every=1", "group.kl_coef=0.05",
-             "group.epochs=2", "group.minibatch_size=8", "rollout.warmup_steps=3")
+             "group.epochs=2", "group.minibatch_size=8", "rollout.warmup_steps=3",
+             "rollout.lr_multipliers={model.norm.weight: 5}")
     assert _run(workdir, "grpo", tmp_path / "whole", *extra) == 0
     monkeypatch.setattr(verifier, "calls", 0)
     monkeypatch.setattr(verifier, "CRASH_AT", 3)  # the third step's scoring is killed
@@ -120,6 +122,51 @@ def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_p
     assert all("kl_k3" in r for r in rows["whole"])
 
 
+def test_resuming_with_other_lr_multipliers_is_refused(workdir, verifier, tmp_path, capsys):
+    # the recipe: run.json names the key; the loop itself: its checkpoint's settings
+    extra = ("rollout.steps=2", "rollout.checkpoint_every=1")
+    verifier.CRASH_AT, verifier.calls = 2, 0  # killed in step 2, after step 1's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        _run(workdir, "grpo", tmp_path / "o", *extra,
+             "rollout.lr_multipliers={model.norm.weight: 5}")
+    verifier.CRASH_AT, verifier.calls = None, 0
+    assert _run(workdir, "grpo", tmp_path / "o", *extra,
+                "rollout.lr_multipliers={model.norm.weight: 50}") != 0
+    err = capsys.readouterr().err
+    assert "rollout.lr_multipliers: {'model.norm.weight': 5} -> {'model.norm.weight': 50}" in err
+    from rlcourse.grpo import GroupConfig, train_group_lm
+
+    model, tok = load_model(workdir / "model", device="cpu")
+    with pytest.raises(ValueError, match=r"other settings \(lr_multipliers\)"):
+        train_group_lm(model, tok, PROMPTS, verifier.count_yes,
+                       GroupConfig(group_size=4, n_prompts=4, kl_coef=0.0, loss_type="grpo"), 2,
+                       lr=3e-2,
+                       max_new_tokens=6, checkpoint_dir=tmp_path / "o" / "checkpoints",
+                       lr_multipliers={"model.norm.weight": 50}, device="cpu", progress=False)
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(workdir, verifier,
+                                                                        tmp_path):
+    extra = ("rollout.steps=2", "rollout.checkpoint_every=1")
+    verifier.CRASH_AT, verifier.calls = 2, 0
+    with pytest.raises(KeyboardInterrupt):
+        _run(workdir, "grpo", tmp_path / "o", *extra)
+    verifier.CRASH_AT, verifier.calls = None, 0
+    info = json.loads((tmp_path / "o" / "run.json").read_text())
+    for key in ("rollout.warmup_steps", "rollout.lr_multipliers"):  # as an older run.json
+        del info["identity"][key]
+    (tmp_path / "o" / "run.json").write_text(json.dumps(info))
+    assert _run(workdir, "grpo", tmp_path / "o", *extra) == 0
+    assert verifier.calls == 1  # resumed: scored step 2 only
+    verifier.calls = 0
+    info = json.loads((tmp_path / "o" / "run.json").read_text())
+    del info["identity"]["rollout.warmup_steps"]
+    info["status"] = "running"
+    (tmp_path / "o" / "run.json").write_text(json.dumps(info))
+    # asking for a warm-up the old run did not have is another run
+    assert _run(workdir, "grpo", tmp_path / "o", *extra, "rollout.warmup_steps=2") != 0
+
+
 def test_warmup_ramps_the_learning_rate_linearly_then_holds_it(workdir, verifier, tmp_path):
     assert _run(workdir, "grpo", tmp_path / "o", "rollout.steps=5",
                 "rollout.warmup_steps=4") == 0
@@ -129,6 +176,38 @@ def test_warmup_ramps_the_learning_rate_linearly_then_holds_it(workdir, verifier
     assert _run(workdir, "grpo", tmp_path / "flat", "rollout.steps=2") == 0
     flat = json.loads((tmp_path / "flat" / "history.json").read_text())
     assert [r["lr"] for r in flat] == pytest.approx([3e-2, 3e-2])
+
+
+def test_lr_multipliers_move_the_named_parameters_faster(workdir, verifier, tmp_path):
+    # Adam's first step moves every weight by lr * g / (|g| + eps): by lr wherever the gradient
+    # is not ~0. With the final norm's gain at 10 x lr it moves by 10 x lr, everything else by
+    # at most lr; ignoring the multiplier leaves the gain at lr.
+    lr = 1e-3
+    assert _run(workdir, "grpo", tmp_path / "o", "rollout.steps=1", f"rollout.lr={lr}",
+                "rollout.lr_multipliers={model.norm.weight: 10}") == 0
+    before, after = _weights(workdir / "model"), _weights(tmp_path / "o" / "model")
+    moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    assert moved["model.norm.weight"] == pytest.approx(10 * lr, rel=1e-3)
+    others = {k: m for k, m in moved.items() if k != "model.norm.weight"}
+    assert max(others.values()) <= lr * (1 + 1e-3)
+    assert max(others.values()) == pytest.approx(lr, rel=1e-3)  # the rest did learn, at lr
+    saved = json.loads((tmp_path / "o" / "recipe.json").read_text())
+    assert saved["rollout"]["lr_multipliers"] == {"model.norm.weight": 10}
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{model.nrom.weight: 10}", "pattern 'model.nrom.weight' matches no trainable parameter"),
+    ("{model.norm.weight: 0}", "must be a mapping of parameter-name patterns to numbers > 0"),
+    ("{model.norm.weight: fast}", "must be a mapping of parameter-name patterns to numbers > 0"),
+    ("[model.norm.weight]", "expected a mapping"),
+])
+def test_bad_lr_multipliers_name_the_key_before_any_step(workdir, verifier, tmp_path, value,
+                                                         says, capsys):
+    assert _run(workdir, "grpo", tmp_path / "o", "rollout.steps=1",
+                f"rollout.lr_multipliers={value}") != 0
+    err = capsys.readouterr().err
+    assert "rollout.lr_multipliers" in err and says in err, err
+    assert not (tmp_path / "o" / "checkpoints").exists()  # stopped before any step
 
 
 def test_rloo_recipe_with_a_reward_model(workdir, tmp_path):

@@ -67,3 +67,37 @@ def test_sweep_candidates_write_their_settings(run_rlvr, tmp_path):
     assert (by_index[warm]["n_prompts"], by_index[warm]["group_size"]) == (16, 8)
     assert by_index[warm]["warmup_steps"] == 100
     assert by_index[warm]["lr"] == run_rlvr.SWEEP[warm]["lr"]
+
+
+def test_sweep_row_records_its_lr_multipliers(run_rlvr, tmp_path):
+    fast = next(i for i, c in enumerate(run_rlvr.SWEEP) if c.get("lr_multipliers"))
+    assert run_rlvr.main(["--out-dir", str(tmp_path), "--sweep", "--sweep-only", str(fast),
+                          "--sweep-steps", "1"]) == 0
+    row = json.loads((tmp_path / "rlvr_sweep.jsonl").read_text())
+    assert row["lr_multipliers"] == {"model.norm.weight": run_rlvr.SWEEP[fast]
+                                     ["lr_multipliers"]["model.norm.weight"]}
+
+
+def test_temperature_split_reads_the_gain_as_a_temperature(run_rlvr):
+    # Oracle: with a tied, bias-free head, the final norm's gain times c is sampling at
+    # temperature 1/c, sample for sample under the same seed.
+    import torch
+
+    from rlcourse.models import load_model
+    from rlcourse.worlds.reasoning import sample_and_verify
+
+    model, tok = load_model(run_rlvr.REASONING / "checkpoints" / "sft", device="cpu")
+    questions, answers = run_rlvr.problems("validation", 6)
+    gain = dict(model.named_parameters())[run_rlvr.FINAL_NORM]
+    with torch.no_grad():
+        gain.mul_(2.0)  # the "trained" model: the SFT model at temperature 1/2
+    split = run_rlvr.temperature_split(model, tok, questions, answers, 4, seed=5)
+    at_half = sample_and_verify(model, tok, questions, answers, 4, seed=5).pass_at_1
+    with torch.no_grad():
+        gain.div_(2.0)
+    at_one = sample_and_verify(model, tok, questions, answers, 4, seed=5).pass_at_1
+    assert at_half != at_one  # the two halves are told apart on these problems
+    assert split["sft_with_trained_gain"] == at_half
+    assert split["trained_with_sft_gain"] == at_one
+    assert split["gain_ratio"]["mean"] == pytest.approx(2.0)
+    assert split["gain_ratio"]["std"] == pytest.approx(0.0, abs=1e-6)

@@ -30,6 +30,10 @@ RUN_FILES = ("run.json", "recipe.json", "history.json", "history.jsonl", "model"
 #: was written before it existed, and is compared on the other keys only.
 _ADDED_IDENTITY_KEYS = ("model (files)", "reward_model (files)", "reference_model (files)",
                         "reward_fn (source sha256)")
+#: Recipe keys added after runs were recorded, with the value those runs trained with: a
+#: ``run.json`` without one is the same run when the recipe keeps that value (a run started
+#: before ``rollout.warmup_steps`` existed had no warm-up, and resumes unless one is asked for).
+_ADDED_SETTINGS: dict[str, Any] = {"rollout.warmup_steps": 0, "rollout.lr_multipliers": {}}
 #: Identity keys no longer recorded (``model (fingerprint)`` hashed every file under the folder,
 #: a run folder or ``.git`` inside it included): a ``run.json`` holding one is not compared on it.
 _RETIRED_IDENTITY_KEYS = ("model (fingerprint)", "reward_model (fingerprint)",
@@ -117,6 +121,8 @@ def check_output(recipe: Any, overwrite: bool) -> str:
     before, now = info.get("identity", {}), identity(recipe)
     differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
                     and not (k in _ADDED_IDENTITY_KEYS and k not in before)
+                    and not (k in _ADDED_SETTINGS and k not in before
+                             and now.get(k) == _ADDED_SETTINGS[k])
                     and not (k in _RETIRED_IDENTITY_KEYS and k not in now))
     if differ:
         shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:8])

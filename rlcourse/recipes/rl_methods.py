@@ -12,7 +12,7 @@ from typing import Any
 from rlcourse import grpo, ppo
 from rlcourse.adapters import is_lora
 from rlcourse.data import TEXT, DataError, read_jsonl
-from rlcourse.engine import TrainConfig, make_accelerator
+from rlcourse.engine import TrainConfig, lr_param_groups, make_accelerator
 from rlcourse.grpo import GroupConfig
 from rlcourse.models import ValueHeadModel, freeze_untied_lm_head, load_model
 from rlcourse.ppo import PPOConfig
@@ -125,6 +125,11 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[Any], eval
     """GRPO / RLOO: sample K answers per prompt, score them with the reward model or the
     function, group advantages, clipped updates (:func:`rlcourse.grpo.train_group_lm`)."""
     device = str(next(model.parameters()).device)
+    try:  # a pattern that names no trainable parameter stops here, before any sampling
+        lr_param_groups(model, recipe.rollout.lr, recipe.rollout.lr_multipliers)
+    except ValueError as error:
+        raise RecipeError(f"{recipe.where('rollout.lr_multipliers')}: "
+                          f"{str(error).removeprefix('lr_multipliers: ')}") from None
     fn = reward_function(recipe, tokenizer, device)
     reference = None
     if recipe.group.kl_coef and not (is_lora(model) and not recipe.reference_model):
@@ -142,7 +147,8 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[Any], eval
         max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
         checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
         keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
-        weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, progress=progress,
+        weight_decay=r.weight_decay, warmup_steps=r.warmup_steps,
+        lr_multipliers=r.lr_multipliers, progress=progress,
         logging_dir=Path(recipe.output) if save else None,
         eval_prompts=eval_rows, eval_every=r.eval_every, report_to=r.report_to)
     return model, history, {"n_prompts_in_file": len(prompts)}

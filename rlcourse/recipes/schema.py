@@ -23,6 +23,9 @@ from rlcourse.recipes.typed import where
 __all__ = ["GroupRollout", "PPORollout", "Recipe"]
 
 _CHECKPOINTS = (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+_MULTIPLIERS = (lambda v: all(isinstance(q, str) and POSITIVE[0](f) and not isinstance(f, bool)
+                              for q, f in v.items()),
+                "a mapping of parameter-name patterns to numbers > 0")
 
 
 @dataclass
@@ -100,6 +103,11 @@ class GroupRollout:
     warmup_steps: int = 0
     """Steps of linear warm-up: step ``k <= warmup_steps`` uses ``lr * k / warmup_steps``;
     0: ``lr`` from the first step."""
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Parameter-name glob -> factor: the parameters it names learn at ``lr * factor``
+    (:func:`rlcourse.engine.lr_param_groups`), e.g. ``{model.norm.weight: 50}`` for the final
+    norm's gain, the model's inverse temperature (chapter 17). A pattern that names no
+    trainable parameter is an error. Empty: one rate."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay."""
     device: str = "auto"
@@ -121,6 +129,7 @@ class GroupRollout:
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
         "warmup_steps": _CHECKPOINTS, "device": DEVICE,
+        "lr_multipliers": _MULTIPLIERS,
         "mixed_precision": (one_of("no", "bf16", "fp16", "auto"), "one of no, bf16, fp16, auto"),
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT,
         "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
