@@ -186,6 +186,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     history = train_group_lm(model, tokenizer, prompts, reward, config, steps, lr=lr,
                              max_new_tokens=args.max_new_tokens, ref_model=reference, seed=seed,
                              device="cpu", progress=sys.stderr.isatty(), callback=callback,
+                             lr_decay=own.get("lr_decay", "constant"),
                              lr_multipliers=_multipliers(own))
     train_seconds = time.perf_counter() - start - eval_seconds
     test_q, test_a = problems("test", args.test_problems)
@@ -207,6 +208,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "method": method, "seed": seed, "reward": kind, "config": {**fields},
         "steps": steps, "lr": lr, "threads": threads, "n_prompts": shape.n_prompts,
         "group_size": shape.group_size, "lr_multipliers": _multipliers(own),
+        "lr_decay": own.get("lr_decay", "constant"),
         "train_seconds": round(train_seconds, 1), "temperature_split": split,
         "test_pass_at_1": v.pass_at_1,
         "test_pass_at_k": {str(k): round(m, 6) for k, (m, _) in curve_k.items()},
@@ -262,6 +264,10 @@ SWEEP: tuple[dict[str, Any], ...] = (
     # the final norm's gain (the model's inverse temperature) at a larger rate than the rest
     *({"method": "grpo", "lr": 2e-4, "minibatch_size": None,
        "lr_multipliers": {FINAL_NORM: factor}} for factor in (20, 50, 100, 200, 500, 1000, 2000)),
+    # the two best, with the rate falling linearly to ~0 at the budget's last step (TRL's default
+    # shape): does it calm the late swings of validation pass@1?
+    *({"method": "grpo", "lr": 2e-4, "minibatch_size": None, "lr_decay": "linear",
+       "steps": 1100, "lr_multipliers": {FINAL_NORM: factor}} for factor in (200, 500)),
 )
 
 
@@ -270,9 +276,11 @@ def _multipliers(settings: dict[str, Any]) -> dict[str, float]:
 
 
 def sweep_one(candidate: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """One candidate, seed 0, ``--sweep-steps`` steps, judged every 100 steps on 128
-    validation problems x 8 samples (no test problem is read)."""
+    """One candidate, seed 0, ``--sweep-steps`` steps (or the candidate's own ``steps``: a
+    decaying rate is shaped by them), judged every 100 steps on 128 validation problems x 8
+    samples (no test problem is read)."""
     shape = _shaped(args, candidate)
+    n_steps = candidate.get("steps", args.sweep_steps)
     method, lr = candidate["method"], candidate["lr"]
     model, tokenizer, _, config, prompts, reward = _start(
         method, 0, args.threads, shape, minibatch_size=candidate["minibatch_size"])
@@ -288,12 +296,14 @@ def sweep_one(candidate: dict[str, Any], args: argparse.Namespace) -> dict[str, 
             curve.append({**point, "train_s": round(time.perf_counter() - start - eval_seconds,
                                                     1)})
 
-    train_group_lm(model, tokenizer, prompts, reward, config, args.sweep_steps, lr=lr,
+    train_group_lm(model, tokenizer, prompts, reward, config, n_steps, lr=lr,
                    max_new_tokens=args.max_new_tokens, seed=0, device="cpu", progress=False,
                    warmup_steps=candidate.get("warmup_steps", 0),
+                   lr_decay=candidate.get("lr_decay", "constant"),
                    lr_multipliers=_multipliers(candidate), callback=callback)
     return {**candidate, "n_prompts": shape.n_prompts, "group_size": shape.group_size,
-            "warmup_steps": candidate.get("warmup_steps", 0), "steps": args.sweep_steps,
+            "warmup_steps": candidate.get("warmup_steps", 0),
+            "lr_decay": candidate.get("lr_decay", "constant"), "steps": n_steps,
             "threads": args.threads, "curve": curve}
 
 

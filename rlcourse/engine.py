@@ -75,6 +75,7 @@ __all__ = [
     "peak_memory",
     "planned_indices",
     "reset_peak_memory",
+    "RL_LR_DECAYS",
     "lr_param_groups",
     "rl_warmup_schedule",
     "save_checkpoint",
@@ -373,20 +374,42 @@ def lr_param_groups(model: torch.nn.Module, lr: float,
             if params or factor == 1.0]
 
 
-def rl_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0
+#: The RL loops' learning-rate shapes after the warm-up (:func:`rl_warmup_schedule`).
+RL_LR_DECAYS = ("constant", "linear")
+
+
+def rl_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
+                       n_steps: int = 0, decay: str = "constant"
                        ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of the RL loops (PPO, GRPO, RLOO), stepped once per step:
-    step ``k`` (1-based) uses ``lr * min(1, k / warmup_steps)``, constant after; 0: ``lr``
-    from the first step.
+    step ``k`` (1-based) of ``n_steps`` uses ``lr * min(1, k / warmup_steps)`` (0: ``lr`` from
+    the first step), then with ``decay="constant"`` holds ``lr``, and with ``decay="linear"``
+    uses ``lr * (n_steps - k + 1) / (n_steps - warmup_steps)``: ``lr`` at the first step after
+    the warm-up, ``lr / (n_steps - warmup_steps)`` at the last (the shape of TRL's default,
+    transformers' ``linear`` schedule, which ends at 0 after the last step).
 
     It differs from the transformers schedule :func:`train` uses, whose first step runs at
     ``lr * 0``: an RL step costs a round of sampling, so none is spent on an update of size 0.
     Saved and restored with the engine's checkpoints, so a resumed run goes on along the ramp.
+    Every parameter group keeps its own rate times the same factor.
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps else 1.0)
+    if decay not in RL_LR_DECAYS:
+        raise ValueError(f"decay must be one of {', '.join(RL_LR_DECAYS)}, got {decay!r}")
+    if decay == "linear" and n_steps <= warmup_steps:
+        raise ValueError(f"a linear decay needs n_steps ({n_steps}) > warmup_steps "
+                         f"({warmup_steps})")
+
+    def factor(done: int) -> float:
+        k = done + 1  # the step about to run
+        if warmup_steps and k <= warmup_steps:
+            return k / warmup_steps
+        if decay == "linear":
+            return max(n_steps - k + 1, 0) / (n_steps - warmup_steps)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --------------------------------------------------------------------------------------------

@@ -418,7 +418,8 @@ def _step_seed(seed: int, step: int) -> int:
 
 #: Settings added to ``train_group_lm``'s checkpoints later, with the value an older checkpoint
 #: (which lacks them) was written with.
-ADDED_RUN_SETTINGS: dict[str, Any] = {"warmup_steps": 0, "lr_multipliers": {}}
+ADDED_RUN_SETTINGS: dict[str, Any] = {"warmup_steps": 0, "lr_multipliers": {},
+                                      "lr_decay": "constant"}
 
 
 def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
@@ -427,7 +428,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                    checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
                    keep_checkpoints: int = 2, device: str = "auto",
                    mixed_precision: str = "no", weight_decay: float = 0.0,
-                   warmup_steps: int = 0, lr_multipliers: Mapping[str, float] | None = None,
+                   warmup_steps: int = 0, lr_decay: str = "constant",
+                   lr_multipliers: Mapping[str, float] | None = None,
                    progress: bool = True,
                    callback: Callable[[int, dict[str, float]], Any] | None = None,
                    logging_dir: str | Path | None = None,
@@ -448,10 +450,12 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     (:func:`rlcourse.verifiers.call_reward_fn`: only those the function names, so a
     two-argument ``reward_fn(prompts, completions)`` works as before); :func:`group_update`
     updates with AdamW at ``lr`` (gradients averaged over processes), reached after
-    ``warmup_steps`` steps of linear warm-up (:func:`rlcourse.engine.rl_warmup_schedule`);
-    ``lr_multipliers`` (parameter-name glob -> factor, :func:`rlcourse.engine.lr_param_groups`)
-    trains the parameters it names at ``lr * factor``, e.g. ``{"model.norm.weight": 50}``: the
-    final norm's gain, the model's inverse temperature, learns 50 times faster (chapter 17).
+    ``warmup_steps`` steps of linear warm-up, then constant or (``lr_decay="linear"``) falling
+    linearly to ``lr / (n_steps - warmup_steps)`` at the last step
+    (:func:`rlcourse.engine.rl_warmup_schedule`). ``lr_multipliers`` (parameter-name glob ->
+    factor, :func:`rlcourse.engine.lr_param_groups`) trains the parameters it names at
+    ``lr * factor``: with ``{"model.norm.weight": 200}`` the final norm's gain, the model's
+    inverse temperature, learns 200 times faster (chapter 17).
 
     ``checkpoint_dir``: every ``checkpoint_every`` steps and at the end the policy, optimizer,
     RNG states, step and history go to ``checkpoint_dir/step-XXXXXXXX`` atomically
@@ -476,10 +480,10 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     optimizer = torch.optim.AdamW(lr_param_groups(policy, lr, lr_multipliers), lr=lr,
                                   weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(policy, optimizer)
-    scheduler = rl_warmup_schedule(optimizer, warmup_steps)
+    scheduler = rl_warmup_schedule(optimizer, warmup_steps, n_steps, lr_decay)
     run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
                   "max_new_tokens": max_new_tokens, "num_processes": world,
-                  "warmup_steps": warmup_steps,
+                  "warmup_steps": warmup_steps, "lr_decay": lr_decay,
                   "lr_multipliers": {k: float(v) for k, v in (lr_multipliers or {}).items()}}
     history: list[dict[str, float]] = []
     start = 0
@@ -488,7 +492,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
                                 scheduler, accelerator.device)
-        differ = sorted(k for k in run_config if k != "n_steps"
+        # a run may be extended (more n_steps) unless its rate decays towards its last step
+        differ = sorted(k for k in run_config if (k != "n_steps" or lr_decay == "linear")
                         and state["config"].get(k, ADDED_RUN_SETTINGS.get(k)) != run_config[k])
         if differ:
             raise ValueError(f"{found[-1]} was written with other settings ({', '.join(differ)}"

@@ -579,10 +579,12 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
               checkpoint_every: int = 0, keep_checkpoints: int = 2,
               accelerator: Any = None, logging_dir: str | Path | None = None,
               eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-              eval_every: int = 0, report_to: str = "none", warmup_steps: int = 0
-              ) -> list[dict[str, float]]:
+              eval_every: int = 0, report_to: str = "none", warmup_steps: int = 0,
+              lr_decay: str = "constant") -> list[dict[str, float]]:
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``, reached after
-    ``warmup_steps`` steps of linear warm-up (:func:`rlcourse.engine.rl_warmup_schedule`);
+    ``warmup_steps`` steps of linear warm-up, then constant or (``lr_decay="linear"``) falling
+    linearly to ``lr / (n_steps - warmup_steps)`` at the last step
+    (:func:`rlcourse.engine.rl_warmup_schedule`);
     returns the metric history (``lr``: the rate each step used).
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
@@ -628,7 +630,8 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     history: list[dict[str, float]] = []
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    scheduler = rl_warmup_schedule(optimizer, warmup_steps)  # refuses a negative warm-up
+    # refuses a negative warm-up, an unknown decay
+    scheduler = rl_warmup_schedule(optimizer, warmup_steps, n_steps, lr_decay)
     if ckpt_dir is not None:
         found = list_checkpoints(ckpt_dir)
         if found:

@@ -94,11 +94,12 @@ def test_recipe_with_a_verifier_raises_its_reward(workdir, verifier, tmp_path, m
 
 def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_path,
                                                         monkeypatch):
-    # the kill falls inside the warm-up: the resumed run must go on with step 3's rate (and
-    # both parameter groups' Adam states, the final norm's at 5 x lr)
-    extra = ("rollout.steps=4", "rollout.checkpoint_every=1", "group.kl_coef=0.05",
+    # the kill falls inside the warm-up: the resumed run must go on with step 3's rate, then
+    # the linear decay (step 5 at lr / 2), and both parameter groups' Adam states (the final
+    # norm's at 5 x lr)
+    extra = ("rollout.steps=5", "rollout.checkpoint_every=1", "group.kl_coef=0.05",
              "group.epochs=2", "group.minibatch_size=8", "rollout.warmup_steps=3",
-             "rollout.lr_multipliers={model.norm.weight: 5}")
+             "rollout.lr_decay=linear", "rollout.lr_multipliers={model.norm.weight: 5}")
     assert _run(workdir, "grpo", tmp_path / "whole", *extra) == 0
     monkeypatch.setattr(verifier, "calls", 0)
     monkeypatch.setattr(verifier, "CRASH_AT", 3)  # the third step's scoring is killed
@@ -110,15 +111,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(workdir, verifier, tmp_p
     monkeypatch.setattr(verifier, "CRASH_AT", None)
     monkeypatch.setattr(verifier, "calls", 0)
     assert _run(workdir, "grpo", tmp_path / "crashed", *extra) == 0  # the same command again
-    assert verifier.calls == 2  # it resumed after step 2 (scored steps 3 and 4 only)
+    assert verifier.calls == 3  # it resumed after step 2 (scored steps 3 to 5 only)
     whole, resumed = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "crashed" /
                                                                        "model")
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6, msg=k)
     rows = {p: json.loads((tmp_path / p / "history.json").read_text())
             for p in ("whole", "crashed")}
-    assert [r["step"] for r in rows["crashed"]] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows["crashed"]] == [1, 2, 3, 4, 5]
     assert [r["score"] for r in rows["crashed"]] == [r["score"] for r in rows["whole"]]
+    assert [r["lr"] for r in rows["crashed"]] == pytest.approx([1e-2, 2e-2, 3e-2, 3e-2, 1.5e-2])
     assert all("kl_k3" in r for r in rows["whole"])
 
 
@@ -176,6 +178,22 @@ def test_warmup_ramps_the_learning_rate_linearly_then_holds_it(workdir, verifier
     assert _run(workdir, "grpo", tmp_path / "flat", "rollout.steps=2") == 0
     flat = json.loads((tmp_path / "flat" / "history.json").read_text())
     assert [r["lr"] for r in flat] == pytest.approx([3e-2, 3e-2])
+    assert _run(workdir, "grpo", tmp_path / "down", "rollout.steps=6", "rollout.warmup_steps=2",
+                "rollout.lr_decay=linear") == 0
+    down = json.loads((tmp_path / "down" / "history.json").read_text())
+    # the ramp, then step k > 2 uses lr * (6 - k + 1) / (6 - 2): 4/4, 3/4, 2/4, 1/4
+    assert [r["lr"] for r in down] == pytest.approx([1.5e-2, 3e-2, 3e-2, 2.25e-2, 1.5e-2,
+                                                     7.5e-3])
+
+
+@pytest.mark.parametrize("extra, says", [
+    (("rollout.lr_decay=cosine",), "rollout.lr_decay: must be one of constant, linear"),
+    (("rollout.lr_decay=linear", "rollout.steps=3", "rollout.warmup_steps=3"),
+     "rollout.lr_decay: must be constant when steps (3) <= warmup_steps (3)"),
+])
+def test_bad_lr_decay_names_the_key(workdir, verifier, tmp_path, extra, says, capsys):
+    assert _run(workdir, "grpo", tmp_path / "o", *extra) != 0
+    assert says in capsys.readouterr().err
 
 
 def test_lr_multipliers_move_the_named_parameters_faster(workdir, verifier, tmp_path):

@@ -24,7 +24,8 @@ SECTIONS = ("train", "ppo", "rollout", "group", "online", "rsft", "lora")
 ADDED_FIELDS = {("online", "checkpoint_every"): 0, ("rsft", "checkpoint_every"): 0,
                 ("rollout", "eval_every"): 0, ("rollout", "report_to"): "none",
                 ("online", "report_to"): "none", ("rsft", "report_to"): "none",
-                ("rollout", "warmup_steps"): 0, ("rollout", "lr_multipliers"): {}}
+                ("rollout", "warmup_steps"): 0, ("rollout", "lr_multipliers"): {},
+                ("rollout", "lr_decay"): "constant"}
 
 
 def _resolved(path):

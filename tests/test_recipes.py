@@ -323,6 +323,16 @@ def test_ppo_recipe_runs_with_a_warmup(workdir, tmp_path):
     assert [r["step"] for r in history] == [0, 1, 2]
     # iteration k uses lr * min(1, k / warmup_steps)
     assert [r["lr"] for r in history] == pytest.approx([5e-3, 1e-2, 1e-2])
+    code = recipes.main([str(REPO_ROOT / "recipes" / "ppo.yaml"), "--model", str(workdir / "model"),
+                         "--reward-model", str(tmp_path / "rm"),
+                         "--data", str(tmp_path / "prompts.jsonl"), "--output", str(tmp_path / "d"),
+                         "rollout.steps=4", "rollout.batch_size=4", "rollout.max_new_tokens=4",
+                         "rollout.lr=1e-2", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
+                         "rollout.warmup_steps=1", "rollout.lr_decay=linear"])
+    assert code == 0
+    history = json.loads((tmp_path / "d" / "history.json").read_text())
+    # then linearly down: iteration k > 1 uses lr * (4 - k + 1) / (4 - 1)
+    assert [r["lr"] for r in history] == pytest.approx([1e-2, 1e-2, 2e-2 / 3, 1e-2 / 3])
     before, after = _weights(workdir / "model"), _weights(tmp_path / "o" / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

@@ -33,7 +33,8 @@ _ADDED_IDENTITY_KEYS = ("model (files)", "reward_model (files)", "reference_mode
 #: Recipe keys added after runs were recorded, with the value those runs trained with: a
 #: ``run.json`` without one is the same run when the recipe keeps that value (a run started
 #: before ``rollout.warmup_steps`` existed had no warm-up, and resumes unless one is asked for).
-_ADDED_SETTINGS: dict[str, Any] = {"rollout.warmup_steps": 0, "rollout.lr_multipliers": {}}
+_ADDED_SETTINGS: dict[str, Any] = {"rollout.warmup_steps": 0, "rollout.lr_multipliers": {},
+                                   "rollout.lr_decay": "constant"}
 #: Identity keys no longer recorded (``model (fingerprint)`` hashed every file under the folder,
 #: a run folder or ``.git`` inside it included): a ``run.json`` holding one is not compared on it.
 _RETIRED_IDENTITY_KEYS = ("model (fingerprint)", "reward_model (fingerprint)",

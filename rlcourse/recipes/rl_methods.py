@@ -87,7 +87,7 @@ def _run_ppo(recipe: Any, model: Any, tokenizer: Any, prompts: list[str], eval_r
                             logging_dir=Path(recipe.output) if save else None,
                             eval_fn=_prompt_eval(recipe, tokenizer, score, eval_rows),
                             eval_every=r.eval_every, report_to=r.report_to,
-                            warmup_steps=r.warmup_steps)
+                            warmup_steps=r.warmup_steps, lr_decay=r.lr_decay)
     return ppo.language_model(policy), history, {}
 
 
@@ -147,7 +147,7 @@ def _run_group(recipe: Any, model: Any, tokenizer: Any, prompts: list[Any], eval
         max_new_tokens=r.max_new_tokens, ref_model=reference, seed=recipe.seed,
         checkpoint_dir=Path(recipe.output) / "checkpoints", checkpoint_every=r.checkpoint_every,
         keep_checkpoints=r.keep_checkpoints, device=r.device, mixed_precision=r.mixed_precision,
-        weight_decay=r.weight_decay, warmup_steps=r.warmup_steps,
+        weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, lr_decay=r.lr_decay,
         lr_multipliers=r.lr_multipliers, progress=progress,
         logging_dir=Path(recipe.output) if save else None,
         eval_prompts=eval_rows, eval_every=r.eval_every, report_to=r.report_to)

@@ -15,6 +15,7 @@ from rlcourse.config import (
     NON_NEGATIVE,
     POSITIVE,
     REPORT_TO,
+    FieldRangeError,
     check_ranges,
     one_of,
 )
@@ -23,6 +24,17 @@ from rlcourse.recipes.typed import where
 __all__ = ["GroupRollout", "PPORollout", "Recipe"]
 
 _CHECKPOINTS = (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+_DECAY = (one_of("constant", "linear"), "one of constant, linear")
+
+
+def _decay_needs_steps(rollout: Any) -> None:
+    """A linear decay runs from the end of the warm-up to the last step: it needs one."""
+    if rollout.lr_decay == "linear" and rollout.steps <= rollout.warmup_steps:
+        raise FieldRangeError("lr_decay", rollout.lr_decay,
+                              f"constant when steps ({rollout.steps}) <= warmup_steps "
+                              f"({rollout.warmup_steps})")
+
+
 _MULTIPLIERS = (lambda v: all(isinstance(q, str) and POSITIVE[0](f) and not isinstance(f, bool)
                               for q, f in v.items()),
                 "a mapping of parameter-name patterns to numbers > 0")
@@ -53,6 +65,9 @@ class PPORollout:
     warmup_steps: int = 0
     """Iterations of linear warm-up: iteration ``k <= warmup_steps`` uses
     ``lr * k / warmup_steps``; 0: ``lr`` from the first."""
+    lr_decay: str = "constant"
+    """After the warm-up: ``"constant"`` holds ``lr``; ``"linear"`` falls to
+    ``lr / (steps - warmup_steps)`` at the last iteration (the shape of TRL's default)."""
     separate_critic: bool = True
     """Actor and critic as two networks (DeepSpeed-Chat) instead of one backbone with a value
     head."""
@@ -72,13 +87,14 @@ class PPORollout:
 
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "batch_size": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE,
-        "warmup_steps": _CHECKPOINTS,
+        "warmup_steps": _CHECKPOINTS, "lr_decay": _DECAY,
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT, "device": DEVICE,
         "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
     }
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        _decay_needs_steps(self)
 
 
 @dataclass
@@ -103,6 +119,9 @@ class GroupRollout:
     warmup_steps: int = 0
     """Steps of linear warm-up: step ``k <= warmup_steps`` uses ``lr * k / warmup_steps``;
     0: ``lr`` from the first step."""
+    lr_decay: str = "constant"
+    """After the warm-up: ``"constant"`` holds ``lr``; ``"linear"`` falls to
+    ``lr / (steps - warmup_steps)`` at the last step (the shape of TRL's default schedule)."""
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     """Parameter-name glob -> factor: the parameters it names learn at ``lr * factor``
     (:func:`rlcourse.engine.lr_param_groups`), e.g. ``{model.norm.weight: 50}`` for the final
@@ -129,7 +148,7 @@ class GroupRollout:
     RANGES: ClassVar[dict[str, tuple[Any, str]]] = {
         "steps": COUNT, "max_new_tokens": COUNT, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
         "warmup_steps": _CHECKPOINTS, "device": DEVICE,
-        "lr_multipliers": _MULTIPLIERS,
+        "lr_multipliers": _MULTIPLIERS, "lr_decay": _DECAY,
         "mixed_precision": (one_of("no", "bf16", "fp16", "auto"), "one of no, bf16, fp16, auto"),
         "checkpoint_every": _CHECKPOINTS, "keep_checkpoints": COUNT,
         "eval_every": _CHECKPOINTS, "report_to": REPORT_TO,
@@ -137,6 +156,7 @@ class GroupRollout:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        _decay_needs_steps(self)
 
 
 @dataclass
