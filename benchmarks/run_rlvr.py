@@ -9,8 +9,11 @@ loss, RLOO (leave-one-out advantage, token-level loss); controls: GRPO paid by a
 (``random_reward``) and GRPO paid for GSM8K's answer line alone (``format_reward``); a KL sweep
 (GRPO with ``kl_coef`` 0.05 and 0.5, seed 0 only); ``grpo_2threads``, GRPO with both cores per
 run and the steps that fit in the 600 s budget; ``grpo_32x8``, the same with 32 prompts per
-step at 3e-4 (seed 0; it took 665 s); and ``grpo_long``, GRPO given 2,400 steps, about twice
-what fits in the budget with two threads (seed 0; ``SETTINGS``). Every run records, on
+step at 3e-4 (seed 0; it took 665 s); ``grpo_long``, GRPO given 2,400 steps, about twice
+what fits in the budget with two threads (seed 0); and ``grpo_fast_norm``, the two-thread GRPO
+with the final norm's gain (the model's inverse temperature) at 200 times the learning rate,
+decaying linearly, with its random-reward control ``random_reward_fast_norm`` (seed 0;
+``SETTINGS``). Every run records, on
 the way, its batches' true accuracy and answer lengths (right and wrong) and, every
 ``--curve-every`` steps, pass@1 and the policy's entropy per token on validation problems.
 
@@ -28,7 +31,7 @@ for the SFT model.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py                   # everything, ~1-2 hours
+    OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py                   # everything, hours
     OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py --methods grpo --seeds 0
     OMP_NUM_THREADS=1 python benchmarks/run_rlvr.py --summarise       # runs -> rlvr.json
 
