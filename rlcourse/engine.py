@@ -49,6 +49,7 @@ from rlcourse.config import (
     at_least,
     check_ranges,
     one_of,
+    positive,
     within,
 )
 from rlcourse.data import pad_collate
@@ -76,8 +77,9 @@ __all__ = [
     "planned_indices",
     "reset_peak_memory",
     "RL_LR_DECAYS",
+    "check_resumed_settings",
     "lr_param_groups",
-    "rl_warmup_schedule",
+    "rl_lr_schedule",
     "save_checkpoint",
     "sft_loss_fn",
     "stop_nonfinite",
@@ -352,8 +354,7 @@ def lr_param_groups(model: torch.nn.Module, lr: float,
 
     multipliers = dict(lr_multipliers or {})
     for pattern, factor in multipliers.items():
-        if (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                or not math.isfinite(factor) or factor <= 0):
+        if not positive(factor):
             raise ValueError(f"lr_multipliers[{pattern!r}] must be a positive number, got "
                              f"{factor!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -374,11 +375,31 @@ def lr_param_groups(model: torch.nn.Module, lr: float,
             if params or factor == 1.0]
 
 
-#: The RL loops' learning-rate shapes after the warm-up (:func:`rl_warmup_schedule`).
+def check_resumed_settings(checkpoint: Path, saved: Mapping[str, Any] | None,
+                           now: Mapping[str, Any], added: Mapping[str, Any] | None = None,
+                           decay: str = "constant") -> None:
+    """Refuse to resume ``checkpoint`` when a run setting differs from the one it was written
+    with: the RL loops (PPO, GRPO, RLOO) call it on the ``config`` their checkpoints hold.
+    ``added``: settings introduced after some checkpoints were written, with the value those
+    had. ``n_steps`` may grow (a run extended), unless the rate decays (``decay``) towards the last
+    step (:func:`rl_lr_schedule`), which the step count shapes. ``saved=None``: a checkpoint
+    written before its loop recorded settings, not compared."""
+    if saved is None:
+        return
+    now = json.loads(json.dumps(now))  # as state.json holds it: tuples are lists
+    added = added or {}
+    differ = sorted(k for k in now if (k != "n_steps" or decay != "constant")
+                    and saved.get(k, added.get(k)) != now[k])
+    if differ:
+        raise ValueError(f"{checkpoint} was written with other settings ({', '.join(differ)}): "
+                         "use another checkpoint_dir")
+
+
+#: The RL loops' learning-rate shapes after the warm-up (:func:`rl_lr_schedule`).
 RL_LR_DECAYS = ("constant", "linear")
 
 
-def rl_warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
+def rl_lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
                        n_steps: int = 0, decay: str = "constant"
                        ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of the RL loops (PPO, GRPO, RLOO), stepped once per step:

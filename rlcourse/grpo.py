@@ -61,12 +61,13 @@ from rlcourse.data import prompt_text
 from rlcourse.engine import (
     RunLog,
     TrainConfig,
+    check_resumed_settings,
     list_checkpoints,
     load_checkpoint,
     lr_param_groups,
     make_accelerator,
     mean_over_processes,
-    rl_warmup_schedule,
+    rl_lr_schedule,
     save_checkpoint,
     stop_nonfinite,
 )
@@ -452,7 +453,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     updates with AdamW at ``lr`` (gradients averaged over processes), reached after
     ``warmup_steps`` steps of linear warm-up, then constant or (``lr_decay="linear"``) falling
     linearly to ``lr / (n_steps - warmup_steps)`` at the last step
-    (:func:`rlcourse.engine.rl_warmup_schedule`). ``lr_multipliers`` (parameter-name glob ->
+    (:func:`rlcourse.engine.rl_lr_schedule`). ``lr_multipliers`` (parameter-name glob ->
     factor, :func:`rlcourse.engine.lr_param_groups`) trains the parameters it names at
     ``lr * factor``: with ``{"model.norm.weight": 200}`` the final norm's gain, the model's
     inverse temperature, learns 200 times faster (chapter 17).
@@ -480,7 +481,7 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     optimizer = torch.optim.AdamW(lr_param_groups(policy, lr, lr_multipliers), lr=lr,
                                   weight_decay=weight_decay)
     model, optimizer = accelerator.prepare(policy, optimizer)
-    scheduler = rl_warmup_schedule(optimizer, warmup_steps, n_steps, lr_decay)
+    scheduler = rl_lr_schedule(optimizer, warmup_steps, n_steps, lr_decay)
     run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
                   "max_new_tokens": max_new_tokens, "num_processes": world,
                   "warmup_steps": warmup_steps, "lr_decay": lr_decay,
@@ -492,12 +493,8 @@ def train_group_lm(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     if found:
         state = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer,
                                 scheduler, accelerator.device)
-        # a run may be extended (more n_steps) unless its rate decays towards its last step
-        differ = sorted(k for k in run_config if (k != "n_steps" or lr_decay == "linear")
-                        and state["config"].get(k, ADDED_RUN_SETTINGS.get(k)) != run_config[k])
-        if differ:
-            raise ValueError(f"{found[-1]} was written with other settings ({', '.join(differ)}"
-                             "): use another checkpoint_dir")
+        check_resumed_settings(found[-1], state["config"], run_config, ADDED_RUN_SETTINGS,
+                               lr_decay)
         history, start = state["history"], state["step"]
         accelerator.print(f"resuming from {found[-1]} (step {start})")
 

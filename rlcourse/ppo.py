@@ -47,10 +47,11 @@ from rlcourse.config import (
 )
 from rlcourse.engine import (
     RunLog,
+    check_resumed_settings,
     list_checkpoints,
     load_checkpoint,
     mean_over_processes,
-    rl_warmup_schedule,
+    rl_lr_schedule,
     save_checkpoint,
     stop_nonfinite,
 )
@@ -584,7 +585,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     """Run ``n_steps`` PPO steps with Adam at learning rate ``lr``, reached after
     ``warmup_steps`` steps of linear warm-up, then constant or (``lr_decay="linear"``) falling
     linearly to ``lr / (n_steps - warmup_steps)`` at the last step
-    (:func:`rlcourse.engine.rl_warmup_schedule`);
+    (:func:`rlcourse.engine.rl_lr_schedule`);
     returns the metric history (``lr``: the rate each step used).
 
     ``seed`` fixes sampling and minibatch order (a private ``torch.Generator``); the caller
@@ -631,12 +632,16 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
     start = 0
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     # refuses a negative warm-up, an unknown decay
-    scheduler = rl_warmup_schedule(optimizer, warmup_steps, n_steps, lr_decay)
+    scheduler = rl_lr_schedule(optimizer, warmup_steps, n_steps, lr_decay)
+    run_config = {**asdict(config), "n_steps": n_steps, "lr": lr, "seed": seed,
+                  "warmup_steps": warmup_steps, "lr_decay": lr_decay}
     if ckpt_dir is not None:
         found = list_checkpoints(ckpt_dir)
         if found:
             device = next(bare.parameters()).device
             state = load_checkpoint(found[-1], bare, optimizer, scheduler, device)
+            # (checkpoints written before PPO recorded its settings hold none: not compared)
+            check_resumed_settings(found[-1], state.get("config"), run_config, decay=lr_decay)
             generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
             if order_generator is not None:
                 order_generator.set_state(torch.tensor(state["order_generators"][
@@ -668,7 +673,7 @@ def train_ppo(policy: nn.Module, ref_model: nn.Module, reward_fn: Callable[..., 
         if ckpt_dir is not None and (done == n_steps or (checkpoint_every
                                                          and done % checkpoint_every == 0)):
             state = {"step": done, "history": history, "kl_coef": float(kl_ctl.value),
-                     "generator": generator.get_state().tolist()}
+                     "generator": generator.get_state().tolist(), "config": run_config}
             if order_generator is not None:  # every process's minibatch-order generator
                 mine = order_generator.get_state().to(accelerator.device)
                 state["order_generators"] = [t.cpu().tolist()

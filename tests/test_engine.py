@@ -4,6 +4,7 @@ one step equals a plain PyTorch step, schedules follow their formulas, config an
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -423,3 +424,23 @@ def test_train_config_booleans_must_be_booleans(tmp_path):
     p.write_text("lr: 1.0e-3\ndrop_last: 'false'\n")  # a string: truthy, would drop batches
     with pytest.raises(ValueError, match=r"c.yaml: TrainConfig.drop_last must be true or false"):
         TrainConfig.from_yaml(p)
+
+
+def test_check_resumed_settings_refuses_what_changed_and_allows_what_may():
+    from rlcourse.engine import check_resumed_settings
+
+    saved = {"lr": 1e-3, "n_steps": 10, "betas": [0.9, 0.99]}
+    ckpt = Path("runs/x/step-00000004")
+    # unchanged (a tuple is saved as a list in state.json); more steps at a constant rate
+    check_resumed_settings(ckpt, saved, {"lr": 1e-3, "n_steps": 10, "betas": (0.9, 0.99)})
+    check_resumed_settings(ckpt, saved, {"lr": 1e-3, "n_steps": 20, "betas": (0.9, 0.99)})
+    with pytest.raises(ValueError, match=r"step-00000004 was written with other settings \(lr\)"):
+        check_resumed_settings(ckpt, saved, {**saved, "lr": 2e-3})
+    # a decaying rate is shaped by the step count: more steps is another run
+    with pytest.raises(ValueError, match=r"\(n_steps\)"):
+        check_resumed_settings(ckpt, saved, {**saved, "n_steps": 20}, decay="linear")
+    # a setting added later: an old checkpoint had its default, and only that default resumes
+    check_resumed_settings(ckpt, saved, {**saved, "warmup_steps": 0}, {"warmup_steps": 0})
+    with pytest.raises(ValueError, match=r"\(warmup_steps\)"):
+        check_resumed_settings(ckpt, saved, {**saved, "warmup_steps": 5}, {"warmup_steps": 0})
+    check_resumed_settings(ckpt, None, {"lr": 9.0})  # a checkpoint that recorded no settings

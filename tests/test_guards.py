@@ -136,6 +136,23 @@ def test_ppo_stops_on_a_nan_loss_and_saves_no_nan_model(tmp_path):
     _finite_checkpoints(tmp_path)
 
 
+def test_ppo_refuses_to_resume_a_checkpoint_of_other_settings(tmp_path):
+    mdp, policy, ref = _ppo_setup()
+    cfg = ppo.PPOConfig(minibatch_size=8)
+    ppo.train_ppo(policy, ref, mdp.score, mdp.sample_fn(8), cfg, n_steps=1, lr=1e-3,
+                  progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    for changed, key in (({"lr": 2e-3}, "lr"), ({"lr_decay": "linear"}, "lr_decay"),
+                         ({"config": ppo.PPOConfig(minibatch_size=4)}, "minibatch_size")):
+        kwargs = {"lr": 1e-3, "config": cfg, **changed}
+        with pytest.raises(ValueError, match=rf"other settings \(.*{key}.*\)"):
+            ppo.train_ppo(policy, ref, mdp.score, mdp.sample_fn(8), n_steps=2, progress=False,
+                          checkpoint_dir=tmp_path, checkpoint_every=1, **kwargs)
+    # the same settings resume (and more steps at a constant rate extend the run)
+    history = ppo.train_ppo(policy, ref, mdp.score, mdp.sample_fn(8), cfg, n_steps=2, lr=1e-3,
+                            progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert [r["step"] for r in history] == [0, 1]
+
+
 def test_ppo_refuses_a_nan_score():
     mdp, policy, ref = _ppo_setup()
 

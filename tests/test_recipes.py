@@ -436,6 +436,13 @@ def test_ppo_recipe_killed_and_rerun_equals_uninterrupted(workdir, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         run("crashed")
     assert not (tmp_path / "crashed" / "model").exists()
+    # the checkpoint records the run's settings, which a resume is checked against
+    saved = json.loads((tmp_path / "crashed" / "checkpoints" / "step-00000002" /
+                        "state.json").read_text())["config"]
+    assert (saved["warmup_steps"], saved["lr"], saved["n_steps"], saved["lr_decay"]) == (
+        3, 1e-2, 4, "constant")
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        ppo.check_resumed_settings(Path("ckpt"), saved, {**saved, "lr": 2e-2})
     calls.clear()
     monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     assert run("crashed") == 0  # the same command again

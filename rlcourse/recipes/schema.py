@@ -19,12 +19,13 @@ from rlcourse.config import (
     check_ranges,
     one_of,
 )
+from rlcourse.engine import RL_LR_DECAYS
 from rlcourse.recipes.typed import where
 
 __all__ = ["GroupRollout", "PPORollout", "Recipe"]
 
 _CHECKPOINTS = (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
-_DECAY = (one_of("constant", "linear"), "one of constant, linear")
+_DECAY = (one_of(*RL_LR_DECAYS), f"one of {', '.join(RL_LR_DECAYS)}")
 
 
 def _decay_needs_steps(rollout: Any) -> None:
